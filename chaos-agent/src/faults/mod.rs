@@ -1,0 +1,2 @@
+//! Faults.
+pub mod network;

@@ -1,0 +1,2 @@
+//! Network faults.
+pub mod encode;

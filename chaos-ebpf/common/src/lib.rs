@@ -1,0 +1,182 @@
+//! Types shared by the lymph-chaos tc classifier (kernel side, `chaos-ebpf`) and the agent (user side).
+//!
+//! Everything that both sides must agree on lives here exactly once: map names, program names, key and value
+//! layouts (`#[repr(C)]` with explicit padding so the kernel and user views are byte-identical), and the meaning
+//! of each field. The user side enables the `user` feature to get `aya::Pod` impls.
+//!
+//! # Layout of the data path
+//!
+//! ```text
+//!   device clsact (ingress/egress)                    agent-owned IFB (root HTB)
+//!   ┌──────────────────────────────┐  mirred redirect ┌───────────────────────────┐
+//!   │ prio A: chaos_ingress/egress │ ───────────────▶ │ chaos_ifb: class = tc_idx │
+//!   │   (direct action)            │  (prio B filter) │  HTB class ─▶ netem/fifo  │
+//!   │   RULES lookup by port       │                  └───────────────────────────┘
+//!   │   drop / loss / mark shape   │
+//!   │ prio B: chaos_steer          │
+//!   │   (classic, + act_mirred)    │
+//!   └──────────────────────────────┘
+//! ```
+//!
+//! `chaos_ingress`/`chaos_egress` look the packet's ports up in [`MAP_RULES`]. A rule whose
+//! [`Rule::expires_at_ns`] has passed (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) is ignored by the program itself, so
+//! faults lapse even when the agent is gone. Drops and random loss happen right there. For shaping the program
+//! writes the rule's HTB class minor into `skb->tc_index`; the next filter, `chaos_steer`, matches such packets and
+//! its `mirred egress redirect` action hands them to the IFB (mirred rather than `bpf_redirect`, because the IFB
+//! driver only accepts redirected packets from `bpf_redirect` since Linux 6.4, and never locally generated egress
+//! ones). On the IFB, `chaos_ifb` turns `tc_index` back into the HTB class and clears it.
+#![no_std]
+
+/// Hash map [`RuleKey`] → [`Rule`]: the fault rules.
+pub const MAP_RULES: &str = "CHAOS_RULES";
+/// Per-CPU array indexed by [`Rule::slot`] → [`Counters`].
+pub const MAP_COUNTERS: &str = "CHAOS_COUNTERS";
+/// Hash map ifindex (u32) → [`Iface`]: the interfaces the classifier is attached to and how to read them.
+pub const MAP_IFACES: &str = "CHAOS_IFACES";
+
+/// Direct-action program for clsact ingress.
+pub const PROG_INGRESS: &str = "chaos_ingress";
+/// Direct-action program for clsact egress.
+pub const PROG_EGRESS: &str = "chaos_egress";
+/// Classic (non direct-action) program paired with an `act_mirred` redirect to the IFB.
+pub const PROG_STEER: &str = "chaos_steer";
+/// Direct-action program on the IFB's root HTB qdisc: picks the class from `tc_index`.
+pub const PROG_IFB: &str = "chaos_ifb";
+
+/// Capacity of [`MAP_RULES`] and [`MAP_COUNTERS`].
+pub const MAX_RULES: u32 = 16_384;
+/// Capacity of [`MAP_IFACES`].
+pub const MAX_IFACES: u32 = 256;
+
+/// Where in the packet the rule's port is found and at which hook the rule applies.
+///
+/// Encoded in [`RuleKey::scope`] as `hook << 1 | side`.
+pub mod scope {
+    /// The port is the packet's destination port.
+    pub const SIDE_DST: u8 = 0;
+    /// The port is the packet's source port.
+    pub const SIDE_SRC: u8 = 1;
+    /// Egress of the loopback device: traffic between two processes of this host.
+    pub const HOOK_LOCAL: u8 = 0;
+    /// Ingress of a non-loopback device: traffic from other hosts.
+    pub const HOOK_INGRESS: u8 = 1;
+    /// Egress of a non-loopback device: traffic to other hosts.
+    pub const HOOK_EGRESS: u8 = 2;
+    /// Marks a hook as not classified (e.g. loopback ingress, which sees the same packets as loopback egress).
+    pub const HOOK_NONE: u8 = 0xff;
+
+    /// Builds a [`super::RuleKey::scope`] value.
+    pub const fn encode(hook: u8, side: u8) -> u8 {
+        (hook << 1) | side
+    }
+}
+
+/// IP protocol numbers the classifier understands.
+pub mod proto {
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+}
+
+/// Key of [`MAP_RULES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleKey {
+    /// Port in host byte order.
+    pub port: u16,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// [`scope::encode`]`(hook, side)`.
+    pub scope: u8,
+}
+
+/// What a matching packet suffers.
+pub mod action {
+    /// Count only (observe a port without changing it).
+    pub const COUNT: u32 = 0;
+    /// Drop every packet (blackhole).
+    pub const DROP: u32 = 1;
+    /// Send to the IFB class [`super::Rule::class_minor`] (netem, rate limit).
+    pub const SHAPE: u32 = 2;
+}
+
+/// Value of [`MAP_RULES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Rule {
+    /// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`) after which the rule no longer matches.
+    pub expires_at_ns: u64,
+    /// One of [`action`].
+    pub action: u32,
+    /// HTB class minor on the IFB for [`action::SHAPE`] (1..=0xfffe).
+    pub class_minor: u32,
+    /// Random loss applied before the action: a packet is dropped when `bpf_get_prandom_u32() < loss_threshold`.
+    /// 0 = no loss; `u32::MAX` ≈ 100 %.
+    pub loss_threshold: u32,
+    /// Index into [`MAP_COUNTERS`].
+    pub slot: u32,
+}
+
+/// Value of [`MAP_COUNTERS`] (per CPU; the agent sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    /// Packets that matched the rule while it was live.
+    pub packets: u64,
+    /// Bytes of those packets (`skb->len`).
+    pub bytes: u64,
+    /// Packets the rule dropped (blackhole or random loss).
+    pub drops: u64,
+}
+
+/// Value of [`MAP_IFACES`]: how to classify packets on one interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Iface {
+    /// Offset of the network header in the packet the tc hook sees (14 for Ethernet and loopback, 0 for L3
+    /// devices such as tun or wireguard).
+    pub l3_offset: u32,
+    /// Hook id (see [`scope`]) used for packets at this interface's ingress, or [`scope::HOOK_NONE`].
+    pub ingress_hook: u8,
+    /// Hook id used at egress, or [`scope::HOOK_NONE`].
+    pub egress_hook: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all four are `#[repr(C)]`, `Copy`, contain only integers and have no implicit padding.
+    unsafe impl aya::Pod for super::RuleKey {}
+    unsafe impl aya::Pod for super::Rule {}
+    unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::Iface {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<RuleKey>(), 4);
+        assert_eq!(size_of::<Rule>(), 24);
+        assert_eq!(size_of::<Counters>(), 24);
+        assert_eq!(size_of::<Iface>(), 8);
+    }
+
+    #[test]
+    fn scope_encoding_is_distinct_per_hook_and_side() {
+        let mut seen = std::vec::Vec::new();
+        for hook in [scope::HOOK_LOCAL, scope::HOOK_INGRESS, scope::HOOK_EGRESS] {
+            for side in [scope::SIDE_DST, scope::SIDE_SRC] {
+                let s = scope::encode(hook, side);
+                assert!(!seen.contains(&s));
+                seen.push(s);
+            }
+        }
+    }
+}
