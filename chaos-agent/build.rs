@@ -22,7 +22,10 @@ fn main() {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("set by cargo")).join("chaos-ebpf.o");
     let bytes = std::fs::read(&object).unwrap_or_default();
     if bytes.is_empty() {
-        println!("cargo::warning=BPF object not built ({}): run `cargo xtask build-ebpf`; the agent will refuse network faults", object.display());
+        println!(
+            "cargo::warning=BPF object not built ({}): run `cargo xtask build-ebpf`; the agent will refuse network faults",
+            object.display()
+        );
     }
     std::fs::write(&out, bytes).expect("writing OUT_DIR/chaos-ebpf.o");
 }

@@ -1,2 +1,27 @@
-//! lymph-chaos agent library (all logic; `main.rs` only parses arguments and calls in here).
+//! lymph-chaos: a chaos monkey agent for lymph services.
+//!
+//! All logic lives in this library; the `lymph-chaos` binary parses arguments and calls in here.
+//!
+//! # Layout
+//! - [`agent`] — the lifecycle: start everything, serve, revert and clean up on shutdown
+//! - [`rpc`] — lymph RPC (ZeroMQ + msgpack): wire format, socket pair, dispatch, client
+//! - [`discovery`] — ZooKeeper registry + local processes → service instances with their pids
+//! - [`chaos`] — the `Chaos` RPC interface
+//! - [`faults`] — fault model and lifecycle; process, network and resource faults
+//! - [`journal`], [`events`], [`guardian`] — what to undo, what happened, who undoes it if the agent dies
+//! - [`unleash`] — random fault schedule
+//! - [`scenario`] — the client library for test code (`Scenario`)
+//! - [`config`], [`paths`], [`metrics`]
+pub mod agent;
+pub mod chaos;
+pub mod cli;
+pub mod config;
+pub mod discovery;
+pub mod events;
 pub mod faults;
+pub mod guardian;
+pub mod journal;
+pub mod metrics;
+pub mod paths;
+pub mod rpc;
+pub mod unleash;

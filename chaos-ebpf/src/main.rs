@@ -25,8 +25,19 @@ use chaos_common::{
     scope::{self, HOOK_NONE},
 };
 
-/// Set in `tc_index` by the classifier for packets to shape; the low 15 bits carry the HTB class minor.
+/// `tc_index` bits. The kernel leaves `tc_index` alone on the way through mirred and the IFB (it is only used by
+/// the long-gone dsmark/tcindex qdiscs), which makes it the one field that can carry our decision from the device
+/// hook to the IFB and back:
+/// - [`SHAPE_MARK`] | [`EGRESS_ORIGIN`]? | class minor: set by `chaos_ingress`/`chaos_egress`, read by `chaos_steer`
+///   (redirect) and `chaos_ifb` (class);
+/// - [`RETURN_MARK`]: set by `chaos_ifb` on packets that came from an egress hook. The IFB sends those back into
+///   the device's egress path, where our filters see them a second time; the mark makes `chaos_egress` leave them
+///   alone and `chaos_steer` match them without redirecting (the IFB's `tc_skip_classify` makes mirred a no-op for
+///   exactly that one pass), like the u32 + mirred setups every IFB user relies on.
 const SHAPE_MARK: u16 = 0x8000;
+const RETURN_MARK: u16 = 0x4000;
+const EGRESS_ORIGIN: u16 = 0x2000;
+const MINOR_MASK: u16 = 0x1fff;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -62,8 +73,13 @@ pub fn chaos_egress(ctx: TcContext) -> i32 {
 pub fn chaos_steer(ctx: TcContext) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel handed us.
     let tc_index = unsafe { (*ctx.skb.skb).tc_index } as u16;
-    if tc_index & SHAPE_MARK != 0 {
-        -1 // match, keep the filter's own classid
+    if tc_index & RETURN_MARK != 0 {
+        // Back from the IFB: match so mirred's action runs and consumes the IFB's skip flag (no redirect).
+        // SAFETY: `tc_index` is writable for tc programs.
+        unsafe { (*ctx.skb.skb).tc_index = 0 };
+        -1
+    } else if tc_index & SHAPE_MARK != 0 {
+        -1 // match: redirect to the IFB, keep the filter's own classid
     } else {
         0 // no match: the next filter runs
     }
@@ -77,11 +93,11 @@ pub fn chaos_ifb(ctx: TcContext) -> i32 {
         let skb = ctx.skb.skb;
         let tc_index = (*skb).tc_index as u16;
         if tc_index & SHAPE_MARK != 0 {
-            (*skb).tc_classid = u32::from(tc_index & !SHAPE_MARK);
-            (*skb).tc_index = 0;
+            (*skb).tc_classid = u32::from(tc_index & MINOR_MASK);
+            (*skb).tc_index = if tc_index & EGRESS_ORIGIN != 0 { u32::from(RETURN_MARK) } else { 0 };
         }
     }
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 #[inline(always)]
@@ -95,10 +111,13 @@ fn classify(ctx: &TcContext, at_ingress: bool) -> i32 {
 /// Returns `None` for packets that are not ours (parse failure, no rule, expired rule).
 #[inline(always)]
 fn try_classify(ctx: &TcContext, at_ingress: bool) -> Option<i32> {
-    // SAFETY: reading a plain field of the context.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: reading plain fields of the context.
+    let (ifindex, tc_index) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).tc_index as u16) };
+    if tc_index & RETURN_MARK != 0 {
+        return None; // already shaped on its way out; `chaos_steer` finishes the return trip
+    }
     // SAFETY: the value is only read, and copied out immediately.
-    let iface = *unsafe { IFACES.get(&ifindex) }?;
+    let iface = *unsafe { IFACES.get(ifindex) }?;
     let hook = if at_ingress { iface.ingress_hook } else { iface.egress_hook };
     if hook == HOOK_NONE {
         return None;
@@ -108,9 +127,9 @@ fn try_classify(ctx: &TcContext, at_ingress: bool) -> Option<i32> {
     let dst_key = RuleKey { port: dport, proto, scope: scope::encode(hook, scope::SIDE_DST) };
     let src_key = RuleKey { port: sport, proto, scope: scope::encode(hook, scope::SIDE_SRC) };
     // SAFETY: copied out of the map value right away.
-    let rule = match unsafe { RULES.get(&dst_key) } {
+    let rule = match unsafe { RULES.get(dst_key) } {
         Some(rule) => *rule,
-        None => *unsafe { RULES.get(&src_key) }?,
+        None => *unsafe { RULES.get(src_key) }?,
     };
     // SAFETY: helper without arguments.
     if unsafe { bpf_ktime_get_ns() } >= rule.expires_at_ns {
@@ -134,9 +153,10 @@ fn try_classify(ctx: &TcContext, at_ingress: bool) -> Option<i32> {
         return Some(TC_ACT_SHOT);
     }
     if rule.action == action::SHAPE {
-        let minor = (rule.class_minor as u16) & !SHAPE_MARK;
+        let origin = if at_ingress { 0 } else { EGRESS_ORIGIN };
+        let mark = SHAPE_MARK | origin | ((rule.class_minor as u16) & MINOR_MASK);
         // SAFETY: `tc_index` is writable for tc programs.
-        unsafe { (*ctx.skb.skb).tc_index = u32::from(SHAPE_MARK | minor) };
+        unsafe { (*ctx.skb.skb).tc_index = u32::from(mark) };
     }
     // Fall through to the next filter: `chaos_steer` redirects marked packets, others pass untouched.
     None

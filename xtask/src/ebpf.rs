@@ -64,7 +64,10 @@ fn ensure_toolchain() -> Result<()> {
     apt_install(APT_PACKAGES, "building the eBPF classifier")?;
     let version = util::output(Command::new(DEBIAN_RUSTC).arg("--version")).unwrap_or_default();
     if !version.starts_with("rustc 1.9") {
-        bail!("{DEBIAN_RUSTC} is `{}`; the BPF build needs Debian's rustc-web 1.96 (apt-get install rustc-web)", version.trim());
+        bail!(
+            "{DEBIAN_RUSTC} is `{}`; the BPF build needs Debian's rustc-web 1.96 (apt-get install rustc-web)",
+            version.trim()
+        );
     }
     if !std::path::Path::new("/usr/lib/rustlib").join(BPF_TARGET).is_dir() {
         bail!("Debian's prebuilt core for {BPF_TARGET} is missing: apt-get install libstd-rust-web-dev-bpf");

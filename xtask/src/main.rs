@@ -4,9 +4,12 @@
 //! - `ebpf`  — build the kernel-side classifier with Debian's rustc-web + bpf-linker (installs them when missing)
 //! - `test`  — every test tier (unit, network namespaces, ZooKeeper + real lymph peers, qemu guests)
 //! - `util`  — running commands loudly, apt installs
+//! - `vm`    — qemu, the pinned Debian kernel and its modules for the VM tier (cached under target/vm/)
 
 mod ebpf;
+mod services;
 mod util;
+mod vm;
 
 use std::process::Command;
 
@@ -34,6 +37,17 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Fetch what the qemu test tier needs: qemu-system-x86 (bookworm-backports), the pinned Debian kernel and its
+    /// modules, cached under target/vm/ (a second run only checks).
+    ///
+    /// Example: `cargo xtask vm-prepare`
+    VmPrepare,
+    /// Temporary: start ZooKeeper + the lymph venv, run a command with CHAOS_TEST_ZK/CHAOS_LYMPH_VENV set.
+    #[command(hide = true)]
+    WithServices {
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() {
@@ -41,6 +55,8 @@ fn main() {
     let result = match cli.command {
         Task::BuildEbpf => ebpf::build().map(|_| ()),
         Task::Run { args } => run_agent(&args),
+        Task::WithServices { command } => with_services(&command),
+        Task::VmPrepare => vm::prepare().map(|_| ()),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
@@ -59,4 +75,23 @@ fn run_agent(args: &[String]) -> Result<()> {
     util::step(format!("starting {} agent {}", bin.display(), args.join(" ")));
     let err = std::os::unix::process::CommandExt::exec(Command::new(&bin).arg("agent").args(args));
     bail!("could not exec {}: {err}", bin.display())
+}
+
+fn with_services(command: &[String]) -> Result<()> {
+    let t = std::time::Instant::now();
+    services::ensure_zookeeper_installed()?;
+    let venv = services::ensure_lymph_venv(&util::target_dir().join("lymph-venv"))?;
+    eprintln!("    venv: {:.2?}", t.elapsed());
+    let zk = services::ZooKeeper::start(&util::target_dir().join("zookeeper"))?;
+    eprintln!("    ZooKeeper at {} (log: {})", zk.addr(), zk.log_path().display());
+    let status = Command::new(&command[0])
+        .args(&command[1..])
+        .env(services::ZK_ENV, zk.addr())
+        .env(services::LYMPH_VENV_ENV, &venv)
+        .status()?;
+    drop(zk);
+    if !status.success() {
+        bail!("{status}");
+    }
+    Ok(())
 }

@@ -121,6 +121,7 @@ pub fn cargo() -> Command {
 }
 
 /// Whether CI asked for every tier (`CI=true`).
+#[allow(dead_code)] // used by the test orchestration
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }

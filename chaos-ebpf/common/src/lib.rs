@@ -45,6 +45,8 @@ pub const PROG_IFB: &str = "chaos_ifb";
 
 /// Capacity of [`MAP_RULES`] and [`MAP_COUNTERS`].
 pub const MAX_RULES: u32 = 16_384;
+/// Largest IFB class minor a rule can name (13 bits travel in `tc_index` next to three flag bits).
+pub const MAX_CLASS_MINOR: u32 = 0x1fff;
 /// Capacity of [`MAP_IFACES`].
 pub const MAX_IFACES: u32 = 256;
 
@@ -109,7 +111,7 @@ pub struct Rule {
     pub expires_at_ns: u64,
     /// One of [`action`].
     pub action: u32,
-    /// HTB class minor on the IFB for [`action::SHAPE`] (1..=0xfffe).
+    /// HTB class minor on the IFB for [`action::SHAPE`] (1..=[`MAX_CLASS_MINOR`]).
     pub class_minor: u32,
     /// Random loss applied before the action: a packet is dropped when `bpf_get_prandom_u32() < loss_threshold`.
     /// 0 = no loss; `u32::MAX` ≈ 100 %.

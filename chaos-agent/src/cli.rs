@@ -1,0 +1,607 @@
+//! The `lymph-chaos` command line: `agent` runs the daemon; every other subcommand is a client of a running agent
+//! (lymph RPC to `--agent`, default `tcp://127.0.0.1:4575`).
+//!
+//! Exit codes: 0 done, 1 the agent refused or failed the request, 2 usage error, 3 no agent answered, 4 lookup
+//! failure (ZooKeeper has no agent/service).
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use serde_json::{Map, Value as Json, json};
+
+use crate::rpc::{ClientError, client::Client};
+
+/// Exit code: the agent refused or failed the request.
+pub const EXIT_REMOTE: i32 = 1;
+/// Exit code: bad usage.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code: no agent answered.
+pub const EXIT_UNREACHABLE: i32 = 3;
+/// Exit code: lookup failure.
+pub const EXIT_LOOKUP: i32 = 4;
+
+/// lymph-chaos: a chaos monkey for lymph services.
+#[derive(Parser, Debug)]
+#[command(name = "lymph-chaos", version, about, long_about = None)]
+pub struct Cli {
+    /// Agent endpoint to talk to.
+    #[arg(long, global = true, env = "LYMPH_CHAOS_AGENT", default_value = "tcp://127.0.0.1:4575")]
+    pub agent: String,
+    /// Find the agent through ZooKeeper instead (the one on this host, or the only one).
+    #[arg(long = "via-zookeeper", global = true, value_name = "HOSTS")]
+    pub via_zookeeper: Option<String>,
+    /// Print the agent's answer as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Seconds to wait for the agent.
+    #[arg(long, global = true, default_value_t = 5.0)]
+    pub timeout: f64,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent (as root).
+    ///
+    /// Example: lymph-chaos agent --zookeeper 127.0.0.1:2181 --dry-run
+    Agent(AgentArgs),
+    /// Kill instances of a service (one at random unless --count/--percent/--all).
+    ///
+    /// Example: lymph-chaos kill Echo --signal SIGTERM --all
+    Kill {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Signal name or number.
+        #[arg(long, default_value = "SIGKILL")]
+        signal: String,
+        /// Also remove the instance from ZooKeeper at once.
+        #[arg(long)]
+        deregister: bool,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Stop instances (SIGSTOP) for a while, then resume them.
+    ///
+    /// Example: lymph-chaos pause Echo --lifetime 10
+    Pause {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Delay packets to a service's ports.
+    ///
+    /// Example: lymph-chaos latency Echo 0.2 --jitter 0.02 --lifetime 30
+    Latency {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Delay in seconds (or 200ms).
+        #[arg(value_name = "DELAY")]
+        latency: String,
+        /// Jitter in seconds (or 20ms).
+        #[arg(long)]
+        jitter: Option<String>,
+        /// to (default), from or both.
+        #[arg(long)]
+        direction: Option<String>,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Inject any fault kind with key=value parameters.
+    ///
+    /// Example: lymph-chaos inject loss Echo loss=30 --lifetime 20
+    ///          lymph-chaos inject rate --port 8080 rate=1mbit
+    ///          lymph-chaos inject cpu --pid 4242 workers=1 in_target_cgroup=true
+    Inject {
+        /// latency, loss, duplicate, corrupt, reorder, rate, blackhole, cpu, memory, disk, kill, terminate, pause.
+        kind: String,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Parameters as key=value (numbers and true/false are typed).
+        #[arg(value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// List active faults with their counters.
+    ///
+    /// Example: lymph-chaos faults --all
+    Faults {
+        /// Include recently finished faults.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revert one fault.
+    ///
+    /// Example: lymph-chaos revert f-1a2b3c4d
+    Revert {
+        /// Fault id.
+        id: String,
+    },
+    /// Revert every fault.
+    ///
+    /// Example: lymph-chaos clear
+    Clear,
+    /// Show recorded events.
+    ///
+    /// Example: lymph-chaos events --since 120 --limit 20
+    Events {
+        /// Only events with a sequence number above this.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+        /// Keep printing new events.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// The agent's status.
+    ///
+    /// Example: lymph-chaos status
+    Status,
+    /// Services and instances the agent sees.
+    ///
+    /// Example: lymph-chaos services
+    Services,
+    /// Start unleashed mode (random faults from the configured menu).
+    ///
+    /// Example: lymph-chaos unleash --seed 42 --mean-interval 600 --min-gap 60
+    Unleash {
+        /// Seed (recorded; replays the same choices).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Mean seconds between faults.
+        #[arg(long)]
+        mean_interval: Option<f64>,
+        /// Minimum seconds between faults.
+        #[arg(long)]
+        min_gap: Option<f64>,
+        /// Only report what would be done.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Stop unleashed mode.
+    ///
+    /// Example: lymph-chaos leash
+    Leash,
+}
+
+/// Options of `lymph-chaos agent`.
+#[derive(ClapArgs, Debug, Default)]
+pub struct AgentArgs {
+    /// Configuration file (YAML).
+    #[arg(long, env = "LYMPH_CHAOS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// ZooKeeper hosts (`host:port[,…][/chroot]`); overrides the configuration.
+    #[arg(long)]
+    pub zookeeper: Option<String>,
+    /// Resolve and report, never act.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Start in unleashed mode.
+    #[arg(long)]
+    pub unleash: bool,
+    /// Do not load the classifier and refuse network faults.
+    #[arg(long)]
+    pub no_network_control: bool,
+    /// RPC bind address.
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// RPC port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// State directory (journal, network state).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// bpffs directory for pinned maps.
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// Event log file.
+    #[arg(long)]
+    pub events_file: Option<PathBuf>,
+    /// IFB device name.
+    #[arg(long)]
+    pub ifb: Option<String>,
+    /// Prometheus endpoint, e.g. 127.0.0.1:9464.
+    #[arg(long)]
+    pub metrics: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (`info`, `lymph_chaos=debug` …); RUST_LOG also works.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+}
+
+/// Log output format.
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (no timestamps under systemd, which adds its own).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// How to name a target.
+#[derive(ClapArgs, Debug, Default)]
+pub struct TargetArgs {
+    /// lymph service name.
+    #[arg(value_name = "SERVICE")]
+    pub name: Option<String>,
+    /// Instance id or identity.
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// Process id.
+    #[arg(long)]
+    pub pid: Option<i64>,
+    /// Port (whatever listens there; for network faults the port itself).
+    #[arg(long)]
+    pub port: Option<i64>,
+    /// Processes whose command line contains this (or /regex/).
+    #[arg(long)]
+    pub process: Option<String>,
+}
+
+/// Options every fault takes.
+#[derive(ClapArgs, Debug, Default)]
+pub struct CommonArgs {
+    /// Lifetime in seconds (or 90s, 2m).
+    #[arg(long)]
+    pub lifetime: Option<String>,
+    /// Only report what would be done.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seed for the random choice of instances.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Hit this many instances.
+    #[arg(long)]
+    pub count: Option<u32>,
+    /// Hit this percentage of instances.
+    #[arg(long)]
+    pub percent: Option<f64>,
+    /// Hit every instance.
+    #[arg(long)]
+    pub all: bool,
+    /// Fault id (applying the same id again refreshes it).
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+fn put(map: &mut Map<String, Json>, key: &str, value: impl Into<Json>) {
+    map.insert(key.to_owned(), value.into());
+}
+
+fn seconds_json(s: &str) -> Json {
+    s.parse::<f64>().map_or_else(|_| Json::String(s.to_owned()), Json::from)
+}
+
+impl TargetArgs {
+    fn apply(&self, map: &mut Map<String, Json>) {
+        if let Some(v) = &self.name {
+            put(map, "name", v.clone());
+        }
+        if let Some(v) = &self.instance {
+            put(map, "instance", v.clone());
+        }
+        if let Some(v) = self.pid {
+            put(map, "pid", v);
+        }
+        if let Some(v) = self.port {
+            put(map, "port", v);
+        }
+        if let Some(v) = &self.process {
+            put(map, "process", v.clone());
+        }
+    }
+}
+
+impl CommonArgs {
+    fn apply(&self, map: &mut Map<String, Json>) {
+        if let Some(v) = &self.lifetime {
+            map.insert("lifetime".into(), seconds_json(v));
+        }
+        if self.dry_run {
+            put(map, "dry_run", true);
+        }
+        if let Some(v) = self.seed {
+            put(map, "seed", v);
+        }
+        if let Some(v) = self.count {
+            put(map, "count", v);
+        }
+        if let Some(v) = self.percent {
+            put(map, "percent", v);
+        }
+        if self.all {
+            put(map, "all", true);
+        }
+        if let Some(v) = &self.id {
+            put(map, "id", v.clone());
+        }
+    }
+}
+
+/// The RPC call a client subcommand makes: (method, kwargs).
+///
+/// # Errors
+/// A usage message for malformed `key=value` parameters.
+pub fn request_for(command: &Command) -> Result<(&'static str, Map<String, Json>), String> {
+    let mut m = Map::new();
+    let method = match command {
+        Command::Agent(_) => return Err("`agent` is not a client command".into()),
+        Command::Kill { target, signal, deregister, common } => {
+            target.apply(&mut m);
+            common.apply(&mut m);
+            put(&mut m, "signal", signal.clone());
+            if *deregister {
+                put(&mut m, "deregister", true);
+            }
+            "kill"
+        }
+        Command::Pause { target, common } => {
+            target.apply(&mut m);
+            common.apply(&mut m);
+            "pause"
+        }
+        Command::Latency { target, latency, jitter, direction, common } => {
+            target.apply(&mut m);
+            common.apply(&mut m);
+            m.insert("latency".into(), seconds_json(latency));
+            if let Some(j) = jitter {
+                m.insert("jitter".into(), seconds_json(j));
+            }
+            if let Some(d) = direction {
+                put(&mut m, "direction", d.clone());
+            }
+            "inject_latency"
+        }
+        Command::Inject { kind, target, params, common } => {
+            // `inject loss --port 80 loss=30`: the first key=value lands in the SERVICE slot.
+            let mut params = params.clone();
+            let mut target_name = target.name.clone();
+            if target_name.as_deref().is_some_and(|n| n.contains('=')) {
+                params.insert(0, target_name.take().unwrap_or_default());
+            }
+            let target = TargetArgs {
+                name: target_name,
+                instance: target.instance.clone(),
+                pid: target.pid,
+                port: target.port,
+                process: target.process.clone(),
+            };
+            target.apply(&mut m);
+            common.apply(&mut m);
+            put(&mut m, "kind", kind.clone());
+            for p in &params {
+                let (k, v) = p.split_once('=').ok_or_else(|| format!("parameter `{p}` is not key=value"))?;
+                let value = serde_json::from_str::<Json>(v)
+                    .ok()
+                    .filter(|j| !j.is_string())
+                    .unwrap_or_else(|| Json::String(v.to_owned()));
+                m.insert(k.to_owned(), value);
+            }
+            "inject"
+        }
+        Command::Faults { all } => {
+            if *all {
+                put(&mut m, "all", true);
+            }
+            "faults"
+        }
+        Command::Revert { id } => {
+            put(&mut m, "id", id.clone());
+            "revert"
+        }
+        Command::Clear => "clear",
+        Command::Events { since, limit, .. } => {
+            put(&mut m, "since", *since);
+            put(&mut m, "limit", *limit);
+            "events"
+        }
+        Command::Status => "status",
+        Command::Services => "list_services",
+        Command::Unleash { seed, mean_interval, min_gap, dry_run } => {
+            if let Some(s) = seed {
+                put(&mut m, "seed", *s);
+            }
+            if let Some(v) = mean_interval {
+                put(&mut m, "mean_interval", *v);
+            }
+            if let Some(v) = min_gap {
+                put(&mut m, "min_gap", *v);
+            }
+            if *dry_run {
+                put(&mut m, "dry_run", true);
+            }
+            "unleash"
+        }
+        Command::Leash => "leash",
+    };
+    Ok((method, m))
+}
+
+/// Runs a client subcommand; returns the exit code.
+pub async fn run_client(cli: &Cli) -> i32 {
+    let (method, kwargs) = match request_for(&cli.command) {
+        Ok(r) => r,
+        Err(msg) => {
+            eprintln!("lymph-chaos: {msg}");
+            return EXIT_USAGE;
+        }
+    };
+    let timeout = Duration::from_secs_f64(cli.timeout.max(0.1));
+    let client = match Client::new() {
+        Ok(c) => c,
+        Err(err) => {
+            eprintln!("lymph-chaos: cannot open a client socket: {err}");
+            return EXIT_UNREACHABLE;
+        }
+    };
+    let (client, endpoint) = match &cli.via_zookeeper {
+        None => (client, cli.agent.clone()),
+        Some(hosts) => match find_agent(client, hosts, timeout).await {
+            Ok(x) => x,
+            Err((code, msg)) => {
+                eprintln!("lymph-chaos: {msg}");
+                return code;
+            }
+        },
+    };
+    let follow = matches!(cli.command, Command::Events { follow: true, .. });
+    let mut kwargs = kwargs;
+    loop {
+        let result = client.call_endpoint(&endpoint, &format!("Chaos.{method}"), &kwargs, timeout).await;
+        match result {
+            Ok(value) => {
+                let json = value.to_json();
+                if follow && let Some(last) = json.as_array().and_then(|a| a.last()).and_then(|e| e["seq"].as_u64()) {
+                    kwargs.insert("since".into(), last.into());
+                }
+                if cli.json {
+                    println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
+                } else {
+                    print!("{}", human(method, &json));
+                }
+                if !follow {
+                    return 0;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(err) => {
+                let (code, msg) = match &err {
+                    ClientError::Remote { type_name, message } => (EXIT_REMOTE, format!("{type_name}: {message}")),
+                    ClientError::Nack { .. } => (
+                        EXIT_REMOTE,
+                        format!("the agent at {endpoint} refused Chaos.{method} (NACK): is it a lymph-chaos agent?"),
+                    ),
+                    ClientError::Timeout { .. } => (
+                        EXIT_UNREACHABLE,
+                        format!(
+                            "no agent answered at {endpoint} within {:.1} s (is `lymph-chaos agent` running? see --agent)",
+                            cli.timeout
+                        ),
+                    ),
+                    ClientError::LookupFailure { .. } => (EXIT_LOOKUP, err.to_string()),
+                    ClientError::Codec(m) => (EXIT_REMOTE, m.clone()),
+                };
+                if cli.json {
+                    println!("{}", json!({"error": err.to_string(), "exit": code}));
+                }
+                eprintln!("lymph-chaos: {msg}");
+                return code;
+            }
+        }
+    }
+}
+
+async fn find_agent(client: Client, hosts: &str, timeout: Duration) -> Result<(Client, String), (i32, String)> {
+    let client = client.connect_zookeeper(hosts, timeout).await.map_err(|e| (EXIT_LOOKUP, e.to_string()))?;
+    let agents = client.lookup(crate::paths::SERVICE_NAME).await.map_err(|e| (EXIT_LOOKUP, e.to_string()))?;
+    let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok());
+    let here = agents.iter().find(|a| a.hostname.is_some() && a.hostname == host).or(if agents.len() == 1 {
+        agents.first()
+    } else {
+        None
+    });
+    match here {
+        Some(a) => {
+            let endpoint = a.endpoint.clone();
+            Ok((client, endpoint))
+        }
+        None => Err((EXIT_LOOKUP, format!("{} agents registered and none on this host: use --agent", agents.len()))),
+    }
+}
+
+/// A short human rendering of an answer.
+pub fn human(method: &str, j: &Json) -> String {
+    let fault_line = |f: &Json| -> String {
+        let mut line = format!(
+            "{:<12} {:<10} {:<9} {}",
+            f["id"].as_str().unwrap_or("-"),
+            f["kind"].as_str().unwrap_or("-"),
+            f["state"].as_str().unwrap_or(if f["dry_run"] == true { "dry-run" } else { "-" }),
+            f["message"].as_str().unwrap_or("")
+        );
+        if let Some(c) = f.get("counters").filter(|c| c.is_object()) {
+            line.push_str(&format!(" [packets {} bytes {} drops {}]", c["packets"], c["bytes"], c["drops"]));
+        }
+        line.push('\n');
+        line
+    };
+    match method {
+        "faults" | "clear" => {
+            let list = j.as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                return "no faults\n".into();
+            }
+            list.iter().map(fault_line).collect()
+        }
+        "events" => j
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        format!(
+                            "#{:<5} {:.3} {:<11} {:<8} {:<10} {} {}\n",
+                            e["seq"],
+                            e["time"].as_f64().unwrap_or(0.0),
+                            e["action"].as_str().unwrap_or("-"),
+                            e["outcome"].as_str().unwrap_or("-"),
+                            e["fault"].as_str().unwrap_or("-"),
+                            e["kind"].as_str().unwrap_or(""),
+                            e["message"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        "list_services" => {
+            let Some(map) = j.as_object() else { return format!("{j}\n") };
+            let mut out = String::new();
+            for (service, instances) in map {
+                out.push_str(&format!("{service}\n"));
+                for i in instances.as_array().into_iter().flatten() {
+                    let local = if i["local"] == true { format!("local pid {}", i["pid"]) } else { "remote".into() };
+                    out.push_str(&format!(
+                        "  {:<34} {:<28} {local}\n",
+                        i["id"].as_str().unwrap_or("-"),
+                        i["endpoint"].as_str().unwrap_or("-")
+                    ));
+                }
+            }
+            if out.is_empty() { "no services\n".into() } else { out }
+        }
+        "status" | "unleash" | "leash" => format!("{}\n", serde_json::to_string_pretty(j).unwrap_or_default()),
+        _ if j.get("id").is_some() => fault_line(j),
+        _ => format!("{}\n", serde_json::to_string_pretty(j).unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subcommands_map_to_rpc_calls() {
+        let cli = Cli::try_parse_from(["lymph-chaos", "kill", "Echo", "--all", "--dry-run"]).unwrap();
+        let (method, args) = request_for(&cli.command).unwrap();
+        assert_eq!(method, "kill");
+        assert_eq!(args["name"], "Echo");
+        assert_eq!(args["all"], true);
+        assert_eq!(args["dry_run"], true);
+        let cli = Cli::try_parse_from(["lymph-chaos", "inject", "loss", "Echo", "loss=30", "direction=both"]).unwrap();
+        let (method, args) = request_for(&cli.command).unwrap();
+        assert_eq!((method, &args["loss"], &args["direction"]), ("inject", &json!(30), &json!("both")));
+        let cli = Cli::try_parse_from(["lymph-chaos", "latency", "Echo", "200ms", "--lifetime", "30"]).unwrap();
+        let (_, args) = request_for(&cli.command).unwrap();
+        assert_eq!((&args["latency"], &args["lifetime"]), (&json!("200ms"), &json!(30.0)));
+        let cli = Cli::try_parse_from(["lymph-chaos", "inject", "loss", "Echo", "nonsense"]).unwrap();
+        assert!(request_for(&cli.command).is_err());
+    }
+}

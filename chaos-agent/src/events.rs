@@ -1,0 +1,253 @@
+//! The event log: every action the agent takes or refuses, with time, fault, target, pids/ports/interfaces and
+//! outcome. Kept in memory (bounded) for `Chaos.events` and appended to a JSON-lines file with size-bounded
+//! rotation (`events.jsonl`, `.1`, `.2` …).
+
+use std::{
+    collections::VecDeque,
+    fs::{File, OpenOptions},
+    io::Write,
+    path::PathBuf,
+    sync::Mutex,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::config::EventsConfig;
+
+/// What happened.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// A fault took effect.
+    Applied,
+    /// A fault was undone on request (or at shutdown).
+    Reverted,
+    /// A fault reached the end of its lifetime.
+    Expired,
+    /// A request was refused (guards, unknown target, missing kernel feature …).
+    Refused,
+    /// A dry run: what would have been done.
+    DryRun,
+    /// A fault followed its target to a new pid/port.
+    Followed,
+    /// The agent started.
+    AgentStart,
+    /// The agent stopped.
+    AgentStop,
+    /// Leftovers of an earlier run were cleaned up.
+    Reconcile,
+    /// Unleashed mode started.
+    Unleash,
+    /// Unleashed mode stopped.
+    Leash,
+}
+
+/// One recorded event.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+pub struct Event {
+    /// Sequence number (increasing; `Chaos.events(since=…)` takes it).
+    pub seq: u64,
+    /// Unix time in seconds.
+    pub time: f64,
+    /// What happened.
+    pub action: Option<Action>,
+    /// Fault id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
+    /// Fault kind (`kill`, `latency` …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Target as requested.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<serde_json::Value>,
+    /// Pids acted on.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub pids: Vec<i32>,
+    /// Ports acted on.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub ports: Vec<u16>,
+    /// Interfaces involved.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub interfaces: Vec<String>,
+    /// `ok` or `error`.
+    pub outcome: String,
+    /// Human-readable detail.
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub message: String,
+    /// Random seed used for choices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Extra structured detail.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+impl Event {
+    /// A successful event of `action`.
+    pub fn new(action: Action) -> Event {
+        Event { action: Some(action), outcome: "ok".into(), ..Default::default() }
+    }
+
+    /// Marks it failed with a message.
+    pub fn failed(mut self, message: impl Into<String>) -> Event {
+        self.outcome = "error".into();
+        self.message = message.into();
+        self
+    }
+
+    /// Sets the message.
+    pub fn message(mut self, message: impl Into<String>) -> Event {
+        self.message = message.into();
+        self
+    }
+}
+
+struct Inner {
+    counts: std::collections::BTreeMap<(String, String), u64>,
+    next_seq: u64,
+    memory: VecDeque<Event>,
+    file: Option<File>,
+    written: u64,
+}
+
+/// The event log.
+pub struct EventLog {
+    config: EventsConfig,
+    inner: Mutex<Inner>,
+}
+
+impl EventLog {
+    /// Opens (appends to) the configured file.
+    pub fn open(config: EventsConfig) -> EventLog {
+        let (file, written, next_seq) = match &config.file {
+            Some(path) => {
+                if let Some(dir) = path.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                let last_seq = last_seq(path);
+                match OpenOptions::new().create(true).append(true).open(path) {
+                    Ok(f) => {
+                        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                        (Some(f), len, last_seq + 1)
+                    }
+                    Err(err) => {
+                        warn!(file = %path.display(), %err, "cannot open the event log; keeping events in memory only");
+                        (None, 0, 1)
+                    }
+                }
+            }
+            None => (None, 0, 1),
+        };
+        EventLog {
+            inner: Mutex::new(Inner { counts: Default::default(), next_seq, memory: VecDeque::new(), file, written }),
+            config,
+        }
+    }
+
+    /// Records an event (fills `seq` and `time`) and returns it.
+    pub fn record(&self, mut event: Event) -> Event {
+        let mut inner = self.inner.lock().expect("poisoned");
+        event.seq = inner.next_seq;
+        inner.next_seq += 1;
+        event.time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let mut line = serde_json::to_vec(&event).expect("plain data");
+        line.push(b'\n');
+        tracing::info!(target: "lymph_chaos::events", event = %String::from_utf8_lossy(&line[..line.len() - 1]), "event");
+        if inner.file.is_some() {
+            if inner.written + line.len() as u64 > self.config.max_bytes {
+                self.rotate(&mut inner);
+            }
+            if let Some(file) = inner.file.as_mut() {
+                if let Err(err) = file.write_all(&line) {
+                    warn!(%err, "cannot write the event log");
+                } else {
+                    inner.written += line.len() as u64;
+                }
+            }
+        }
+        let action = event
+            .action
+            .and_then(|a| serde_json::to_value(a).ok())
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        *inner.counts.entry((action, event.kind.clone().unwrap_or_default())).or_insert(0) += 1;
+        inner.memory.push_back(event.clone());
+        while inner.memory.len() > self.config.memory.max(1) {
+            inner.memory.pop_front();
+        }
+        event
+    }
+
+    fn rotate(&self, inner: &mut Inner) {
+        let Some(path) = &self.config.file else { return };
+        inner.file = None;
+        let name = |i: u32| PathBuf::from(format!("{}.{i}", path.display()));
+        if self.config.keep == 0 {
+            let _ = std::fs::remove_file(path);
+        } else {
+            let _ = std::fs::remove_file(name(self.config.keep));
+            for i in (1..self.config.keep).rev() {
+                let _ = std::fs::rename(name(i), name(i + 1));
+            }
+            let _ = std::fs::rename(path, name(1));
+        }
+        inner.file = OpenOptions::new().create(true).append(true).open(path).ok();
+        inner.written = 0;
+    }
+
+    /// Events with `seq > since`, oldest first, at most `limit` (the newest ones when more match).
+    pub fn query(&self, since: u64, limit: usize) -> Vec<Event> {
+        let inner = self.inner.lock().expect("poisoned");
+        let matching: Vec<&Event> = inner.memory.iter().filter(|e| e.seq > since).collect();
+        let skip = matching.len().saturating_sub(limit);
+        matching.into_iter().skip(skip).cloned().collect()
+    }
+
+    /// Events recorded since start, by (action, kind).
+    pub fn counts(&self) -> Vec<((String, String), u64)> {
+        self.inner.lock().expect("poisoned").counts.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// The last sequence number used.
+    pub fn last_seq(&self) -> u64 {
+        self.inner.lock().expect("poisoned").next_seq - 1
+    }
+}
+
+/// The highest `seq` in an existing log, so numbering continues across restarts.
+fn last_seq(path: &PathBuf) -> u64 {
+    let Ok(text) = std::fs::read_to_string(path) else { return 0 };
+    text.lines().rev().find_map(|l| serde_json::from_str::<Event>(l).ok()).map_or(0, |e| e.seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_queries_and_rotates_by_size() {
+        let dir = std::env::temp_dir().join(format!("chaos-events-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = dir.join("events.jsonl");
+        let log = EventLog::open(EventsConfig { file: Some(file.clone()), max_bytes: 400, keep: 2, memory: 5 });
+        for i in 0..10 {
+            log.record(Event { fault: Some(format!("f{i}")), ..Event::new(Action::Applied) });
+        }
+        let recent = log.query(0, 3);
+        assert_eq!(recent.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![8, 9, 10]);
+        assert_eq!(log.query(9, 100).len(), 1);
+        // Memory is bounded.
+        assert_eq!(log.query(0, 100).len(), 5);
+        // Rotation kept the file under the bound and left .1 and .2.
+        assert!(std::fs::metadata(&file).unwrap().len() <= 400);
+        assert!(dir.join("events.jsonl.1").exists() && dir.join("events.jsonl.2").exists());
+        assert!(!dir.join("events.jsonl.3").exists());
+        // Numbering continues after a restart.
+        drop(log);
+        let log = EventLog::open(EventsConfig { file: Some(file), max_bytes: 400, keep: 2, memory: 5 });
+        assert_eq!(log.record(Event::new(Action::AgentStart)).seq, 11);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

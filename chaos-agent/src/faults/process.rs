@@ -1,0 +1,399 @@
+//! Process faults and the guards that keep them safe.
+//!
+//! Signals go through a pidfd (`pidfd_open` + `pidfd_send_signal`, Linux ≥ 5.3) after checking that the pid
+//! still names the process we resolved (same start time), so a pid reused between resolution and signal is
+//! never hit. Every target passes [`Guards::check`] first: never pid 1, the agent, its parent, kernel threads,
+//! ZooKeeper, sshd, protected patterns, or a process that is neither a lymph instance nor allowed by the
+//! configuration.
+
+use std::{
+    fs,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// What the agent knows about a process.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcInfo {
+    /// Pid.
+    pub pid: i32,
+    /// Parent pid.
+    pub ppid: i32,
+    /// `comm` (kernel name, 15 chars).
+    pub comm: String,
+    /// Command line (NULs as spaces).
+    pub cmdline: String,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22): with the pid, identifies the process.
+    pub start_time: u64,
+    /// Kernel thread (`PF_KTHREAD`).
+    pub kthread: bool,
+    /// State letter (`R`, `S`, `T` stopped, `Z` zombie …).
+    pub state: char,
+}
+
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Reads `/proc/<pid>/stat` and `cmdline`.
+pub fn proc_info(pid: i32) -> Option<ProcInfo> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(pid, &stat, crate::discovery::local::cmdline(pid).unwrap_or_default())
+}
+
+fn parse_stat(pid: i32, stat: &str, cmdline: String) -> Option<ProcInfo> {
+    // comm is in parentheses and may itself contain spaces or parentheses: split at the last ')'.
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat[open + 1..close].to_owned();
+    let rest: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    // rest[0] = state (field 3), rest[1] = ppid (4), rest[6] = flags (9), rest[19] = starttime (22).
+    let state = rest.first()?.chars().next()?;
+    let ppid = rest.get(1)?.parse().ok()?;
+    let flags: u64 = rest.get(6)?.parse().ok()?;
+    let start_time = rest.get(19)?.parse().ok()?;
+    Some(ProcInfo { pid, ppid, comm, cmdline, start_time, kthread: flags & PF_KTHREAD != 0, state })
+}
+
+/// Whether a process is still the one described (same pid and start time, not a zombie).
+pub fn still_running(info: &ProcInfo) -> bool {
+    proc_info(info.pid).is_some_and(|now| now.start_time == info.start_time && now.state != 'Z' && now.state != 'X')
+}
+
+/// A pattern matching a process: a substring of its command line or comm, or `/regex/`.
+#[derive(Clone, Debug)]
+pub enum Pattern {
+    /// Substring.
+    Text(String),
+    /// Regular expression.
+    Regex(regex::Regex),
+}
+
+impl Pattern {
+    /// Parses `text` or `/regex/`.
+    ///
+    /// # Errors
+    /// An invalid regular expression.
+    pub fn parse(s: &str) -> Result<Pattern, String> {
+        if s.len() >= 2 && s.starts_with('/') && s.ends_with('/') {
+            regex::Regex::new(&s[1..s.len() - 1]).map(Pattern::Regex).map_err(|e| format!("invalid pattern {s}: {e}"))
+        } else if s.is_empty() {
+            Err("empty process pattern".into())
+        } else {
+            Ok(Pattern::Text(s.to_owned()))
+        }
+    }
+
+    /// Whether it matches a process.
+    pub fn matches(&self, p: &ProcInfo) -> bool {
+        match self {
+            Pattern::Text(t) => p.cmdline.contains(t.as_str()) || p.comm == *t,
+            Pattern::Regex(r) => r.is_match(&p.cmdline) || r.is_match(&p.comm),
+        }
+    }
+}
+
+/// Every process (not kernel threads) matching a pattern.
+pub fn find(pattern: &Pattern) -> Vec<ProcInfo> {
+    crate::discovery::sockets::all_pids()
+        .into_iter()
+        .filter_map(proc_info)
+        .filter(|p| !p.kthread && pattern.matches(p))
+        .collect()
+}
+
+/// Why a target is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("pid {pid} ({comm}) is protected: {reason}")]
+pub struct Refusal {
+    /// The pid.
+    pub pid: i32,
+    /// Its comm.
+    pub comm: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// How a process was selected (guards are stricter for arbitrary processes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A lymph service instance resolved through discovery.
+    LymphInstance,
+    /// Named directly (pid, port, process pattern).
+    Direct,
+}
+
+/// The safety rules for process targets.
+#[derive(Clone, Debug)]
+pub struct Guards {
+    /// The agent's pid.
+    pub agent_pid: i32,
+    /// The agent's parent.
+    pub agent_ppid: i32,
+    /// Pids that are never targets (e.g. the ZooKeeper the agent talks to, found by its port).
+    pub protected_pids: Vec<i32>,
+    /// Never targeted.
+    pub protected: Vec<Pattern>,
+    /// Direct targets must match one of these, unless they are lymph instances.
+    pub allowed: Vec<Pattern>,
+    /// Pids of known lymph instances (direct targets that are lymph instances are allowed).
+    pub lymph_pids: Vec<i32>,
+}
+
+impl Guards {
+    /// Guards for this process with configured patterns.
+    ///
+    /// # Errors
+    /// An invalid pattern.
+    pub fn new(protected: &[String], allowed: &[String]) -> Result<Guards, String> {
+        Ok(Guards {
+            agent_pid: std::process::id() as i32,
+            agent_ppid: nix::unistd::getppid().as_raw(),
+            protected_pids: Vec::new(),
+            protected: protected.iter().map(|p| Pattern::parse(p)).collect::<Result<_, _>>()?,
+            allowed: allowed.iter().map(|p| Pattern::parse(p)).collect::<Result<_, _>>()?,
+            lymph_pids: Vec::new(),
+        })
+    }
+
+    /// Checks one process.
+    ///
+    /// # Errors
+    /// A [`Refusal`] saying which rule protects it.
+    pub fn check(&self, p: &ProcInfo, origin: Origin) -> Result<(), Refusal> {
+        let refuse = |reason: &str| Err(Refusal { pid: p.pid, comm: p.comm.clone(), reason: reason.to_owned() });
+        if p.pid <= 1 {
+            return refuse("pid 1 (init) is never a target");
+        }
+        if p.pid == self.agent_pid {
+            return refuse("it is the chaos agent itself");
+        }
+        if p.pid == self.agent_ppid {
+            return refuse("it is the chaos agent's parent");
+        }
+        if p.kthread || p.pid == 2 || p.ppid == 2 {
+            return refuse("kernel threads are never targets");
+        }
+        if p.cmdline.contains("org.apache.zookeeper") || p.comm == "zookeeper" || self.protected_pids.contains(&p.pid) {
+            return refuse("ZooKeeper is never a target (the registry every service depends on)");
+        }
+        if p.comm == "sshd" || p.cmdline.starts_with("sshd") || p.cmdline.starts_with("/usr/sbin/sshd") {
+            return refuse("sshd is never a target (you would lose the machine)");
+        }
+        if p.comm == "lymph-chaos" && p.cmdline.contains(" agent") {
+            return refuse("chaos agents are never targets");
+        }
+        if let Some(pat) = self.protected.iter().find(|pat| pat.matches(p)) {
+            return refuse(&format!("it matches faults.protected_processes ({})", show(pat)));
+        }
+        let is_lymph = origin == Origin::LymphInstance
+            || self.lymph_pids.contains(&p.pid)
+            || crate::discovery::local::parse_title(&p.cmdline).is_some();
+        if !is_lymph && !self.allowed.iter().any(|pat| pat.matches(p)) {
+            return refuse(
+                "it is not a lymph service instance and matches none of faults.allowed_processes \
+                 (add a pattern there to allow targeting other processes)",
+            );
+        }
+        Ok(())
+    }
+}
+
+fn show(p: &Pattern) -> String {
+    match p {
+        Pattern::Text(t) => t.clone(),
+        Pattern::Regex(r) => format!("/{}/", r.as_str()),
+    }
+}
+
+/// Signal names accepted in requests.
+pub fn parse_signal(name: &str) -> Option<i32> {
+    let upper = name.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    if let Ok(n) = bare.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    Some(match bare {
+        "KILL" => libc::SIGKILL,
+        "TERM" => libc::SIGTERM,
+        "INT" => libc::SIGINT,
+        "HUP" => libc::SIGHUP,
+        "QUIT" => libc::SIGQUIT,
+        "ABRT" => libc::SIGABRT,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        "SEGV" => libc::SIGSEGV,
+        _ => return None,
+    })
+}
+
+/// The conventional name of a signal number.
+pub fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGKILL => "SIGKILL".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGQUIT => "SIGQUIT".into(),
+        libc::SIGABRT => "SIGABRT".into(),
+        libc::SIGUSR1 => "SIGUSR1".into(),
+        libc::SIGUSR2 => "SIGUSR2".into(),
+        libc::SIGSTOP => "SIGSTOP".into(),
+        libc::SIGCONT => "SIGCONT".into(),
+        libc::SIGSEGV => "SIGSEGV".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// Why a signal was not delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum SignalError {
+    /// The process is gone or is another process now.
+    #[error("pid {0} is no longer the process that was targeted")]
+    Gone(i32),
+    /// The kernel refused.
+    #[error("signal to pid {pid}: {source}")]
+    Os {
+        /// Pid.
+        pid: i32,
+        /// Error.
+        source: std::io::Error,
+    },
+}
+
+/// A handle on one process that cannot be confused with a later process reusing its pid.
+pub struct PidFd {
+    fd: OwnedFd,
+    /// The process.
+    pub info: ProcInfo,
+}
+
+impl PidFd {
+    /// Opens a pidfd and checks it still names `info`.
+    ///
+    /// # Errors
+    /// [`SignalError::Gone`] when the process exited or the pid was reused.
+    pub fn open(info: &ProcInfo) -> Result<PidFd, SignalError> {
+        // SAFETY: pidfd_open(pid, 0) has no memory arguments.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, info.pid, 0) };
+        if raw < 0 {
+            return Err(SignalError::Gone(info.pid));
+        }
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        // The pidfd pins the pid: if the start time still matches now, it is the same process.
+        if !still_running(info) {
+            return Err(SignalError::Gone(info.pid));
+        }
+        Ok(PidFd { fd, info: info.clone() })
+    }
+
+    /// Sends a signal.
+    ///
+    /// # Errors
+    /// [`SignalError::Gone`] if it already exited, or the kernel's error.
+    pub fn signal(&self, sig: i32) -> Result<(), SignalError> {
+        // SAFETY: pidfd_send_signal(fd, sig, NULL, 0).
+        let rc = unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, self.fd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0)
+        };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ESRCH) {
+                return Err(SignalError::Gone(self.info.pid));
+            }
+            return Err(SignalError::Os { pid: self.info.pid, source: err });
+        }
+        Ok(())
+    }
+
+    /// Waits until the process has exited (the pidfd becomes readable), up to `timeout`.
+    pub fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: polling one valid pollfd.
+            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if rc > 0 {
+                return true;
+            }
+            if rc == 0 || Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(pid: i32, comm: &str, cmdline: &str) -> ProcInfo {
+        ProcInfo {
+            pid,
+            ppid: 100,
+            comm: comm.into(),
+            cmdline: cmdline.into(),
+            start_time: 1,
+            kthread: false,
+            state: 'S',
+        }
+    }
+
+    #[test]
+    fn parses_stat_with_odd_comm() {
+        let stat = "4242 (my (odd) proc) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 123456 1000 10";
+        let p = parse_stat(4242, stat, "x".into()).unwrap();
+        assert_eq!(p.comm, "my (odd) proc");
+        assert_eq!((p.ppid, p.start_time, p.state, p.kthread), (1, 123456, 'S', false));
+        let kthread = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0";
+        assert!(parse_stat(2, kthread, String::new()).unwrap().kthread);
+    }
+
+    #[test]
+    fn guards_refuse_the_dangerous_and_allow_lymph_instances() {
+        let mut g = Guards::new(&["postgres: checkpointer".into()], &["/^redis-server/".into()]).unwrap();
+        g.agent_pid = 500;
+        g.agent_ppid = 499;
+        let lymph = info(700, "python3", "lymph-instance (identity: abc, endpoint: tcp://127.0.0.1:1, config: x)");
+        assert!(g.check(&info(1, "init", "/sbin/init"), Origin::Direct).is_err());
+        assert!(g.check(&info(500, "lymph-chaos", "lymph-chaos agent"), Origin::Direct).is_err());
+        assert!(g.check(&info(499, "bash", "bash"), Origin::Direct).is_err());
+        let zk = info(800, "java", "java -cp x org.apache.zookeeper.server.quorum.QuorumPeerMain zoo.cfg");
+        assert!(g.check(&zk, Origin::LymphInstance).unwrap_err().reason.contains("ZooKeeper"));
+        assert!(g.check(&info(801, "sshd", "sshd: root@pts/0"), Origin::Direct).is_err());
+        assert!(g.check(&lymph, Origin::Direct).is_ok());
+        assert!(g.check(&info(900, "redis-server", "redis-server *:6379"), Origin::Direct).is_ok());
+        let other = g.check(&info(901, "nginx", "nginx: worker"), Origin::Direct).unwrap_err();
+        assert!(other.reason.contains("allowed_processes"), "{other}");
+        assert!(g.check(&info(902, "postgres", "postgres: checkpointer"), Origin::Direct).is_err());
+    }
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(parse_signal("SIGKILL"), Some(9));
+        assert_eq!(parse_signal("term"), Some(15));
+        assert_eq!(parse_signal("9"), Some(9));
+        assert_eq!(parse_signal("SIGBOGUS"), None);
+        assert_eq!(parse_signal("99"), None);
+        assert_eq!(signal_name(15), "SIGTERM");
+    }
+
+    #[test]
+    fn pidfd_signals_only_the_process_it_was_opened_for() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        let info = proc_info(pid).unwrap();
+        let fd = PidFd::open(&info).unwrap();
+        fd.signal(libc::SIGKILL).unwrap();
+        let _ = child.wait();
+        assert!(fd.wait_exit(Duration::from_secs(1)));
+        // A stale description (other start time) is refused.
+        let stale = ProcInfo { start_time: info.start_time + 1, ..info };
+        assert!(matches!(PidFd::open(&stale), Err(SignalError::Gone(_))));
+    }
+}

@@ -1,0 +1,583 @@
+//! Resource faults: CPU burn, memory pressure, disk fill — bounded, attributable, always reverted.
+//!
+//! CPU and memory run in worker processes: the agent's own executable started again with
+//! [`WORKER_ENV`] set (see [`worker_main`]), with `PR_SET_PDEATHSIG(SIGKILL)` so they die with the agent, placed in
+//! the target's cgroup on request, and killed at the end of the fault's lifetime. A disk fill is a file the agent
+//! owns (`<dir>/.lymph-chaos-fill-<fault>`), allocated with `fallocate` (falling back to writes), never leaving less
+//! free space than the configured floor, and deleted at the end. Workers and files are in the journal, so a
+//! restarted agent (or the guardian of a dead one) removes leftovers.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
+
+use super::{FaultAction, process::ProcInfo};
+
+/// Environment variable that turns the agent's executable into a worker (`cpu:<duty>` or `memory:<mib>`).
+pub const WORKER_ENV: &str = "LYMPH_CHAOS_WORKER";
+/// Free memory that a memory fault always leaves (MiB), on top of the request.
+pub const MEMORY_MARGIN_MIB: u64 = 256;
+/// Free space a disk fault always leaves (percent of the filesystem), unless the request asks for more.
+pub const DISK_FLOOR_PERCENT: f64 = 5.0;
+
+/// CPU burn.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CpuSpec {
+    /// Number of busy workers (default 1).
+    pub workers: Option<u32>,
+    /// Or: a percentage of the machine's cores.
+    pub percent_cores: Option<f64>,
+    /// Load of each worker, % of one core (default 100).
+    pub load: Option<f64>,
+    /// Place the workers in the target process's cgroup (so the contention hits that service).
+    pub in_target_cgroup: bool,
+}
+
+/// Memory pressure.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MemorySpec {
+    /// MiB to allocate and touch.
+    pub mib: Option<u64>,
+    /// Or: a percentage of the currently available memory.
+    pub percent_available: Option<f64>,
+    /// Place the worker in the target process's cgroup.
+    pub in_target_cgroup: bool,
+}
+
+/// Disk fill.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DiskSpec {
+    /// Directory on the filesystem to fill.
+    pub path: Option<PathBuf>,
+    /// MiB to write.
+    pub mib: Option<u64>,
+    /// Or: a percentage of the current free space.
+    pub percent_free: Option<f64>,
+    /// Free space (% of the filesystem) to leave in any case (default and minimum [`DISK_FLOOR_PERCENT`]).
+    pub floor_percent: Option<f64>,
+}
+
+/// Errors of resource faults.
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    /// The request would pass a safety limit.
+    #[error("{0}")]
+    Refused(String),
+    /// Bad parameters.
+    #[error("{0}")]
+    Invalid(String),
+    /// An OS operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What.
+        what: String,
+        /// Error.
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ResourceError {
+    let what = what.into();
+    move |source| ResourceError::Io { what, source }
+}
+
+/// A checked plan, ready to start.
+pub enum Prepared {
+    /// CPU workers.
+    Cpu {
+        /// How many.
+        workers: u32,
+        /// Duty cycle per worker (0–100).
+        load: f64,
+        /// cgroup.procs files to join.
+        cgroup: Option<Vec<PathBuf>>,
+    },
+    /// A memory worker.
+    Memory {
+        /// MiB.
+        mib: u64,
+        /// cgroup.procs files to join.
+        cgroup: Option<Vec<PathBuf>>,
+    },
+    /// A fill file.
+    Disk {
+        /// The file.
+        file: PathBuf,
+        /// Bytes to allocate.
+        bytes: u64,
+        /// Free bytes to leave.
+        floor: u64,
+    },
+}
+
+/// Checks limits and builds the plan.
+///
+/// # Errors
+/// [`ResourceError::Refused`] beyond a safety limit, [`ResourceError::Invalid`] for bad parameters.
+pub fn prepare(
+    action: &FaultAction,
+    fault_id: &str,
+    target_pid: Option<i32>,
+    fill_root: Option<&Path>,
+) -> Result<Prepared, ResourceError> {
+    match action {
+        FaultAction::Cpu(spec) => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+            let workers = match (spec.workers, spec.percent_cores) {
+                (Some(_), Some(_)) => {
+                    return Err(ResourceError::Invalid("give workers or percent_cores, not both".into()));
+                }
+                (Some(0), _) => return Err(ResourceError::Invalid("workers must be at least 1".into())),
+                (Some(w), None) => w,
+                (None, Some(p)) if p > 0.0 && p <= 100.0 => ((f64::from(cores) * p / 100.0).ceil() as u32).max(1),
+                (None, Some(p)) => {
+                    return Err(ResourceError::Invalid(format!("percent_cores must be in (0, 100], got {p}")));
+                }
+                (None, None) => 1,
+            };
+            if workers > cores * 4 {
+                return Err(ResourceError::Refused(format!(
+                    "{workers} CPU workers on {cores} cores is more than 4 per core"
+                )));
+            }
+            let load = spec.load.unwrap_or(100.0);
+            if !(load > 0.0 && load <= 100.0) {
+                return Err(ResourceError::Invalid(format!("load must be in (0, 100], got {load}")));
+            }
+            let cgroup = spec.in_target_cgroup.then(|| target_cgroup(target_pid)).transpose()?;
+            Ok(Prepared::Cpu { workers, load, cgroup })
+        }
+        FaultAction::Memory(spec) => {
+            let available =
+                meminfo("MemAvailable:").ok_or_else(|| ResourceError::Invalid("cannot read /proc/meminfo".into()))?;
+            let mib = match (spec.mib, spec.percent_available) {
+                (Some(_), Some(_)) => {
+                    return Err(ResourceError::Invalid("give mib or percent_available, not both".into()));
+                }
+                (Some(0), _) => return Err(ResourceError::Invalid("mib must be at least 1".into())),
+                (Some(m), None) => m,
+                (None, Some(p)) if p > 0.0 && p <= 100.0 => ((available as f64 * p / 100.0) as u64).max(1),
+                (None, Some(p)) => {
+                    return Err(ResourceError::Invalid(format!("percent_available must be in (0, 100], got {p}")));
+                }
+                (None, None) => {
+                    return Err(ResourceError::Invalid("a memory fault needs mib or percent_available".into()));
+                }
+            };
+            if mib + MEMORY_MARGIN_MIB > available {
+                return Err(ResourceError::Refused(format!(
+                    "{mib} MiB would leave less than the {MEMORY_MARGIN_MIB} MiB safety margin: only {available} MiB are available"
+                )));
+            }
+            let cgroup = spec.in_target_cgroup.then(|| target_cgroup(target_pid)).transpose()?;
+            Ok(Prepared::Memory { mib, cgroup })
+        }
+        FaultAction::Disk(spec) => {
+            let dir = spec.path.clone().or_else(|| fill_root.map(Path::to_path_buf)).ok_or_else(|| {
+                ResourceError::Invalid("a disk fault needs a path (a directory on the filesystem to fill)".into())
+            })?;
+            let st =
+                nix::sys::statvfs::statvfs(&dir).map_err(|e| io(format!("statvfs {}", dir.display()))(e.into()))?;
+            let block = st.fragment_size();
+            let total = st.blocks() * block;
+            let free = st.blocks_available() * block;
+            let floor_pct = spec.floor_percent.unwrap_or(DISK_FLOOR_PERCENT).max(DISK_FLOOR_PERCENT);
+            if floor_pct >= 100.0 {
+                return Err(ResourceError::Invalid("floor_percent must be below 100".into()));
+            }
+            let floor = (total as f64 * floor_pct / 100.0) as u64;
+            let bytes = match (spec.mib, spec.percent_free) {
+                (Some(_), Some(_)) => return Err(ResourceError::Invalid("give mib or percent_free, not both".into())),
+                (Some(0), _) => return Err(ResourceError::Invalid("mib must be at least 1".into())),
+                (Some(m), None) => m << 20,
+                (None, Some(p)) if p > 0.0 && p <= 100.0 => (free as f64 * p / 100.0) as u64,
+                (None, Some(p)) => {
+                    return Err(ResourceError::Invalid(format!("percent_free must be in (0, 100], got {p}")));
+                }
+                (None, None) => return Err(ResourceError::Invalid("a disk fault needs mib or percent_free".into())),
+            };
+            if free.saturating_sub(bytes) < floor {
+                return Err(ResourceError::Refused(format!(
+                    "filling {} MiB of {} would leave {} MiB free, below the floor of {floor_pct} % ({} MiB)",
+                    bytes >> 20,
+                    dir.display(),
+                    free.saturating_sub(bytes) >> 20,
+                    floor >> 20
+                )));
+            }
+            let file = dir.join(format!("{}-{fault_id}", crate::paths::FILL_FILE_PREFIX));
+            Ok(Prepared::Disk { file, bytes, floor })
+        }
+        _ => Err(ResourceError::Invalid("not a resource fault".into())),
+    }
+}
+
+impl Prepared {
+    /// Files this plan will create (for the journal, before anything exists).
+    pub fn files(&self) -> Vec<PathBuf> {
+        match self {
+            Prepared::Disk { file, .. } => vec![file.clone()],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Starts it.
+    ///
+    /// # Errors
+    /// When workers cannot be spawned or the file cannot be created (nothing is left behind then).
+    pub async fn start(self, lifetime: Duration) -> Result<ResourceFault, ResourceError> {
+        let _ = lifetime;
+        match self {
+            Prepared::Cpu { workers, load, cgroup } => {
+                let mut children = Vec::new();
+                for _ in 0..workers {
+                    match spawn_worker(&format!("cpu:{load}"), cgroup.as_deref()) {
+                        Ok(c) => children.push(c),
+                        Err(err) => {
+                            kill_all(&mut children).await;
+                            return Err(err);
+                        }
+                    }
+                }
+                info!(workers, load, "CPU burn started");
+                Ok(ResourceFault::Workers {
+                    kind: "cpu",
+                    children,
+                    detail: serde_json::json!({"workers": workers, "load": load, "cgroup": cgroup}),
+                })
+            }
+            Prepared::Memory { mib, cgroup } => {
+                let child = spawn_worker(&format!("memory:{mib}"), cgroup.as_deref())?;
+                Ok(ResourceFault::Workers {
+                    kind: "memory",
+                    children: vec![child],
+                    detail: serde_json::json!({"mib": mib, "cgroup": cgroup}),
+                })
+            }
+            Prepared::Disk { file, bytes, floor } => {
+                let written = Arc::new(AtomicU64::new(0));
+                let w = written.clone();
+                let path = file.clone();
+                tokio::task::spawn_blocking(move || fill(&path, bytes, floor, &w))
+                    .await
+                    .map_err(|e| ResourceError::Invalid(format!("fill task failed: {e}")))??;
+                Ok(ResourceFault::Fill { file, written })
+            }
+        }
+    }
+}
+
+/// A running resource fault.
+pub enum ResourceFault {
+    /// Worker processes.
+    Workers {
+        /// cpu / memory.
+        kind: &'static str,
+        /// The workers.
+        children: Vec<Child>,
+        /// Parameters, for reports.
+        detail: serde_json::Value,
+    },
+    /// A fill file.
+    Fill {
+        /// The file.
+        file: PathBuf,
+        /// Bytes allocated.
+        written: Arc<AtomicU64>,
+    },
+}
+
+impl ResourceFault {
+    /// Worker processes (for the journal).
+    pub fn workers(&self) -> Vec<ProcInfo> {
+        match self {
+            ResourceFault::Workers { children, .. } => {
+                children.iter().filter_map(|c| c.id()).filter_map(|pid| super::process::proc_info(pid as i32)).collect()
+            }
+            ResourceFault::Fill { .. } => Vec::new(),
+        }
+    }
+
+    /// Files (for the journal).
+    pub fn files(&self) -> Vec<PathBuf> {
+        match self {
+            ResourceFault::Fill { file, .. } => vec![file.clone()],
+            ResourceFault::Workers { .. } => Vec::new(),
+        }
+    }
+
+    /// A one-line description.
+    pub fn describe(&self) -> String {
+        match self {
+            ResourceFault::Workers { kind, children, detail } => {
+                let pids: Vec<u32> = children.iter().filter_map(Child::id).collect();
+                format!("{kind} workers {pids:?} started ({detail})")
+            }
+            ResourceFault::Fill { file, written } => {
+                format!("{} filled with {} MiB", file.display(), written.load(Ordering::Relaxed) >> 20)
+            }
+        }
+    }
+
+    /// What it consumes now: worker RSS and CPU time, or the file's size.
+    pub fn usage(&self) -> serde_json::Value {
+        match self {
+            ResourceFault::Workers { children, detail, .. } => {
+                let workers: Vec<serde_json::Value> = children
+                    .iter()
+                    .filter_map(Child::id)
+                    .map(|pid| {
+                        let (rss, cpu) = proc_usage(pid as i32);
+                        serde_json::json!({"pid": pid, "rss_mib": rss as f64 / 1048576.0, "cpu_seconds": cpu})
+                    })
+                    .collect();
+                serde_json::json!({"workers": workers, "params": detail})
+            }
+            ResourceFault::Fill { file, written } => {
+                let size = std::fs::metadata(file).map_or(0, |m| m.len());
+                serde_json::json!({"file": file, "bytes": size, "allocated": written.load(Ordering::Relaxed)})
+            }
+        }
+    }
+
+    /// Stops it: kills workers (and reaps them), deletes the file.
+    ///
+    /// # Errors
+    /// When the file cannot be deleted.
+    pub async fn stop(self) -> Result<(), ResourceError> {
+        match self {
+            ResourceFault::Workers { mut children, .. } => {
+                kill_all(&mut children).await;
+                Ok(())
+            }
+            ResourceFault::Fill { file, .. } => match std::fs::remove_file(&file) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io(format!("removing {}", file.display()))(e)),
+            },
+        }
+    }
+}
+
+async fn kill_all(children: &mut [Child]) {
+    for c in children.iter_mut() {
+        let _ = c.start_kill();
+    }
+    for c in children.iter_mut() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.wait()).await;
+    }
+}
+
+/// The executable used for workers (the agent's own).
+fn worker_exe() -> PathBuf {
+    std::env::var_os("LYMPH_CHAOS_WORKER_EXE").map_or_else(|| PathBuf::from("/proc/self/exe"), PathBuf::from)
+}
+
+fn spawn_worker(job: &str, cgroup: Option<&[PathBuf]>) -> Result<Child, ResourceError> {
+    let mut cmd = Command::new(worker_exe());
+    cmd.arg0("lymph-chaos-worker").env(WORKER_ENV, job).stdin(std::process::Stdio::null()).kill_on_drop(true);
+    // SAFETY: prctl in the child between fork and exec only touches the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(io("spawning a worker"))?;
+    if let (Some(files), Some(pid)) = (cgroup, child.id()) {
+        for f in files {
+            if let Err(e) = std::fs::write(f, pid.to_string()) {
+                warn!(file = %f.display(), %e, "cannot move the worker into the target's cgroup");
+            }
+        }
+    }
+    Ok(child)
+}
+
+/// The `cgroup.procs` files of a process's cgroups (v2 unified, and v1 cpu/cpuacct/memory).
+fn target_cgroup(pid: Option<i32>) -> Result<Vec<PathBuf>, ResourceError> {
+    let pid = pid.ok_or_else(|| ResourceError::Invalid("in_target_cgroup needs a target process".into()))?;
+    let text =
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(io(format!("reading /proc/{pid}/cgroup")))?;
+    let mut files = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+        let rel = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+                let f = Path::new(root).join(rel).join("cgroup.procs");
+                if Path::new(root).join("cgroup.controllers").exists() && f.exists() {
+                    files.push(f);
+                    break;
+                }
+            }
+        } else {
+            for ctl in controllers.split(',') {
+                if ["cpu", "cpuacct", "memory"].contains(&ctl) {
+                    let f = Path::new("/sys/fs/cgroup").join(controllers).join(rel).join("cgroup.procs");
+                    let g = Path::new("/sys/fs/cgroup").join(ctl).join(rel).join("cgroup.procs");
+                    for c in [f, g] {
+                        if c.exists() && !files.contains(&c) {
+                            files.push(c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if files.is_empty() {
+        return Err(ResourceError::Invalid(format!("no cgroup of pid {pid} found under /sys/fs/cgroup")));
+    }
+    Ok(files)
+}
+
+fn meminfo(key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// RSS (bytes) and CPU time (seconds) of a process.
+pub fn proc_usage(pid: i32) -> (u64, f64) {
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024);
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0);
+    (rss, cpu)
+}
+
+/// Allocates `bytes` in a new file, stopping before free space drops under `floor`.
+fn fill(file: &Path, bytes: u64, floor: u64, written: &AtomicU64) -> Result<(), ResourceError> {
+    use std::{io::Write, os::fd::AsRawFd};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(file)
+        .map_err(io(format!("creating {}", file.display())))?;
+    let cleanup = |err: ResourceError| {
+        let _ = std::fs::remove_file(file);
+        err
+    };
+    // SAFETY: fallocate on our own fd with a valid range.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, bytes as libc::off_t) };
+    if rc == 0 {
+        written.store(bytes, Ordering::Relaxed);
+        return Ok(());
+    }
+    // No fallocate on this filesystem: write zeros in chunks, watching the floor.
+    let chunk = vec![0u8; 1 << 20];
+    let mut out = std::io::BufWriter::new(f);
+    let dir = file.parent().unwrap_or(Path::new("/"));
+    while written.load(Ordering::Relaxed) < bytes {
+        let st = nix::sys::statvfs::statvfs(dir).map_err(|e| cleanup(io("statvfs")(e.into())))?;
+        if st.blocks_available() * st.fragment_size() <= floor + chunk.len() as u64 {
+            break;
+        }
+        let n = chunk.len().min((bytes - written.load(Ordering::Relaxed)) as usize);
+        out.write_all(&chunk[..n]).map_err(|e| cleanup(io(format!("writing {}", file.display()))(e)))?;
+        written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    out.flush().map_err(|e| cleanup(io("flush")(e)))?;
+    Ok(())
+}
+
+/// Entry point of a worker process (called by `main` when [`WORKER_ENV`] is set). Never returns.
+pub fn worker_main(job: &str) -> ! {
+    // Die with the agent even if it was started before PR_SET_PDEATHSIG took effect.
+    let parent = nix::unistd::getppid();
+    if parent.as_raw() == 1 {
+        std::process::exit(1);
+    }
+    match job.split_once(':') {
+        Some(("cpu", load)) => {
+            let load: f64 = load.parse::<f64>().unwrap_or(100.0).clamp(1.0, 100.0);
+            let period = Duration::from_millis(100);
+            loop {
+                let start = std::time::Instant::now();
+                let busy = period.mul_f64(load / 100.0);
+                let mut x: u64 = 0;
+                while start.elapsed() < busy {
+                    for _ in 0..10_000 {
+                        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                    }
+                }
+                if let Some(rest) = period.checked_sub(start.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
+        }
+        Some(("memory", mib)) => {
+            let mib: usize = mib.parse().unwrap_or(0);
+            let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(mib);
+            for _ in 0..mib {
+                // Touch every page so it is resident.
+                let mut block = vec![0u8; 1 << 20];
+                for i in (0..block.len()).step_by(4096) {
+                    block[i] = 1;
+                }
+                blocks.push(block);
+            }
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+                std::hint::black_box(&blocks);
+            }
+        }
+        _ => {
+            eprintln!("lymph-chaos worker: unknown job `{job}`");
+            std::process::exit(2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_beyond_the_margin_is_refused() {
+        let available = meminfo("MemAvailable:").unwrap();
+        let spec = MemorySpec { mib: Some(available), percent_available: None, in_target_cgroup: false };
+        let err = prepare(&FaultAction::Memory(spec), "t", None, None).err().unwrap();
+        assert!(matches!(err, ResourceError::Refused(_)), "{err}");
+        assert!(err.to_string().contains("safety margin"));
+    }
+
+    #[test]
+    fn disk_fill_respects_the_floor_and_cleans_up() {
+        let dir = std::env::temp_dir().join(format!("chaos-fill-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = nix::sys::statvfs::statvfs(&dir).unwrap();
+        let free = st.blocks_available() * st.fragment_size();
+        let too_much =
+            DiskSpec { path: Some(dir.clone()), mib: Some((free >> 20) + 1), percent_free: None, floor_percent: None };
+        assert!(matches!(prepare(&FaultAction::Disk(too_much), "t", None, None), Err(ResourceError::Refused(_))));
+        let ok = DiskSpec { path: Some(dir.join("f")), mib: Some(1), percent_free: None, floor_percent: None };
+        // A path that does not exist yet cannot be statvfs'ed: a clear error.
+        assert!(prepare(&FaultAction::Disk(ok), "t", None, None).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,134 @@
+//! An optional Prometheus text endpoint (`GET /metrics`, loopback by default): active faults, per-fault
+//! packets/bytes/drops, events by action and kind (kills, refusals …), RPC calls, errors and latency.
+
+use std::{fmt::Write as _, sync::Arc};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    task::JoinHandle,
+};
+use tracing::info;
+
+use crate::{
+    events::EventLog,
+    faults::FaultManager,
+    rpc::server::{LATENCY_BUCKETS, Server},
+};
+
+/// Starts serving on `addr`.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn serve(
+    addr: &str,
+    server: Arc<Server>,
+    manager: Arc<FaultManager>,
+    events: Arc<EventLog>,
+) -> std::io::Result<JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    info!(addr = %listener.local_addr()?, "Prometheus metrics at /metrics");
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let (server, manager, events) = (server.clone(), manager.clone(), events.clone());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let (status, body) = if request.starts_with("GET /metrics") || request.starts_with("GET / ") {
+                    ("200 OK", render(&server, &manager, &events).await)
+                } else {
+                    ("404 Not Found", "only /metrics here\n".to_owned())
+                };
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(reply.as_bytes()).await;
+            });
+        }
+    }))
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Renders every metric in Prometheus text format.
+pub async fn render(server: &Server, manager: &FaultManager, events: &EventLog) -> String {
+    let mut out = String::new();
+    let faults = manager.list(false).await;
+    let _ = writeln!(out, "# HELP lymph_chaos_active_faults Faults in effect.\n# TYPE lymph_chaos_active_faults gauge");
+    let _ = writeln!(out, "lymph_chaos_active_faults {}", faults.len());
+    for (name, help, pick) in [
+        ("packets", "Packets matched by a network fault.", 0),
+        ("bytes", "Bytes matched by a network fault.", 1),
+        ("drops", "Packets dropped by a network fault.", 2),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP lymph_chaos_fault_{name}_total {help}\n# TYPE lymph_chaos_fault_{name}_total counter"
+        );
+        for f in &faults {
+            if let Some(c) = f.counters {
+                let v = [c.packets, c.bytes, c.drops][pick];
+                let _ = writeln!(
+                    out,
+                    "lymph_chaos_fault_{name}_total{{fault=\"{}\",kind=\"{}\"}} {v}",
+                    esc(&f.id),
+                    esc(&f.kind)
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP lymph_chaos_events_total Recorded events by action and fault kind.\n# TYPE lymph_chaos_events_total counter"
+    );
+    for ((action, kind), n) in events.counts() {
+        let _ = writeln!(out, "lymph_chaos_events_total{{action=\"{}\",kind=\"{}\"}} {n}", esc(&action), esc(&kind));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP lymph_chaos_rpc_requests_total RPC calls by method.\n# TYPE lymph_chaos_rpc_requests_total counter"
+    );
+    let stats = server.method_stats();
+    for (method, s) in &stats {
+        let _ = writeln!(out, "lymph_chaos_rpc_requests_total{{method=\"{}\"}} {}", esc(method), s.calls);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP lymph_chaos_rpc_errors_total RPC calls answered with ERROR or NACK.\n# TYPE lymph_chaos_rpc_errors_total counter"
+    );
+    for (method, s) in &stats {
+        let _ = writeln!(out, "lymph_chaos_rpc_errors_total{{method=\"{}\"}} {}", esc(method), s.errors);
+    }
+    let _ =
+        writeln!(out, "# HELP lymph_chaos_rpc_seconds RPC handling time.\n# TYPE lymph_chaos_rpc_seconds histogram");
+    for (method, s) in &stats {
+        let m = esc(method);
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(s.buckets) {
+            let _ = writeln!(out, "lymph_chaos_rpc_seconds_bucket{{method=\"{m}\",le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "lymph_chaos_rpc_seconds_bucket{{method=\"{m}\",le=\"+Inf\"}} {}", s.calls);
+        let _ = writeln!(out, "lymph_chaos_rpc_seconds_sum{{method=\"{m}\"}} {}", s.seconds_sum);
+        let _ = writeln!(out, "lymph_chaos_rpc_seconds_count{{method=\"{m}\"}} {}", s.calls);
+    }
+    let node = server.node().stats();
+    let _ = writeln!(
+        out,
+        "# HELP lymph_chaos_rpc_pings_total Heartbeats answered.\n# TYPE lymph_chaos_rpc_pings_total counter"
+    );
+    let _ = writeln!(out, "lymph_chaos_rpc_pings_total {}", node.pings.load(std::sync::atomic::Ordering::Relaxed));
+    let _ = writeln!(
+        out,
+        "# HELP lymph_chaos_rpc_malformed_total Malformed messages dropped.\n# TYPE lymph_chaos_rpc_malformed_total counter"
+    );
+    let _ =
+        writeln!(out, "lymph_chaos_rpc_malformed_total {}", node.malformed.load(std::sync::atomic::Ordering::Relaxed));
+    out
+}

@@ -1,0 +1,116 @@
+//! Calling lymph services: by endpoint, or by name through ZooKeeper (a random registered instance, as lymph's
+//! `_pick_instance` does).
+
+use std::time::Duration;
+
+use rand::seq::IndexedRandom;
+use serde::{Serialize, de::DeserializeOwned};
+use zookeeper_client as zk;
+
+use super::{
+    ClientError, Value,
+    node::{NodeConfig, NodeError, RpcNode},
+    value,
+};
+use crate::discovery::{Instance, zookeeper};
+
+/// A lymph client: an [`RpcNode`] (replies come back to its bound endpoint) plus an optional registry.
+pub struct Client {
+    node: RpcNode,
+    zk: Option<zk::Client>,
+}
+
+impl Client {
+    /// A client on a fresh loopback node, without a registry (endpoint calls only).
+    ///
+    /// # Errors
+    /// When the node cannot bind.
+    pub fn new() -> Result<Client, NodeError> {
+        Ok(Client { node: RpcNode::start(&NodeConfig::loopback(), None)?, zk: None })
+    }
+
+    /// A client using an existing node.
+    pub fn with_node(node: RpcNode) -> Client {
+        Client { node, zk: None }
+    }
+
+    /// Adds a ZooKeeper registry for calls by name.
+    ///
+    /// # Errors
+    /// [`ClientError::LookupFailure`] when ZooKeeper cannot be reached within `timeout`.
+    pub async fn connect_zookeeper(mut self, hosts: &str, timeout: Duration) -> Result<Client, ClientError> {
+        let client = zookeeper::connect(hosts, Duration::from_secs(10), timeout)
+            .await
+            .map_err(|err| ClientError::LookupFailure { service: "(registry)".into(), detail: format!(": {err}") })?;
+        self.zk = Some(client);
+        Ok(self)
+    }
+
+    /// The node used for calls.
+    pub fn node(&self) -> &RpcNode {
+        &self.node
+    }
+
+    /// Registered instances of `service`.
+    ///
+    /// # Errors
+    /// [`ClientError::LookupFailure`] when there is no registry, or the service has no node.
+    pub async fn lookup(&self, service: &str) -> Result<Vec<Instance>, ClientError> {
+        let zk = self.zk.as_ref().ok_or_else(|| ClientError::LookupFailure {
+            service: service.to_owned(),
+            detail: ": no ZooKeeper configured (call by endpoint instead)".into(),
+        })?;
+        let all = zookeeper::scan(zk)
+            .await
+            .map_err(|err| ClientError::LookupFailure { service: service.to_owned(), detail: format!(": {err}") })?;
+        let instances = all.get(service).cloned().unwrap_or_default();
+        if instances.is_empty() {
+            return Err(ClientError::LookupFailure { service: service.to_owned(), detail: String::new() });
+        }
+        Ok(instances)
+    }
+
+    /// Calls `Service.method` on a random registered instance.
+    ///
+    /// # Errors
+    /// Lookup failures, NACK, remote errors, timeouts.
+    pub async fn call<A: Serialize>(&self, subject: &str, kwargs: &A, timeout: Duration) -> Result<Value, ClientError> {
+        let service = subject.rsplit_once('.').map_or(subject, |(s, _)| s);
+        let instances = self.lookup(service).await?;
+        let instance = instances.choose(&mut rand::rng()).expect("non-empty");
+        self.call_endpoint(&instance.endpoint, subject, kwargs, timeout).await
+    }
+
+    /// Calls `subject` on `endpoint`.
+    ///
+    /// # Errors
+    /// NACK, remote errors, timeouts, encoding failures.
+    pub async fn call_endpoint<A: Serialize>(
+        &self,
+        endpoint: &str,
+        subject: &str,
+        kwargs: &A,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
+        let body = rmp_serde::to_vec_named(kwargs)
+            .map_err(|err| ClientError::Codec(format!("cannot encode arguments: {err}")))?;
+        let reply = self.node.request(endpoint, subject, body, timeout).await?;
+        value::decode(&reply).map_err(|err| ClientError::Codec(format!("reply from {endpoint} is not msgpack: {err}")))
+    }
+
+    /// Like [`Client::call_endpoint`], decoding the reply into `T`.
+    ///
+    /// # Errors
+    /// As [`Client::call_endpoint`], plus a codec error when the reply does not fit `T`.
+    pub async fn call_endpoint_as<A: Serialize, T: DeserializeOwned>(
+        &self,
+        endpoint: &str,
+        subject: &str,
+        kwargs: &A,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let value = self.call_endpoint(endpoint, subject, kwargs, timeout).await?;
+        serde_json::from_value(value.to_json())
+            .map_err(|err| ClientError::Codec(format!("unexpected reply to {subject}: {err}")))
+    }
+}
