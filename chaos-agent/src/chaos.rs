@@ -81,7 +81,7 @@ static METHODS: std::sync::LazyLock<Vec<MethodInfo>> = std::sync::LazyLock::new(
             params: leak(params!(TARGETING, COMMON, NETWORK, RESOURCE; "kind")),
             help: "Inject a fault of `kind`: latency, loss, duplicate, corrupt, reorder, rate, blackhole (network, on the \
                    target's ports: latency/delay/jitter in seconds, percentages 0-100, rate like \"1mbit\" or bytes/s, \
-                   direction to|from|both, protocol tcp|udp|both), cpu (workers|percent_cores, load), memory \
+                   direction to|from|both, protocol tcp|udp|both), observe (count packets only), cpu (workers|percent_cores, load), memory \
                    (mib|percent_available), disk (path, mib|percent_free, floor_percent), kill, terminate, pause. Target \
                    with name (lymph service), instance, pid, port or process (text or /regex/); lifetime in seconds.",
         },
@@ -398,6 +398,7 @@ pub fn inject_spec(kind: &str, args: &Args) -> Result<FaultSpec, RpcError> {
             network("rate", Impairment::default())
         }
         "blackhole" => network("blackhole", Impairment { blackhole: true, ..Default::default() }),
+        "observe" => network("observe", Impairment { observe: true, ..Default::default() }),
         "kill" | "terminate" | "pause" => {
             reject_extra(&["signal"])?;
             let action = match kind {
@@ -439,8 +440,8 @@ pub fn inject_spec(kind: &str, args: &Args) -> Result<FaultSpec, RpcError> {
         other => Err(RpcError::error(
             "ValueError",
             format!(
-                "unknown fault kind `{other}`; kinds: latency, loss, duplicate, corrupt, reorder, rate, blackhole, cpu, memory, \
-                 disk, kill, terminate, pause"
+                "unknown fault kind `{other}`; kinds: latency, loss, duplicate, corrupt, reorder, rate, blackhole, observe, cpu, \
+                 memory, disk, kill, terminate, pause"
             ),
         )),
     }

@@ -1,11 +1,15 @@
 //! Test support for the integration tiers.
 //!
+//! - [`netns`] — fresh network namespaces (RAII), code and commands inside them
+//! - [`agent`] — a real `lymph-chaos agent` process with private state, optionally in a namespace
 //! - [`zk`] — the private ZooKeeper the harness started (`CHAOS_TEST_ZK`) and per-test chroots
 //! - [`measure`] — RTT samples, statistics, TCP echo server, UDP loss probe (used inside the VM guests)
 //! - [`vm`] — the qemu guest tier: initramfs builder, TCG boot, `RESULT` lines from the serial console
 //! - [`lymph`] — real lymph 0.15 peers (`CHAOS_LYMPH_VENV`): configs, `Echo` instances, a restart loop, the CLI
 
+pub mod agent;
 pub mod lymph;
 pub mod measure;
+pub mod netns;
 pub mod vm;
 pub mod zk;

@@ -23,7 +23,7 @@
 use std::{
     collections::HashSet,
     io::{self, Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -84,11 +84,19 @@ impl EchoServer {
 }
 
 fn accept_loop(listener: &TcpListener, stop: &AtomicBool) {
-    for conn in listener.incoming() {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let Ok(mut conn) = conn else { continue };
+    // Non-blocking accept polled with a short sleep: a server in a network namespace cannot be woken by a
+    // connection from the thread that drops it (which may live in another namespace).
+    let _ = listener.set_nonblocking(true);
+    while !stop.load(Ordering::Relaxed) {
+        let mut conn = match listener.accept() {
+            Ok((conn, _)) => conn,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let _ = conn.set_nonblocking(false);
         // Without NODELAY the reply may wait for the ACK of the previous reply, which a fault on the client →
         // server direction delays: the measurement would show the fault twice.
         let _ = conn.set_nodelay(true);
@@ -111,10 +119,6 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool) {
 impl Drop for EchoServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        // Wake the blocking accept; it sees the flag and returns, which closes the listener.
-        if let Ok(conn) = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)) {
-            let _ = conn.shutdown(Shutdown::Both);
-        }
         if let Some(accept) = self.accept.take() {
             let _ = accept.join();
         }

@@ -8,6 +8,7 @@
 
 mod ebpf;
 mod services;
+mod test;
 mod util;
 mod vm;
 
@@ -37,6 +38,25 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run every test tier: unit, network namespaces (root), ZooKeeper + real lymph peers, qemu guests. Installs
+    /// and starts what the tiers need (apt packages, bpf-linker, ZooKeeper, the lymph venv, qemu, the guest kernel).
+    ///
+    /// Example: `cargo xtask test`, `cargo xtask test --tier unit --tier netns -- kill`
+    Test {
+        /// Only these tiers (unit, netns, zk, vm); default all.
+        #[arg(long = "tier")]
+        tiers: Vec<String>,
+        /// Do not install missing packages.
+        #[arg(long)]
+        no_install: bool,
+        /// Extra arguments for the test runner (e.g. a name filter).
+        #[arg(last = true)]
+        runner_args: Vec<String>,
+    },
+    /// Run only the VM tier (qemu guests with the pinned Debian kernel; netem scenarios).
+    ///
+    /// Example: `cargo xtask vm-test`
+    VmTest,
     /// Fetch what the qemu test tier needs: qemu-system-x86 (bookworm-backports), the pinned Debian kernel and its
     /// modules, cached under target/vm/ (a second run only checks).
     ///
@@ -57,6 +77,12 @@ fn main() {
         Task::Run { args } => run_agent(&args),
         Task::WithServices { command } => with_services(&command),
         Task::VmPrepare => vm::prepare().map(|_| ()),
+        Task::Test { tiers, no_install, runner_args } => {
+            test::run(&test::TestOptions { tiers, runner_args, no_install })
+        }
+        Task::VmTest => {
+            test::run(&test::TestOptions { tiers: vec!["vm".into()], runner_args: Vec::new(), no_install: false })
+        }
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -180,6 +180,9 @@ pub enum JitterDistribution {
 /// What matching packets suffer. Percentages are 0–100.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Impairment {
+    /// Change nothing, only count the port's packets (proof that traffic flows where a fault would act).
+    #[serde(default)]
+    pub observe: bool,
     /// Drop everything (blackhole).
     #[serde(default)]
     pub blackhole: bool,
@@ -278,7 +281,12 @@ impl Impairment {
         if self.rate_bytes_per_sec == Some(0) {
             return Err(NetError::Invalid("rate must be above 0 (use blackhole to drop everything)".into()));
         }
-        if !self.blackhole && self.loss_percent == 0.0 && !self.needs_shaping() {
+        if self.observe && (self.blackhole || self.loss_percent > 0.0 || self.needs_shaping()) {
+            return Err(NetError::Invalid(
+                "observe counts packets only; it cannot be combined with other impairments".into(),
+            ));
+        }
+        if !self.observe && !self.blackhole && self.loss_percent == 0.0 && !self.needs_shaping() {
             return Err(NetError::Invalid("the fault changes nothing: give a delay, loss, rate, blackhole …".into()));
         }
         Ok(())

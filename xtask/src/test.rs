@@ -1,0 +1,245 @@
+//! `cargo xtask test`: every test tier, with the services each needs, in one runner invocation.
+//!
+//! Tiers (a test's tier is its binary: `tests/tests/<tier>_*.rs`; privileged tests are `#[ignore]`d so a plain
+//! `cargo test` never runs them half-prepared):
+//! 1. `unit` — unit tests, no privileges;
+//! 2. `netns` — root, each test in fresh network namespaces (binaries `netns_*`, plus `#[ignore]`d unit tests
+//!    that need root);
+//! 3. `zk` — a private ZooKeeper started here on 127.0.0.1 and real lymph 0.15 peers in a venv (binaries `zk_*`);
+//! 4. `vm` — qemu guests booting the pinned Debian kernel (binaries `vm*`).
+//!
+//! A tier that cannot run is announced with its reason before anything runs; with `CI=true` that is an error.
+//! The output ends with the test runner's summary (cargo-nextest when installed, else cargo test).
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    ebpf, services,
+    util::{self, step},
+    vm,
+};
+
+/// The tiers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    Unit,
+    Netns,
+    Zk,
+    Vm,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 4] = [Tier::Unit, Tier::Netns, Tier::Zk, Tier::Vm];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Unit => "unit",
+            Tier::Netns => "netns",
+            Tier::Zk => "zk",
+            Tier::Vm => "vm",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Tier> {
+        Tier::ALL.into_iter().find(|t| t.name() == s)
+    }
+
+    /// nextest filterset for the test binaries of this tier.
+    fn binaries(self) -> &'static str {
+        match self {
+            Tier::Unit => "",
+            Tier::Netns => "binary(/^netns_/)",
+            Tier::Zk => "binary(/^zk_/)",
+            Tier::Vm => "binary(/^vm/)",
+        }
+    }
+}
+
+/// Options of `cargo xtask test`.
+pub struct TestOptions {
+    /// Tiers asked for (default: all).
+    pub tiers: Vec<String>,
+    /// Extra arguments for the test runner (e.g. a test name filter).
+    pub runner_args: Vec<String>,
+    /// Do not install anything (report missing pieces as skips).
+    pub no_install: bool,
+}
+
+/// Runs the tiers.
+pub fn run(opts: &TestOptions) -> Result<()> {
+    let wanted: Vec<Tier> = if opts.tiers.is_empty() {
+        Tier::ALL.to_vec()
+    } else {
+        opts.tiers
+            .iter()
+            .map(|s| Tier::parse(s).with_context(|| format!("unknown tier `{s}` (unit, netns, zk, vm)")))
+            .collect::<Result<_>>()?
+    };
+    let ci = util::in_ci();
+    let mut skipped: Vec<(Tier, String)> = Vec::new();
+    let root = util::is_root();
+    let mut env: Vec<(String, String)> = Vec::new();
+
+    step("preparing: the BPF classifier");
+    // Without the object the agent cannot load its classifier; the unit tier still runs.
+    if let Err(err) = ebpf::build() {
+        if root || ci {
+            return Err(err.context("building the BPF object"));
+        }
+        eprintln!("    (continuing without the BPF object: {err:#})");
+    }
+    for tier in [Tier::Netns, Tier::Zk, Tier::Vm] {
+        if wanted.contains(&tier) && !root {
+            skipped.push((tier, "needs root (network namespaces, BPF, signals to other processes, apt)".into()));
+        }
+    }
+    let runnable = |t: Tier, skipped: &[(Tier, String)]| wanted.contains(&t) && !skipped.iter().any(|(s, _)| *s == t);
+
+    if runnable(Tier::Netns, &skipped) {
+        if let Err(reason) = netns_works() {
+            skipped.push((Tier::Netns, reason));
+        }
+    }
+    let mut zookeeper = None;
+    if runnable(Tier::Zk, &skipped) {
+        step("preparing: ZooKeeper and the lymph 0.15 venv");
+        let prepared = (|| -> Result<(services::ZooKeeper, PathBuf)> {
+            if !opts.no_install {
+                services::ensure_zookeeper_installed()?;
+            }
+            let venv = services::ensure_lymph_venv(&util::target_dir().join("lymph-venv"))?;
+            let zk = services::ZooKeeper::start(&util::target_dir().join("test-zookeeper"))?;
+            Ok((zk, venv))
+        })();
+        match prepared {
+            Ok((zk, venv)) => {
+                eprintln!("    ZooKeeper {} (log {}), venv {}", zk.addr(), zk.log_path().display(), venv.display());
+                env.push((services::ZK_ENV.into(), zk.addr()));
+                env.push((services::LYMPH_VENV_ENV.into(), venv.display().to_string()));
+                zookeeper = Some(zk);
+            }
+            Err(err) => skipped.push((Tier::Zk, format!("{err:#}"))),
+        }
+    }
+    if runnable(Tier::Vm, &skipped) {
+        step("preparing: qemu and the Debian guest kernel");
+        match vm::prepare() {
+            Ok(_) => env.push(("CHAOS_VM_ASSETS".into(), vm::assets_env_path().display().to_string())),
+            Err(err) => skipped.push((Tier::Vm, format!("{err:#}"))),
+        }
+    }
+
+    // The plan, loudly.
+    step("test tiers");
+    for tier in Tier::ALL {
+        let state = if !wanted.contains(&tier) {
+            "not requested".to_owned()
+        } else if let Some((_, why)) = skipped.iter().find(|(t, _)| *t == tier) {
+            format!("SKIPPED — {why}")
+        } else {
+            "runs".to_owned()
+        };
+        eprintln!("    {:<6} {state}", tier.name());
+    }
+    if ci && !skipped.is_empty() {
+        let list: Vec<String> = skipped.iter().map(|(t, why)| format!("{}: {why}", t.name())).collect();
+        bail!("CI must run every tier, but these cannot run here:\n  {}", list.join("\n  "));
+    }
+    let run_tiers: Vec<Tier> = Tier::ALL.into_iter().filter(|t| runnable(*t, &skipped)).collect();
+    let status = run_runner(&run_tiers, &env, &opts.runner_args)?;
+    drop(zookeeper);
+    if !skipped.is_empty() {
+        // Not a pass: say so after the summary as well.
+        eprintln!(
+            "NOTE: tiers skipped (not passed): {}",
+            skipped.iter().map(|(t, _)| t.name()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    if !status {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+fn netns_works() -> std::result::Result<(), String> {
+    let name = format!("xtask-probe-{}", std::process::id());
+    let ok = Command::new("ip").args(["netns", "add", &name]).status().map_err(|e| format!("cannot run ip: {e}"))?;
+    if !ok.success() {
+        return Err("`ip netns add` failed (no network namespaces here)".into());
+    }
+    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+    Ok(())
+}
+
+fn have_nextest() -> bool {
+    util::cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success())
+}
+
+/// Runs the test runner once over the selected tiers; returns whether everything passed.
+fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Result<bool> {
+    // Build first (agent binary included: tests start it as a process).
+    step("building the workspace and its tests");
+    util::run(util::cargo().current_dir(util::root()).args(["build", "--workspace", "--bins"]))?;
+    let privileged = tiers.contains(&Tier::Netns) || tiers.contains(&Tier::Zk) || tiers.contains(&Tier::Vm);
+    let excluded: Vec<&str> =
+        [Tier::Netns, Tier::Zk, Tier::Vm].into_iter().filter(|t| !tiers.contains(t)).map(|t| t.binaries()).collect();
+    if have_nextest() {
+        let mut cmd = util::cargo();
+        cmd.current_dir(util::root()).args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+        if privileged {
+            cmd.args(["--run-ignored", "all"]);
+        }
+        if !excluded.is_empty() {
+            let filter = excluded.iter().map(|b| format!("not {b}")).collect::<Vec<_>>().join(" and ");
+            cmd.args(["-E", &filter]);
+        }
+        cmd.args(extra);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        step(format!(
+            "running tiers {} with cargo-nextest",
+            tiers.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+        ));
+        eprintln!("    $ {}", util::show(&cmd));
+        return Ok(cmd.status()?.success());
+    }
+    // cargo test fallback: the VM binary last so its table and summary end the output.
+    let mut ok = true;
+    let tests_dir = util::root().join("tests").join("tests");
+    let mut binaries: Vec<String> = std::fs::read_dir(&tests_dir)?
+        .flatten()
+        .filter_map(|e| e.path().file_stem().and_then(|s| s.to_str()).map(str::to_owned))
+        .filter(|name| {
+            let tier = if name.starts_with("zk_") {
+                Tier::Zk
+            } else if name.starts_with("vm") {
+                Tier::Vm
+            } else {
+                Tier::Netns
+            };
+            tiers.contains(&tier)
+        })
+        .collect();
+    binaries.sort_by_key(|b| b.starts_with("vm"));
+    let mut runs: Vec<Vec<String>> = vec![vec!["--workspace".into(), "--lib".into(), "--bins".into()]];
+    runs.extend(binaries.iter().map(|b| vec!["-p".into(), "chaos-tests".into(), "--test".into(), b.clone()]));
+    for args in runs {
+        let mut cmd = util::cargo();
+        cmd.current_dir(util::root()).arg("test").args(&args).arg("--").args(extra);
+        if privileged {
+            cmd.arg("--include-ignored");
+        }
+        if args.iter().any(|a| a.starts_with("vm")) {
+            cmd.arg("--nocapture");
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        eprintln!("    $ {}", util::show(&cmd));
+        ok &= cmd.status()?.success();
+    }
+    Ok(ok)
+}
