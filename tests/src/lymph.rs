@@ -251,6 +251,17 @@ pub fn lymph_cli_with_timeout(config: &LymphConfig, args: &[&str], timeout: Dura
     output_with_timeout(cmd, timeout).with_context(|| format!("lymph {}", args.join(" ")))
 }
 
+/// Runs a Python script from `tests/lymph/` with the venv's interpreter and the same environment as the lymph CLI
+/// (`LYMPH_CONFIG`, `PYTHONPATH`); the config path is passed as the first argument.
+///
+/// # Errors
+/// Python cannot start, or does not finish within `timeout`.
+pub fn python_script(config: &LymphConfig, script: &str, args: &[&str], timeout: Duration) -> Result<Output> {
+    let mut cmd = lymph_command(&venv().join("bin").join("python"), config.dir(), &config.path);
+    cmd.arg(services_dir().join(script)).arg(&config.path).args(args);
+    output_with_timeout(cmd, timeout).with_context(|| format!("python {script} {}", args.join(" ")))
+}
+
 /// What `lymph discover --json` prints: every service with at least one instance → its instances' znode data
 /// (`id`, `identity`, `endpoint`, `version`, `log_endpoint`, …, see shared/notes/lymph-protocol.md §1).
 ///

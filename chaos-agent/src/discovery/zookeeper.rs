@@ -57,16 +57,29 @@ pub fn connect_string(hosts: &str) -> String {
 /// [`ZkError::Connect`] when no server answers within `timeout`.
 pub async fn connect(hosts: &str, session_timeout: Duration, timeout: Duration) -> Result<zk::Client, ZkError> {
     let connect = connect_string(hosts);
+    let (servers, chroot) = connect.split_once('/').map_or((connect.as_str(), ""), |(s, c)| (s, c));
+    let chroot = format!("/{chroot}");
     let attempt = zk::Client::connector()
         .with_session_timeout(session_timeout)
         .with_connection_timeout(timeout)
         .with_fail_eagerly()
-        .connect(&connect);
-    match tokio::time::timeout(timeout + Duration::from_millis(500), attempt).await {
-        Ok(Ok(client)) => Ok(client),
-        Ok(Err(source)) => Err(ZkError::Connect { hosts: connect, source }),
-        Err(_) => Err(ZkError::Connect { hosts: connect, source: zk::Error::Timeout }),
+        .connect(servers);
+    let client = match tokio::time::timeout(timeout + Duration::from_millis(500), attempt).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(source)) => return Err(ZkError::Connect { hosts: connect, source }),
+        Err(_) => return Err(ZkError::Connect { hosts: connect, source: zk::Error::Timeout }),
+    };
+    // Like kazoo's ensure_path for lymph: the chroot may not exist yet (a fresh deployment, or a test's own).
+    let parent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    match client.mkdir(&chroot, &parent).await {
+        Ok(()) | Err(zk::Error::NodeExists) => {}
+        Err(source) => return Err(ZkError::Request { op: "mkdir", path: chroot, source }),
     }
+    client.chroot(chroot.as_str()).map_err(|_| ZkError::Request {
+        op: "chroot",
+        path: chroot,
+        source: zk::Error::BadArguments(&"invalid chroot"),
+    })
 }
 
 /// Reads every service and instance under `/services`.

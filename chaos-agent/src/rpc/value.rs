@@ -458,6 +458,80 @@ impl fmt::Display for Value {
 }
 
 #[cfg(test)]
+mod fuzz {
+    //! Property tests of the frame + msgpack decoder (run in CI with a bounded number of cases; raise
+    //! `PROPTEST_CASES` to fuzz longer): arbitrary bytes never panic and never allocate beyond their size, and every
+    //! value survives an encode/decode round trip.
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::rpc::wire::Incoming;
+
+    fn arb_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Nil),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::Int),
+            (i64::MAX as u64 + 1..=u64::MAX).prop_map(Value::UInt),
+            any::<f64>().prop_filter("NaN never equals itself", |f| !f.is_nan()).prop_map(Value::Float),
+            ".{0,40}".prop_map(Value::Str),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::Bin),
+            (
+                any::<i8>().prop_filter("101 is embedded msgpack", |c| *c != EXT_EMBEDDED),
+                proptest::collection::vec(any::<u8>(), 0..20)
+            )
+                .prop_map(|(c, d)| Value::Ext(c, d)),
+            "[0-9]{1,5}\\.[0-9]{2}".prop_map(|d| Value::Special(Special::Decimal(d))),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::vec(("[a-z_]{1,8}".prop_map(Value::Str), inner.clone()), 0..8)
+                    .prop_filter("`__type__` keys are lymph specials", |kv| !kv
+                        .iter()
+                        .any(|(k, _)| k.as_str() == Some("__type__")))
+                    .prop_map(Value::Map),
+                proptest::collection::vec(inner, 0..4).prop_map(|items| Value::Special(Special::Set(items))),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn mutated_valid_documents_never_panic(v in arb_value(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)) {
+            let mut bytes = encode(&v);
+            for (at, byte) in flips {
+                if !bytes.is_empty() {
+                    let i = at.index(bytes.len());
+                    bytes[i] = byte;
+                }
+            }
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn values_round_trip(v in arb_value()) {
+            prop_assert_eq!(decode(&encode(&v)).unwrap(), v);
+        }
+
+        #[test]
+        fn arbitrary_frames_never_panic(frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..9)) {
+            if let Ok(msg) = Incoming::from_frames(frames) {
+                let _ = msg.headers();
+                let _ = decode(&msg.body);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
