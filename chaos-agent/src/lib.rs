@@ -24,4 +24,5 @@ pub mod journal;
 pub mod metrics;
 pub mod paths;
 pub mod rpc;
+pub mod scenario;
 pub mod unleash;

@@ -17,7 +17,7 @@ use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
 use crate::{
-    chaos::{Args, inject_spec},
+    chaos::{Args, inject_params, inject_spec},
     config::{UnleashConfig, parse_hhmm},
     discovery::Discovery,
     events::{Action, Event, EventLog},
@@ -25,40 +25,6 @@ use crate::{
 };
 
 const ORIGIN: &str = "unleash";
-const MENU_PARAMS: &[&str] = &[
-    "kind",
-    "name",
-    "lifetime",
-    "dry_run",
-    "seed",
-    "id",
-    "count",
-    "percent",
-    "all",
-    "latency",
-    "delay",
-    "jitter",
-    "correlation",
-    "distribution",
-    "loss",
-    "duplicate",
-    "corrupt",
-    "reorder",
-    "reorder_correlation",
-    "rate",
-    "direction",
-    "protocol",
-    "signal",
-    "workers",
-    "percent_cores",
-    "load",
-    "in_target_cgroup",
-    "mib",
-    "percent_available",
-    "path",
-    "percent_free",
-    "floor_percent",
-];
 
 /// The state of unleashed mode.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -168,7 +134,17 @@ impl Unleasher {
             gap,
             dry_run,
         };
-        *self.task.lock().expect("poisoned") = Some(tokio::spawn(run.run()).abort_handle());
+        let task = tokio::spawn(async move {
+            // A panic in a round must be seen, not swallowed with the task.
+            if let Err(panic) = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run.run())).await {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned());
+                tracing::error!(what = ?what, "unleashed mode stopped by a bug");
+            }
+        });
+        *self.task.lock().expect("poisoned") = Some(task.abort_handle());
         Ok(state)
     }
 
@@ -254,8 +230,8 @@ impl Round {
             params.insert("name".into(), service.clone().into());
             params.insert("seed".into(), fault_seed.into());
             params.insert("id".into(), format!("u-{:08x}", fault_seed as u32).into());
-            let spec =
-                Args::from_json("unleash menu", MENU_PARAMS, &params).and_then(|args| inject_spec(&item.kind, &args));
+            let spec = Args::from_json("unleash menu", inject_params(), &params)
+                .and_then(|args| inject_spec(&item.kind, &args));
             let mut spec = match spec {
                 Ok(s) => s,
                 Err(err) => {

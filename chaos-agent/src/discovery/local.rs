@@ -46,10 +46,18 @@ pub fn cmdline(pid: i32) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
 
-/// Every lymph instance process of this host.
+/// The network namespace of a process (`net:[<inode>]`).
+fn netns_of(pid: &str) -> Option<std::path::PathBuf> {
+    fs::read_link(format!("/proc/{pid}/ns/net")).ok()
+}
+
+/// Every lymph instance process of this host that shares our network namespace (the only ones whose endpoints
+/// and ports mean what they say here: two namespaces can each have a `tcp://127.0.0.1:4242`).
 pub fn lymph_processes() -> Vec<LymphProcess> {
+    let ours = netns_of("self");
     sockets::all_pids()
         .into_iter()
+        .filter(|pid| ours.is_none() || netns_of(&pid.to_string()) == ours)
         .filter_map(|pid| {
             let title = cmdline(pid)?;
             let (identity, endpoint) = parse_title(&title)?;

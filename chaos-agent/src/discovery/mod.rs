@@ -8,7 +8,8 @@
 //!
 //! One task owns the ZooKeeper session. While connected it keeps a persistent recursive watch on `/services`
 //! and rescans on every event (plus every few seconds, since persistent watches can lose events across
-//! reconnects); every scan is merged with a fresh [`local::HostView`] so pids follow restarts. Without ZooKeeper
+//! reconnects); every scan is resolved against a fresh [`local::HostView`] so pids follow restarts. The registry
+//! is the truth while connected: lymph processes here that are not registered in it are not its services. Without ZooKeeper
 //! (none configured, or unreachable) the agent is *standalone*: instances come from lymph process titles on this
 //! host (their interfaces asked with `lymph.inspect`), and the task keeps retrying ZooKeeper in the background.
 
@@ -333,17 +334,13 @@ impl Discovery {
         }
     }
 
-    /// Resolves pids for registered instances and adds local lymph processes that are not registered.
+    /// Resolves the pid of every registered instance that runs here. With a registry, the registry is the truth:
+    /// lymph processes of this host that are not registered in it (another deployment's, `--isolated` ones) are
+    /// not its services and are left out.
     async fn merge_local(&self, mut services: BTreeMap<String, Vec<Instance>>) -> BTreeMap<String, Vec<Instance>> {
         let mut view = tokio::task::spawn_blocking(local::HostView::capture).await.unwrap_or_default();
         for inst in services.values_mut().flatten() {
             view.resolve(inst);
-        }
-        let known: Vec<String> = services.values().flatten().map(|i| i.identity.clone()).collect();
-        let unregistered: Vec<local::LymphProcess> =
-            view.processes().iter().filter(|p| !known.contains(&p.identity)).cloned().collect();
-        for inst in self.local_instances(&unregistered, &mut view).await {
-            services.entry(inst.service.clone()).or_default().push(inst);
         }
         services
     }
