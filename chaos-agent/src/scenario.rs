@@ -201,7 +201,8 @@ impl Scenario {
     /// Unreachable agents.
     pub async fn events(&self) -> Result<Vec<Json>, ScenarioError> {
         let mut all = Vec::new();
-        for endpoint in self.shared.agents.lock().expect("poisoned").clone() {
+        let agents = self.shared.agents.lock().expect("poisoned").clone();
+        for endpoint in agents {
             let events = call(&self.shared, &endpoint, "events", json!({"limit": 10000})).await?;
             all.extend(events.as_array().cloned().unwrap_or_default().into_iter().map(|mut e| {
                 e["agent"] = endpoint.clone().into();
@@ -259,13 +260,13 @@ async fn call(shared: &Shared, endpoint: &str, method: &str, kwargs: Json) -> Re
 async fn route(shared: &Shared, services: &BTreeSet<String>) -> Result<Vec<(String, String)>, ScenarioError> {
     if let Some(hosts) = &shared.zookeeper {
         // Agents come and go: refresh the list when a registry is known.
-        if let Ok(client) = Client::new() {
-            if let Ok(client) = client.connect_zookeeper(hosts, shared.timeout).await {
-                if let Ok(agents) = Scenario::lookup_agents(&client).await {
-                    *shared.agents.lock().expect("poisoned") = agents;
-                }
-                client.node().shutdown();
+        if let Ok(client) = Client::new()
+            && let Ok(client) = client.connect_zookeeper(hosts, shared.timeout).await
+        {
+            if let Ok(agents) = Scenario::lookup_agents(&client).await {
+                *shared.agents.lock().expect("poisoned") = agents;
             }
+            client.node().shutdown();
         }
     }
     let agents = shared.agents.lock().expect("poisoned").clone();
@@ -318,10 +319,11 @@ async fn apply_all(shared: &Shared, actions: &[Action], dry_run: bool) -> Result
                 kwargs.insert("dry_run".into(), true.into());
             }
             let answer = call(shared, endpoint, action.method, Json::Object(kwargs)).await?;
-            if action.lasting && !dry_run {
-                if let Some(id) = answer["id"].as_str() {
-                    shared.applied.lock().expect("poisoned").insert((endpoint.clone(), id.to_owned()));
-                }
+            if action.lasting
+                && !dry_run
+                && let Some(id) = answer["id"].as_str()
+            {
+                shared.applied.lock().expect("poisoned").insert((endpoint.clone(), id.to_owned()));
             }
             answers.push(answer);
         }

@@ -41,6 +41,8 @@ pub struct AgentOptions {
     pub port: Option<u16>,
     /// Keep the state directory at this path (to restart an agent on the same state).
     pub state_dir: Option<PathBuf>,
+    /// Pin directory (to restart an agent on the same pins; default: a fresh one).
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// A running agent.
@@ -78,7 +80,7 @@ impl AgentProcess {
         let dir = tempfile::Builder::new().prefix("chaos-agent-").tempdir()?;
         let state_dir = opts.state_dir.clone().unwrap_or_else(|| dir.path().join("state"));
         let tag = format!("{}-{n}", std::process::id());
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/chaos-test-{tag}"));
+        let pin_dir = opts.pin_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/chaos-test-{tag}")));
         // IFB names are per namespace; outside one, make them unique.
         let ifb = if netns.is_some() {
             "lchaos0".to_owned()
@@ -94,17 +96,10 @@ impl AgentProcess {
         std::fs::write(&config, &opts.config_yaml)?;
         let log = dir.path().join("agent.log");
         let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = ns.command(agent_bin().to_str().expect("utf-8 path"));
-                c.arg("agent");
-                c
-            }
-            None => {
-                let mut c = Command::new(agent_bin());
-                c.arg("agent");
-                c
-            }
+            Some(ns) => ns.command(agent_bin().to_str().expect("utf-8 path")),
+            None => Command::new(agent_bin()),
         };
+        cmd.arg("agent");
         cmd.arg("--config")
             .arg(&config)
             .args(["--port", &port.to_string(), "--state-dir"])
@@ -152,7 +147,7 @@ impl AgentProcess {
         }
     }
 
-    /// The agent's pid (the `ip netns exec` wrapper execs, so it is the agent's).
+    /// The agent's pid.
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
@@ -209,14 +204,21 @@ impl AgentProcess {
 
     /// Runs the `lymph-chaos` CLI against this agent.
     pub fn cli(&self, args: &[&str]) -> Output {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(agent_bin());
-                c
+        let mut cmd = Command::new(agent_bin());
+        if let Some(ns) = &self.netns {
+            let path = format!("/var/run/netns/{ns}");
+            let file = std::fs::File::open(&path).expect("netns file");
+            let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
+            // SAFETY: setns(2) is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
             }
-            None => Command::new(agent_bin()),
-        };
+        }
         cmd.args(["--agent", &self.endpoint]).args(args).output().expect("running lymph-chaos")
     }
 
@@ -304,7 +306,7 @@ impl EchoProcess {
                 Ok(())
             });
         }
-        let child = cmd.spawn().expect("python3 echo server");
+        let mut child = cmd.spawn().expect("python3 echo server");
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             let up = netns.run(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
@@ -313,6 +315,8 @@ impl EchoProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("echo server on port {port} did not come up");
     }
 

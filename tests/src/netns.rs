@@ -62,17 +62,28 @@ impl Netns {
 
     /// Runs a command inside the namespace and returns its output (without checking the status).
     pub fn exec(&self, program: &str, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name, program])
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("ip netns exec {program}: {e}"))
+        self.command(program).args(args).output().unwrap_or_else(|e| panic!("{program} in {}: {e}", self.name))
     }
 
     /// A command that will run inside the namespace.
+    ///
+    /// Unlike `ip netns exec`, only the network namespace changes: `ip netns exec` also gives the command a mount
+    /// namespace of its own with a fresh `/sys`, which hides `/sys/fs/cgroup` and `/sys/fs/bpf` from it.
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
+        use std::os::{fd::IntoRawFd, unix::process::CommandExt};
+        let path = format!("/var/run/netns/{}", self.name);
+        let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}")).into_raw_fd();
+        let mut cmd = Command::new(program);
+        // SAFETY: setns(2) is async-signal-safe; `fd` stays open (and leaks, harmlessly) until the child execs —
+        // it is not CLOEXEC-safe to close it here, and the parent keeps its copy only as long as the Command lives.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd
     }
 

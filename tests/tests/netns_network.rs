@@ -341,7 +341,12 @@ fn a_sigkilled_agent_loses_its_faults_on_time_and_a_restart_leaves_nothing_behin
     // Restart on the same state: every object of the dead run is removed before the new one serves.
     let mut restarted = AgentProcess::start(
         Some(&srv),
-        AgentOptions { config_yaml: config, state_dir: Some(state_dir), ..Default::default() },
+        AgentOptions {
+            config_yaml: config,
+            state_dir: Some(state_dir),
+            pin_dir: Some(pin_dir.clone()),
+            ..Default::default()
+        },
     )
     .unwrap();
     let status = restarted.ok("status", json!({}));

@@ -108,6 +108,9 @@ impl Snapshot {
     }
 }
 
+/// Interface names learnt from one process, or when asking it failed.
+type InspectResult = (Vec<String>, Option<std::time::Instant>);
+
 /// The discovery service (see the module docs).
 pub struct Discovery {
     config: DiscoveryConfig,
@@ -117,8 +120,9 @@ pub struct Discovery {
     client: Mutex<Option<zk::Client>>,
     /// Used in standalone mode to ask local lymph processes which interfaces they serve.
     node: Option<RpcNode>,
-    /// identity → interface names, learnt with `lymph.inspect`.
-    interfaces: Mutex<HashMap<String, Vec<String>>>,
+    /// identity → interface names, learnt with `lymph.inspect` (failures are remembered for a while, so a process
+    /// that does not answer does not stall every scan).
+    interfaces: Mutex<HashMap<String, InspectResult>>,
     registration: Option<(String, Registration)>,
 }
 
@@ -359,8 +363,9 @@ impl Discovery {
     /// identity).
     async fn local_instances(&self, processes: &[local::LymphProcess], view: &mut local::HostView) -> Vec<Instance> {
         let mut out = Vec::new();
-        for p in processes {
-            for service in self.interfaces_of(p).await {
+        let names = futures::future::join_all(processes.iter().map(|p| self.interfaces_of(p))).await;
+        for (p, services) in processes.iter().zip(names) {
+            for service in services {
                 let mut inst = Instance {
                     service: service.clone(),
                     id: crate::rpc::node::hash_id(&[Some(&p.identity), Some(&service), None]),
@@ -384,12 +389,19 @@ impl Discovery {
     }
 
     async fn interfaces_of(&self, p: &local::LymphProcess) -> Vec<String> {
-        if let Some(names) = self.interfaces.lock().expect("poisoned").get(&p.identity) {
+        const RETRY_FAILED: Duration = Duration::from_secs(30);
+        if let Some((names, failed)) = self.interfaces.lock().expect("poisoned").get(&p.identity)
+            && failed.is_none_or(|at| at.elapsed() < RETRY_FAILED)
+        {
             return names.clone();
         }
         let Some(node) = &self.node else { return Vec::new() };
         let body = value::encode(&Value::Map(Vec::new()));
         let Ok(reply) = node.request(&p.endpoint, "lymph.inspect", body, Duration::from_millis(1500)).await else {
+            self.interfaces
+                .lock()
+                .expect("poisoned")
+                .insert(p.identity.clone(), (Vec::new(), Some(std::time::Instant::now())));
             return Vec::new();
         };
         let mut names: Vec<String> = match value::decode(&reply) {
@@ -415,7 +427,7 @@ impl Discovery {
         };
         names.sort();
         names.dedup();
-        self.interfaces.lock().expect("poisoned").insert(p.identity.clone(), names.clone());
+        self.interfaces.lock().expect("poisoned").insert(p.identity.clone(), (names.clone(), None));
         names
     }
 }

@@ -559,6 +559,12 @@ impl FaultManager {
     }
 
     fn resolve(&self, target: &Target, action: &FaultAction, snap: &Snapshot) -> Result<Resolved, FaultError> {
+        // Resource faults act on the host; a target only matters for cgroup placement.
+        if matches!(action, FaultAction::Cpu(_) | FaultAction::Memory(_) | FaultAction::Disk(_))
+            && *target == Target::AllServices
+        {
+            return Ok(Resolved { candidates: Vec::new(), service: None, total_instances: 0 });
+        }
         let instance_candidate = |inst: &Instance| -> Candidate {
             Candidate {
                 process: inst.pid.and_then(process::proc_info),
@@ -963,6 +969,9 @@ fn push_history(history: &mut VecDeque<FaultReport>, report: FaultReport) {
 
 /// Chooses targets: sorted deterministically, then shuffled with the seed, so a seed replays the same choice.
 fn select(mut candidates: Vec<Candidate>, selection: Selection, seed: u64) -> Result<Vec<Candidate>, FaultError> {
+    if candidates.is_empty() {
+        return Ok(candidates);
+    }
     candidates.sort_by_key(|c| {
         (c.instance.as_ref().map(|i| i.id.clone()), c.process.as_ref().map(|p| p.pid), c.ports.clone())
     });

@@ -195,23 +195,32 @@ pub fn prepare(
                 return Err(ResourceError::Invalid("floor_percent must be below 100".into()));
             }
             let floor = (total as f64 * floor_pct / 100.0) as u64;
+            let room = free.saturating_sub(floor);
             let bytes = match (spec.mib, spec.percent_free) {
                 (Some(_), Some(_)) => return Err(ResourceError::Invalid("give mib or percent_free, not both".into())),
                 (Some(0), _) => return Err(ResourceError::Invalid("mib must be at least 1".into())),
+                // An explicit size that would pass the floor is refused: the caller asked for exactly that much.
+                (Some(m), None) if (m << 20) > room => {
+                    return Err(ResourceError::Refused(format!(
+                        "filling {m} MiB of {} would leave {} MiB free, below the floor of {floor_pct} % ({} MiB)",
+                        dir.display(),
+                        free.saturating_sub(m << 20) >> 20,
+                        floor >> 20
+                    )));
+                }
                 (Some(m), None) => m << 20,
-                (None, Some(p)) if p > 0.0 && p <= 100.0 => (free as f64 * p / 100.0) as u64,
+                // A share of the free space stops at the floor ("fill the disk" = as full as allowed).
+                (None, Some(p)) if p > 0.0 && p <= 100.0 => ((free as f64 * p / 100.0) as u64).min(room),
                 (None, Some(p)) => {
                     return Err(ResourceError::Invalid(format!("percent_free must be in (0, 100], got {p}")));
                 }
                 (None, None) => return Err(ResourceError::Invalid("a disk fault needs mib or percent_free".into())),
             };
-            if free.saturating_sub(bytes) < floor {
+            if bytes == 0 {
                 return Err(ResourceError::Refused(format!(
-                    "filling {} MiB of {} would leave {} MiB free, below the floor of {floor_pct} % ({} MiB)",
-                    bytes >> 20,
+                    "{} has no room above the floor of {floor_pct} % ({} MiB free)",
                     dir.display(),
-                    free.saturating_sub(bytes) >> 20,
-                    floor >> 20
+                    free >> 20
                 )));
             }
             let file = dir.join(format!("{}-{fault_id}", crate::paths::FILL_FILE_PREFIX));
@@ -377,13 +386,20 @@ async fn kill_all(children: &mut [Child]) {
     }
 }
 
-/// The executable used for workers (the agent's own).
-fn worker_exe() -> PathBuf {
-    std::env::var_os("LYMPH_CHAOS_WORKER_EXE").map_or_else(|| PathBuf::from("/proc/self/exe"), PathBuf::from)
+/// The executable used for workers: the agent's own (`LYMPH_CHAOS_WORKER_EXE` overrides it).
+fn worker_exe() -> Result<PathBuf, ResourceError> {
+    if let Some(exe) = std::env::var_os("LYMPH_CHAOS_WORKER_EXE") {
+        return Ok(PathBuf::from(exe));
+    }
+    crate::guardian::own_executable().ok_or_else(|| {
+        ResourceError::Invalid(
+            "CPU and memory faults run the lymph-chaos executable as workers; this process is not it".into(),
+        )
+    })
 }
 
 fn spawn_worker(job: &str, cgroup: Option<&[PathBuf]>) -> Result<Child, ResourceError> {
-    let mut cmd = Command::new(worker_exe());
+    let mut cmd = Command::new(worker_exe()?);
     cmd.arg0("lymph-chaos-worker").env(WORKER_ENV, job).stdin(std::process::Stdio::null()).kill_on_drop(true);
     // SAFETY: prctl in the child between fork and exec only touches the child's own state.
     unsafe {

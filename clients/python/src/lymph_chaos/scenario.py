@@ -1,0 +1,661 @@
+"""``Scenario``: queue faults for lymph services, then apply them — once, or again and again while a block runs.
+
+The 2015 lymph-chaos snippet runs unchanged::
+
+    from lymph.chaos import Scenario            # or: from lymph_chaos import Scenario
+    sn = Scenario.from_zookeeper_host('127.0.0.1')
+    sn.kill('echo')
+    sn.inject_latency('demo', 1)
+    with sn.repeat(interval=5):
+        import time
+        time.sleep(30)
+
+How it works:
+
+- Agents are the lymph service ``Chaos`` in ZooKeeper (chroot ``/lymph`` unless told otherwise). Every round asks
+  each agent for ``Chaos.list_services`` (service name → instances, ``local`` = on that agent's host) and sends
+  each queued action to the agent(s) with a *local* instance of the target service. Names match exactly, or as
+  the only case-insensitive match (``'echo'`` finds ``Echo``), as the agents themselves do.
+- Process faults (kill, terminate, pause) hit one random instance across all hosts unless ``count``,
+  ``percent`` or ``all=True`` say otherwise; network and resource faults go to every host with an instance.
+- Every action has a fixed fault id, ``sn-<scenario id>-<n>``. Sending an id again while that fault is active
+  makes the agent *refresh* it (extend its lifetime) instead of adding another, so re-applying every interval is
+  idempotent, and at the end exactly those ids are reverted.
+- Faults applied by :meth:`Scenario.repeat` without an explicit ``lifetime`` get a short lease (a few intervals)
+  that every round renews: if this process dies, the agents end them by themselves soon after.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
+from urllib.parse import urlparse
+
+from .discovery import DEFAULT_CHROOT, DEFAULT_PORT, Agent, ZooKeeperRegistry, zookeeper_hosts
+from .errors import ChaosError, NoAgentError, NoAgentForService, UnknownFault, UnknownService
+from .rpc import RpcNode, local_ip_towards
+
+log = logging.getLogger("lymph_chaos")
+
+#: Fault kinds that act on processes (one random instance by default).
+PROCESS_KINDS = frozenset({"kill", "terminate", "pause"})
+#: Fault kinds that are over once applied (nothing to revert).
+INSTANT_KINDS = frozenset({"kill", "terminate"})
+
+#: Events asked per ``Chaos.events`` call (the agent's maximum).
+EVENTS_PAGE = 10000
+
+#: agent endpoint → service name → instances (what ``Chaos.list_services`` returns, per agent).
+ServicesView = Dict[str, Dict[str, List[Dict[str, Any]]]]
+
+
+@dataclass
+class Action:
+    """One queued fault: the agent method, the target service and the keyword arguments."""
+
+    #: Agent method: ``kill``, ``terminate``, ``pause``, ``inject_latency`` or ``inject``.
+    method: str
+    #: Target service name as given (resolved per round).
+    name: str
+    #: Keyword arguments besides ``name`` and ``id``.
+    params: Dict[str, Any] = field(default_factory=dict)
+    #: Fault id sent with every application.
+    fault_id: str = ""
+
+    @property
+    def kind(self) -> str:
+        """The fault kind (``kill``, ``pause``, ``latency``, ``blackhole`` …)."""
+        if self.method == "inject":
+            return str(self.params.get("kind"))
+        if self.method == "inject_latency":
+            return "latency"
+        return self.method
+
+    @property
+    def instant(self) -> bool:
+        """Whether the fault is over once applied (kills)."""
+        return self.kind in INSTANT_KINDS
+
+
+def resolve_service(name: str, known: Iterable[str]) -> str:
+    """The service ``name`` designates among ``known``: itself, or the only case-insensitive match.
+
+    Raises:
+        UnknownService: no match, or several case-insensitive ones.
+    """
+    names = sorted(set(known))
+    if name in names:
+        return name
+    matches = [k for k in names if k.lower() == name.lower()]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UnknownService(
+            f"service name {name!r} is ambiguous: it matches {', '.join(matches)} (ignoring case); use the exact name"
+        )
+    raise UnknownService(
+        f"unknown service {name!r}: no Chaos agent lists it; known services: {', '.join(names) or 'none'}"
+    )
+
+
+def plan(action: Action, view: ServicesView, rng: Optional[random.Random] = None) -> List[Tuple[str, Dict[str, Any]]]:
+    """Where to send ``action`` given every agent's services: a list of (agent endpoint, keyword arguments).
+
+    Raises:
+        UnknownService: no agent lists the service.
+        NoAgentForService: agents list it, but none has an instance on its own host.
+    """
+    rng = rng or random.Random()
+    known: set = set()
+    for services in view.values():
+        known.update(services)
+    service = resolve_service(action.name, known)
+    hosting: List[Tuple[str, int]] = []
+    for agent in sorted(view):
+        local = [i for i in view[agent].get(service) or [] if isinstance(i, dict) and i.get("local")]
+        if local:
+            hosting.append((agent, len(local)))
+    if not hosting:
+        instances = [i for services in view.values() for i in services.get(service) or [] if isinstance(i, dict)]
+        hosts = sorted({str(i.get("hostname") or i.get("ip") or i.get("endpoint")) for i in instances})
+        raise NoAgentForService(
+            f"service {service} is registered ({len(instances)} instance record(s), on: {', '.join(hosts) or '?'}) "
+            f"but no Chaos agent has a running instance of it on its own host (agents: {', '.join(sorted(view))})"
+        )
+    kwargs = dict(action.params)
+    kwargs["name"] = service
+    kwargs["id"] = action.fault_id
+    if action.kind not in PROCESS_KINDS or kwargs.get("all") or kwargs.get("percent") is not None:
+        return [(agent, dict(kwargs)) for agent, _ in hosting]
+    count = kwargs.get("count")
+    if count is not None:
+        remaining = int(count)
+        order = list(hosting)
+        rng.shuffle(order)
+        targets = []
+        for agent, available in order:
+            if remaining <= 0:
+                break
+            take = min(available, remaining)
+            targets.append((agent, dict(kwargs, count=take)))
+            remaining -= take
+        return targets
+    # One instance at random over every host: pick the host weighted by its number of instances.
+    agent = rng.choices([a for a, _ in hosting], weights=[n for _, n in hosting])[0]
+    return [(agent, kwargs)]
+
+
+class Scenario:
+    """Faults for lymph services, applied by the Chaos agents found in ZooKeeper.
+
+    Queue actions with :meth:`kill`, :meth:`terminate`, :meth:`pause`, :meth:`inject_latency` and
+    :meth:`inject`; apply them with :meth:`repeat` (a context manager) or once with :meth:`apply`.
+
+    Args:
+        zookeeper: kazoo hosts string with chroot, e.g. ``"127.0.0.1:2181/lymph"`` (see
+            :meth:`from_zookeeper_host` for the short forms).
+        timeout: seconds to wait for ZooKeeper and for every agent reply.
+        dry_run: ask the agents only to report what they would do (also settable later as :attr:`dry_run`).
+        ip: address to receive replies on; agents connect back to it. Default: ``$LYMPH_NODE_IP``, else the local
+            address that routes to the first agent (loopback when the agents are local).
+        port: port for replies (default: a free one).
+
+    Raises:
+        ZooKeeperUnavailable: ZooKeeper cannot be reached within ``timeout``.
+    """
+
+    def __init__(
+        self,
+        zookeeper: str = "127.0.0.1:2181" + DEFAULT_CHROOT,
+        timeout: float = 2.0,
+        dry_run: bool = False,
+        ip: Optional[str] = None,
+        port: Optional[int] = None,
+    ) -> None:
+        #: Seconds to wait for ZooKeeper and for each agent reply.
+        self.timeout: float = float(timeout)
+        #: When true, every fault request is a dry run (agents report, never act).
+        self.dry_run: bool = bool(dry_run)
+        #: This scenario's id: fault ids are ``sn-<id>-<n>``.
+        self.id: str = uuid.uuid4().hex[:16]
+        #: The kazoo hosts string.
+        self.zookeeper_hosts: str = zookeeper
+        #: Errors of background rounds (they do not stop :meth:`repeat`); also logged.
+        self.errors: List[ChaosError] = []
+        self._ip = ip
+        self._port = port
+        self._node: Optional[RpcNode] = None
+        self._lock = threading.RLock()
+        self._actions: List[Action] = []
+        self._applied: Dict[Tuple[str, str], Dict[str, Any]] = {}
+        self._repeat: Optional[Repeat] = None
+        self._rng = random.Random()
+        self._closed = False
+        self._registry = ZooKeeperRegistry(zookeeper, self.timeout)
+
+    @classmethod
+    def from_zookeeper_host(
+        cls,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        chroot: Optional[str] = DEFAULT_CHROOT,
+        timeout: float = 2.0,
+        **options: Any,
+    ) -> "Scenario":
+        """A scenario using the agents registered in the ZooKeeper at ``host``.
+
+        ``host`` is a host (``'127.0.0.1'``), ``'host:port'``, a comma-separated list of those, optionally ending
+        with ``/chroot`` (``'127.0.0.1:2181/lymph'``), which wins over ``chroot``. Other keyword arguments go to
+        :class:`Scenario` (``dry_run``, ``ip``, ``port``).
+        """
+        if "zookeeper" in options:
+            raise TypeError("from_zookeeper_host() takes host, not zookeeper")
+        return cls(zookeeper_hosts(host, port, chroot), timeout=timeout, **options)
+
+    # -- queueing -----------------------------------------------------------------------------------------------
+
+    def kill(self, name: str, **opts: Any) -> str:
+        """Queues killing instances of service ``name``; returns the fault id.
+
+        Options (see the agent's ``Chaos.kill``): ``signal`` (default ``"SIGKILL"``), ``count``, ``percent``,
+        ``all`` (default: one random instance), ``seed``, ``deregister``, ``dry_run``, ``id``.
+        """
+        return self._queue("kill", name, opts)
+
+    def terminate(self, name: str, **opts: Any) -> str:
+        """Queues SIGTERM (then SIGKILL after the agent's grace period) for instances of ``name``."""
+        return self._queue("terminate", name, opts)
+
+    def pause(self, name: str, seconds: float, **opts: Any) -> str:
+        """Queues stopping (SIGSTOP) instances of ``name`` for ``seconds``; the agent resumes them (SIGCONT)."""
+        return self._queue("pause", name, dict(opts, lifetime=seconds))
+
+    def inject_latency(self, name: str, seconds: float = 1, **opts: Any) -> str:
+        """Queues delaying packets to ``name``'s ports by ``seconds``.
+
+        Options: ``jitter`` (seconds), ``direction`` (``"to"``, ``"from"``, ``"both"``), ``lifetime``,
+        ``dry_run``, ``id``. Needs ``sch_netem`` on the agents' hosts (else :class:`KernelFeatureMissing`).
+        """
+        return self._queue("inject_latency", name, dict(opts, latency=seconds))
+
+    def inject(self, name: str, kind: str, **params: Any) -> str:
+        """Queues a fault of ``kind`` for service ``name``; returns the fault id.
+
+        Kinds: ``latency`` (``latency=`` seconds), ``loss`` (``loss=`` %), ``duplicate``, ``corrupt``, ``reorder``
+        (percentages), ``rate`` (``rate="1mbit"``), ``blackhole``, ``cpu``, ``memory``, ``disk``, ``kill``,
+        ``terminate``, ``pause``; plus ``lifetime``, ``direction``, ``dry_run``, ``id`` (see ``Chaos.inject``).
+        """
+        return self._queue("inject", name, dict(params, kind=kind))
+
+    def _queue(self, method: str, name: str, params: Dict[str, Any]) -> str:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{method}(): the service name must be a non-empty string, got {name!r}")
+        with self._lock:
+            fault_id = str(params.pop("id", None) or f"sn-{self.id}-{len(self._actions) + 1}")
+            self._actions.append(Action(method, name, params, fault_id))
+        return fault_id
+
+    @property
+    def actions(self) -> List[Action]:
+        """The queued actions, in order."""
+        with self._lock:
+            return list(self._actions)
+
+    # -- applying -----------------------------------------------------------------------------------------------
+
+    def repeat(self, interval: float = 5, lease: Optional[float] = None) -> "Repeat":
+        """A context manager applying the queued actions now and every ``interval`` seconds while its block runs.
+
+        On exit, normal or by an exception (which propagates), it stops re-applying and reverts every fault it
+        created (network, pause and resource faults, by id; kills need nothing). Faults without an explicit
+        ``lifetime`` get ``lease`` seconds (default ``2 × interval + 2 × timeout``, at least 5), renewed every
+        round.
+
+        Entering raises (after reverting what it applied) when the first round fails: an unknown service,
+        no agent reachable, or an agent error. Errors of later rounds are logged and kept in :attr:`errors`.
+        """
+        return Repeat(self, interval, lease)
+
+    def apply(self, lease: Optional[float] = None) -> List[Dict[str, Any]]:
+        """Applies every queued action once; returns the agents' reports (each with an ``agent`` key).
+
+        Faults without ``lifetime`` get ``lease`` seconds when given, else the agents' default lifetime.
+
+        Raises:
+            UnknownService, NoAgentForService: before anything is sent, when an action cannot be routed.
+            NoAgentError: no agent registered, or none answered.
+            ChaosError: the first agent error (the others are added to :attr:`errors`).
+        """
+        return self._apply_round(lease, strict=True)
+
+    def revert(self) -> List[Dict[str, Any]]:
+        """Reverts every fault this scenario applied that is still active; returns the agents' reports.
+
+        Raises:
+            ChaosError: the first failure (after trying every fault; the failed ones stay for the next call);
+                faults already over are not errors.
+        """
+        with self._lock:
+            applied, self._applied = self._applied, {}
+        if not applied:
+            return []
+        keys = list(applied)
+        results = self._fan_out([(agent, "revert", {"id": fault_id}) for agent, fault_id in keys])
+        reports, failures = [], []
+        for key, result in zip(keys, results):
+            if isinstance(result, UnknownFault):
+                continue  # expired or reverted already
+            if isinstance(result, ChaosError):
+                failures.append(result)
+                with self._lock:
+                    self._applied.setdefault(key, applied[key])  # a later revert() tries again
+                continue
+            reports.append(_with_agent(result, key[0]))
+        if failures:
+            for err in failures[1:]:
+                self._record_error(err)
+            raise failures[0]
+        return reports
+
+    def _apply_round(self, lease: Optional[float], strict: bool) -> List[Dict[str, Any]]:
+        actions = self.actions
+        if not actions:
+            return []
+        view = self._services_view()
+        routed: List[Tuple[Action, List[Tuple[str, Dict[str, Any]]]]] = []
+        for action in actions:
+            try:
+                routed.append((action, plan(action, view, self._rng)))
+            except ChaosError as err:
+                if strict:
+                    raise
+                self._record_error(err)
+        calls: List[Tuple[Action, str, Dict[str, Any]]] = []
+        for action, targets in routed:
+            for agent, kwargs in targets:
+                if lease is not None and not action.instant and kwargs.get("lifetime") is None:
+                    kwargs["lifetime"] = lease
+                if self.dry_run:
+                    kwargs["dry_run"] = True
+                calls.append((action, agent, kwargs))
+        results = self._fan_out([(agent, action.method, kwargs) for action, agent, kwargs in calls])
+        reports: List[Dict[str, Any]] = []
+        errors: List[ChaosError] = []
+        for (action, agent, _), result in zip(calls, results):
+            if isinstance(result, ChaosError):
+                errors.append(result)
+                continue
+            report = _with_agent(result, agent)
+            reports.append(report)
+            if report.get("state") == "active" and not report.get("dry_run"):
+                with self._lock:
+                    self._applied[(agent, str(report.get("id") or action.fault_id))] = report
+        if errors:
+            for later in errors[1:] if strict else errors:
+                self._record_error(later)
+            if strict:
+                raise errors[0]
+        return reports
+
+    def _record_error(self, err: ChaosError) -> None:
+        log.warning("lymph-chaos scenario %s: %s", self.id, err)
+        with self._lock:
+            self.errors.append(err)
+
+    # -- inspecting ---------------------------------------------------------------------------------------------
+
+    def agents(self) -> List[Agent]:
+        """The Chaos agents registered in ZooKeeper.
+
+        Raises:
+            NoAgentError: none is registered.
+        """
+        agents = self._registry.agents()
+        if not agents:
+            where = "nothing under /services/Chaos"
+            if not self._registry.root_exists():
+                where = "its chroot does not even exist: no lymph service ever registered there; check the chroot"
+            raise NoAgentError(
+                f"no Chaos agent is registered in ZooKeeper at {self.zookeeper_hosts} ({where}); "
+                f"start `lymph-chaos agent --zookeeper {self.zookeeper_hosts}` on the hosts of the services"
+            )
+        return agents
+
+    def services(self) -> Dict[str, List[Dict[str, Any]]]:
+        """Service name → the instances agents report on their own hosts (each with an ``agent`` key).
+
+        Services registered without a local instance on any agent's host map to an empty list.
+        """
+        view = self._services_view()
+        out: Dict[str, List[Dict[str, Any]]] = {}
+        for agent in sorted(view):
+            for name, instances in view[agent].items():
+                local = [_with_agent(i, agent) for i in instances or [] if isinstance(i, dict) and i.get("local")]
+                out.setdefault(name, []).extend(local)
+        return out
+
+    def faults(self, all: bool = False) -> List[Dict[str, Any]]:
+        """Active faults on every agent (with ``counters`` for network faults); ``all=True`` adds finished ones."""
+        return self._from_every_agent("faults", {"all": bool(all)})
+
+    def events(self, since: float = 0.0, limit: Optional[int] = None, mine: bool = False) -> List[Dict[str, Any]]:
+        """Events of every agent (applied, reverted, expired, refused, dry_run …), merged by time, oldest first.
+
+        Args:
+            since: only events at or after this Unix time.
+            limit: only the last ``limit`` events.
+            mine: only events of this scenario's faults.
+        """
+        events = self._all_events()
+        prefix = f"sn-{self.id}-"
+        own = {a.fault_id for a in self.actions}
+        events = [
+            e
+            for e in events
+            if float(e.get("time") or 0) >= since
+            and (not mine or str(e.get("fault") or "").startswith(prefix) or e.get("fault") in own)
+        ]
+        events.sort(key=lambda e: (float(e.get("time") or 0), str(e.get("agent")), int(e.get("seq") or 0)))
+        return events[-limit:] if limit else events
+
+    def _all_events(self) -> List[Dict[str, Any]]:
+        """Every event of every agent: pages of ``EVENTS_PAGE`` (``Chaos.events`` returns the oldest first)."""
+        agents = self.agents()
+        self._rpc_node(agents)
+        since = {a.endpoint: 0 for a in agents}
+        out: List[Dict[str, Any]] = []
+        failures: List[ChaosError] = []
+        while since:
+            asked = list(since.items())
+            results = self._fan_out([(ep, "events", {"since": seq, "limit": EVENTS_PAGE}) for ep, seq in asked])
+            for (endpoint, previous), result in zip(asked, results):
+                page = [] if isinstance(result, ChaosError) else list(result or [])
+                if isinstance(result, ChaosError):
+                    failures.append(result)
+                out.extend(_with_agent(e, endpoint) for e in page)
+                last = max((int(e.get("seq") or 0) for e in page), default=0)
+                if len(page) < EVENTS_PAGE or last <= previous:
+                    del since[endpoint]
+                else:
+                    since[endpoint] = last
+        if failures and len(failures) == len(agents):
+            raise NoAgentError("no Chaos agent answered Chaos.events: " + "; ".join(str(f) for f in failures))
+        for failure in failures:
+            log.warning("lymph-chaos: Chaos.events failed on one agent: %s", failure)
+        return out
+
+    def status(self) -> Dict[str, Any]:
+        """Agent endpoint → its ``Chaos.status`` (or the error raised asking it)."""
+        agents = self.agents()
+        results = self._fan_out([(a.endpoint, "status", {}) for a in agents])
+        return {a.endpoint: r for a, r in zip(agents, results)}
+
+    def clear(self) -> List[Dict[str, Any]]:
+        """Reverts every active fault on every agent, whoever created it; returns their reports.
+
+        In dry-run mode nothing is reverted: returns the faults that would be.
+        """
+        if self.dry_run:
+            return self.faults()
+        reports = self._from_every_agent("clear", {})
+        with self._lock:
+            self._applied.clear()
+        return reports
+
+    # -- 2015 API -----------------------------------------------------------------------------------------------
+
+    def play(self, interval: float = 1) -> "Repeat":
+        """Starts repeating in the background without a ``with`` block; :meth:`cancel` stops and reverts."""
+        repeat = Repeat(self, interval, None)
+        repeat.__enter__()
+        return repeat
+
+    def cancel(self) -> None:
+        """Stops what :meth:`play` (or an open :meth:`repeat`) started and reverts its faults."""
+        repeat = self._repeat
+        if repeat is not None:
+            repeat.__exit__(None, None, None)
+
+    # -- plumbing -----------------------------------------------------------------------------------------------
+
+    @property
+    def rpc(self) -> RpcNode:
+        """The lymph RPC peer this scenario talks through (created on first use)."""
+        return self._rpc_node(None)
+
+    def _rpc_node(self, agents: Optional[Sequence[Agent]]) -> RpcNode:
+        with self._lock:
+            if self._closed:
+                raise ChaosError("the scenario is closed", type="Closed")
+            if self._node is None:
+                ip = self._ip or os.environ.get("LYMPH_NODE_IP")
+                if not ip:
+                    first = urlparse(agents[0].endpoint).hostname if agents else None
+                    ip = local_ip_towards(first) if first else "127.0.0.1"
+                self._node = RpcNode(ip, self._port)
+            return self._node
+
+    def _fan_out(self, calls: Sequence[Tuple[str, str, Dict[str, Any]]]) -> List[Union[Any, ChaosError]]:
+        """Sends every (agent, method, kwargs) at once; returns each reply or the ChaosError it raised."""
+        if not calls:
+            return []
+        node = self._rpc_node(None)
+        pending = [
+            node.start_request(agent, f"Chaos.{method}", kwargs, self.timeout) for agent, method, kwargs in calls
+        ]
+        results: List[Union[Any, ChaosError]] = []
+        for call in pending:
+            try:
+                results.append(call.result())
+            except ChaosError as err:
+                results.append(err)
+        return results
+
+    def _services_view(self) -> ServicesView:
+        agents = self.agents()
+        self._rpc_node(agents)
+        results = self._fan_out([(a.endpoint, "list_services", {}) for a in agents])
+        view: ServicesView = {}
+        failures = []
+        for agent, result in zip(agents, results):
+            if isinstance(result, ChaosError):
+                failures.append(result)
+            elif isinstance(result, dict):
+                view[agent.endpoint] = result
+            else:
+                failures.append(ChaosError(f"list_services returned {type(result).__name__}", agent=agent.endpoint))
+        if not view:
+            raise NoAgentError(
+                f"none of the {len(agents)} Chaos agent(s) registered in ZooKeeper at {self.zookeeper_hosts} answered "
+                f"within {self.timeout:g} s: " + "; ".join(str(f) for f in failures)
+            )
+        for failure in failures:
+            log.warning("lymph-chaos: skipping an agent that did not answer: %s", failure)
+        return view
+
+    def _from_every_agent(self, method: str, kwargs: Dict[str, Any]) -> List[Dict[str, Any]]:
+        agents = self.agents()
+        self._rpc_node(agents)
+        results = self._fan_out([(a.endpoint, method, dict(kwargs)) for a in agents])
+        out: List[Dict[str, Any]] = []
+        failures = []
+        for agent, result in zip(agents, results):
+            if isinstance(result, ChaosError):
+                failures.append(result)
+                continue
+            out.extend(_with_agent(item, agent.endpoint) for item in result or [])
+        if failures and len(failures) == len(agents):
+            raise NoAgentError(
+                f"none of the {len(agents)} Chaos agent(s) answered Chaos.{method}: "
+                + "; ".join(str(f) for f in failures)
+            )
+        for failure in failures:
+            log.warning("lymph-chaos: Chaos.%s failed on one agent: %s", method, failure)
+        return out
+
+    def close(self) -> None:
+        """Stops repeating (reverting), then closes the RPC peer and the ZooKeeper session."""
+        if self._closed:
+            return
+        try:
+            self.cancel()
+        finally:
+            with self._lock:
+                self._closed = True
+                node, self._node = self._node, None
+            if node is not None:
+                node.close()
+            self._registry.close()
+
+    def __enter__(self) -> "Scenario":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Scenario {self.id} {self.zookeeper_hosts} actions={len(self._actions)} dry_run={self.dry_run}>"
+
+
+class Repeat:
+    """What :meth:`Scenario.repeat` returns: applies the scenario now and every ``interval`` seconds until exit."""
+
+    def __init__(self, scenario: Scenario, interval: float, lease: Optional[float] = None) -> None:
+        if interval <= 0:
+            raise ValueError(f"interval must be above 0 seconds, got {interval}")
+        self.scenario = scenario
+        #: Seconds between two rounds (start to start).
+        self.interval = float(interval)
+        #: Lifetime given to faults without one; renewed every round.
+        self.lease = float(lease) if lease is not None else max(2 * self.interval + 2 * scenario.timeout, 5.0)
+        #: Rounds applied so far (the first one on entry).
+        self.rounds = 0
+        #: Reports of the last round.
+        self.last_reports: List[Dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "Repeat":
+        sc = self.scenario
+        with sc._lock:
+            if sc._repeat is not None:
+                raise RuntimeError("this scenario is already repeating; leave the other repeat() block first")
+            sc._repeat = self
+        try:
+            self.last_reports = sc._apply_round(self.lease, strict=True)
+            self.rounds = 1
+        except BaseException:
+            sc._repeat = None
+            try:
+                sc.revert()
+            except ChaosError as err:
+                log.warning("lymph-chaos: reverting after a failed first round: %s", err)
+            raise
+        self._thread = threading.Thread(target=self._run, name=f"lymph-chaos-repeat {sc.id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while True:
+            next_round = started + self.rounds * self.interval
+            if self._stop.wait(max(0.0, next_round - time.monotonic())):
+                return
+            try:
+                self.last_reports = self.scenario._apply_round(self.lease, strict=False)
+            except ChaosError as err:
+                self.scenario._record_error(err)
+            except Exception as err:  # noqa: BLE001 - keep repeating; the block decides when to stop
+                log.exception("lymph-chaos: round failed")
+                self.scenario._record_error(ChaosError(f"{type(err).__name__}: {err}", type="ClientError"))
+            self.rounds += 1
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self.scenario._repeat = None
+        try:
+            self.scenario.revert()
+        except ChaosError as err:
+            if exc_type is None:
+                raise
+            log.warning("lymph-chaos: reverting after %s: %s", exc_type.__name__, err)
+
+
+def _with_agent(item: Any, agent: str) -> Dict[str, Any]:
+    out = dict(item) if isinstance(item, dict) else {"value": item}
+    out["agent"] = agent
+    return out

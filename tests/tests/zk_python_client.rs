@@ -1,0 +1,342 @@
+//! The Python `Scenario` client (`clients/python`, issue 9) against a real agent, a real lymph 0.15 `Echo` under a
+//! restart loop and the harness's ZooKeeper: pip-installs the package, then runs its pytest suite
+//! (`clients/python/tests`) with the setup described in environment variables (see `tests/conftest.py` there).
+//!
+//! Two installs, one test each:
+//! - [`zk_python_scenario_next_to_lymph`]: into the lymph venv (`CHAOS_LYMPH_VENV`), next to lymph 0.15 and its
+//!   msgpack-python 0.5.6, with `--no-deps` (pip would otherwise put msgpack ≥ 1.0 over lymph's); the tests import
+//!   `lymph.chaos.Scenario`, run gevent-patched as lymph programs are, and check lymph itself still works.
+//! - [`zk_python_scenario_without_lymph`]: a plain `pip install` into a venv without lymph
+//!   (`target/python-client-venv`, current pyzmq/msgpack/kazoo from PyPI, rebuilt when `pyproject.toml` changes);
+//!   the tests import `lymph_chaos.Scenario`, with threads.
+//!
+//! Each test runs its agent, Echo and pytest in a fresh network namespace (the agent owns the tc filters of its
+//! namespace), reaching ZooKeeper through a TCP forwarder; Echo is on a fixed port, as under `lymph node`, so a
+//! restarted instance re-registers at once. pip builds from a copy of `clients/python`, so nothing is written into
+//! the source tree (pytest runs with `-p no:cacheprovider` and `PYTHONDONTWRITEBYTECODE=1` for the same reason).
+//!
+//! By hand: `cargo xtask test --tier zk -- zk_python`.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use chaos_tests::{
+    agent::{AgentOptions, AgentProcess},
+    lymph::{self, ECHO_SERVICE, InstanceOptions, LymphConfig, Supervised},
+    netns::Netns,
+    zk,
+};
+use serde_json::{Value, json};
+
+/// The interpreter venvs are made from (Debian's; never pyenv's).
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+/// pytest in the standalone venv: the version the lymph venv pins.
+const PYTEST: &str = "pytest==9.2.0";
+/// The whole pytest run (pip installs excluded).
+const PYTEST_TIMEOUT: Duration = Duration::from_secs(200);
+/// How long the agent may take to list Echo as a local instance.
+const AGENT_SEES_ECHO: Duration = Duration::from_secs(20);
+
+#[test]
+#[ignore = "needs ZooKeeper, lymph venv and root: run by cargo xtask test"]
+fn zk_python_scenario_next_to_lymph() -> Result<()> {
+    let _lock = Lock::acquire("python-client-lymph-venv")?;
+    let venv = lymph::venv();
+    let started = Instant::now();
+    let copy = package_copy()?;
+    pip(&venv, &["install", "--no-deps", "--force-reinstall", &path_str(copy.path())?])?;
+    eprintln!("installed into the lymph venv in {:.1?}", started.elapsed());
+    run_suite(
+        "pylymph",
+        &venv,
+        &[("CHAOS_PY_IMPORT", "lymph.chaos"), ("CHAOS_PY_EXPECT_LYMPH", "1"), ("CHAOS_PY_GEVENT", "1")],
+    )
+}
+
+#[test]
+#[ignore = "needs ZooKeeper, lymph venv and root: run by cargo xtask test"]
+fn zk_python_scenario_without_lymph() -> Result<()> {
+    let _lock = Lock::acquire("python-client-venv")?;
+    let started = Instant::now();
+    let venv = standalone_venv()?;
+    eprintln!("standalone venv ready in {:.1?}", started.elapsed());
+    run_suite(
+        "pystandalone",
+        &venv,
+        &[("CHAOS_PY_IMPORT", "lymph_chaos"), ("CHAOS_PY_EXPECT_LYMPH", "0"), ("CHAOS_PY_GEVENT", "0")],
+    )
+}
+
+/// Starts Echo (restart loop) and an agent in a fresh namespace, runs pytest there, then cross-checks the agent.
+fn run_suite(tag: &str, venv: &Path, extra_env: &[(&str, &str)]) -> Result<()> {
+    let ns = Netns::new(tag);
+    let zk_target: SocketAddr = zk::zk_addr().parse().context("CHAOS_TEST_ZK is not ip:port")?;
+    let forwarder = ns.forward_tcp(0, zk_target);
+    let zk_in_ns = format!("127.0.0.1:{}", forwarder.port);
+    let chroot = zk::unique_chroot(&format!("zk_python_client-{tag}"));
+    let hosts = zk::hosts_with_chroot(&zk_in_ns, &chroot);
+    // Everything below runs on a thread inside the namespace: Echo's supervisor thread (and so Echo) is created
+    // there, and pytest is started from there.
+    ns.run(|| -> Result<()> {
+        let config = LymphConfig::new(&zk_in_ns, &chroot)?;
+        // Echo first: its kazoo creates the chroot node, which the agent cannot register without.
+        let echo = Supervised::start_with(&config, &InstanceOptions::echo_on_port(lymph::free_port()?))
+            .map_err(|err| anyhow::anyhow!("{err:#}\n{}", echo_logs(config.dir())))?;
+        let agent =
+            AgentProcess::start(Some(&ns), AgentOptions { zookeeper: Some(hosts.clone()), ..Default::default() })?;
+        wait_agent_ready(&agent)?;
+
+        let mut env: Vec<(&str, &str)> = vec![
+            ("CHAOS_PY_ZK_HOSTS", &hosts),
+            ("CHAOS_PY_ZK_ADDR", &zk_in_ns),
+            ("CHAOS_PY_SERVICE", ECHO_SERVICE),
+            ("CHAOS_PY_REQUIRE_ALL", "1"),
+        ];
+        env.extend_from_slice(extra_env);
+        let restarts_before = echo.restarts();
+        let result = pytest(venv, &env);
+        let restarts = echo.restarts() - restarts_before;
+        if result.is_err() {
+            eprintln!("--- agent log ---\n{}", agent.log_tail(60));
+        }
+        result?;
+
+        // Cross-checks from the agent's side: the scenario's kills hit different pids, every fault is gone.
+        let events = agent.events();
+        let mut kill_pids: Vec<i64> = events
+            .iter()
+            .filter(|e| e["action"] == "applied" && e["kind"] == "kill")
+            .filter(|e| e["fault"].as_str().is_some_and(|f| f.starts_with("sn-")))
+            .flat_map(|e| e["pids"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p.as_i64())
+            .collect();
+        let kills = kill_pids.len();
+        kill_pids.sort_unstable();
+        kill_pids.dedup();
+        ensure!(kills >= 2 && kill_pids.len() == kills, "kill events of the scenarios: {kills}, pids {kill_pids:?}");
+        ensure!(restarts as usize >= kills, "Echo restarted {restarts} times for {kills} kills");
+        let faults = agent.ok("faults", json!({}));
+        ensure!(faults.as_array().is_some_and(Vec::is_empty), "faults left active: {faults}");
+        eprintln!("agent: {kills} kills of distinct Echo pids, Echo restarted {restarts} times, no fault left");
+        Ok(())
+    })
+}
+
+/// The tails of the Echo logs in a config dir (they vanish with it).
+fn echo_logs(dir: &Path) -> String {
+    let mut logs: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect())
+        .unwrap_or_default();
+    logs.sort();
+    logs.iter()
+        .map(|log| {
+            let text = fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            format!("--- {} ---\n{}", log.display(), lines[lines.len().saturating_sub(15)..].join("\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Waits until the agent is registered in ZooKeeper and lists a local Echo with its pid.
+fn wait_agent_ready(agent: &AgentProcess) -> Result<()> {
+    let deadline = Instant::now() + AGENT_SEES_ECHO;
+    loop {
+        let status = agent.ok("status", json!({}));
+        let services = agent.ok("list_services", json!({}));
+        let registered = status["zookeeper"]["registered"].is_string();
+        let echo_local = services[ECHO_SERVICE]
+            .as_array()
+            .is_some_and(|v| v.iter().any(|i| i["local"] == Value::Bool(true) && i["pid"].is_i64()));
+        if registered && echo_local {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "after {AGENT_SEES_ECHO:?}: registered {registered}, local Echo {echo_local}; status {status}; \
+                 services {services}\nagent log:\n{}",
+                agent.log_tail(40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Runs the pytest suite with `env`; fails unless everything passed (one venv-specific test is skipped).
+fn pytest(venv: &Path, env: &[(&str, &str)]) -> Result<()> {
+    let tests = client_dir().join("tests");
+    let work = tempfile::Builder::new().prefix("pytest-python-client-").tempdir()?;
+    let log = work.path().join("pytest.log");
+    let python = venv.join("bin").join("python");
+    let mut cmd = Command::new(&python);
+    cmd.args(["-m", "pytest", "-p", "no:cacheprovider", "-p", "no:lymph", "-v", "-rA", "--durations=5"])
+        .args(["-W", "ignore::pytest.PytestAssertRewriteWarning"])
+        .arg(&tests)
+        // Not the source tree: the package must come from the venv.
+        .current_dir(work.path())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONWARNINGS", "ignore:pkg_resources is deprecated")
+        .env_remove("PYTHONPATH")
+        .env_remove("PYTHONHOME")
+        .env_remove("LYMPH_NODE_IP")
+        .env_remove("LYMPH_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&log)?)
+        .stderr(fs::File::options().append(true).open(&log)?);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let started = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("starting {}", python.display()))?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > PYTEST_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("pytest did not finish within {PYTEST_TIMEOUT:?}:\n{}", fs::read_to_string(&log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let output = fs::read_to_string(&log)?;
+    eprintln!("{output}");
+    eprintln!("pytest took {:.1?}", started.elapsed());
+    let summary = output.lines().rev().find(|l| l.starts_with('=')).unwrap_or_default();
+    ensure!(status.success(), "pytest failed ({status}): {summary}");
+    ensure!(
+        summary.contains(" passed")
+            && summary.contains("1 skipped")
+            && !summary.contains("failed")
+            && !summary.contains("error"),
+        "unexpected pytest summary: {summary}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// venvs and pip
+
+fn client_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("clients").join("python")
+}
+
+/// `target/`: `CARGO_TARGET_DIR`, else three levels above this test binary (`target/<profile>/deps/<test>`).
+fn target_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe()?;
+    exe.ancestors().nth(3).map(Path::to_path_buf).context("test binary outside target/<profile>/deps")
+}
+
+fn path_str(path: &Path) -> Result<String> {
+    path.to_str().map(str::to_owned).with_context(|| format!("non-UTF-8 path {}", path.display()))
+}
+
+/// A copy of `clients/python` without tests and caches: pip builds in the source directory it is given.
+fn package_copy() -> Result<tempfile::TempDir> {
+    fn copy(from: &Path, to: &Path) -> Result<()> {
+        fs::create_dir_all(to)?;
+        for entry in fs::read_dir(from)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if matches!(name.as_ref(), "tests" | "build" | "dist" | "__pycache__" | ".pytest_cache")
+                || name.ends_with(".egg-info")
+            {
+                continue;
+            }
+            let (src, dst) = (entry.path(), to.join(entry.file_name()));
+            if entry.file_type()?.is_dir() {
+                copy(&src, &dst)?;
+            } else {
+                fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+            }
+        }
+        Ok(())
+    }
+    let dir = tempfile::Builder::new().prefix("lymph-chaos-python-").tempdir()?;
+    copy(&client_dir(), dir.path())?;
+    Ok(dir)
+}
+
+/// `<venv>/bin/pip <args>` (quiet, no version check); the error carries pip's output.
+fn pip(venv: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new(venv.join("bin").join("pip"))
+        .args(args)
+        .args(["--quiet", "--no-input", "--disable-pip-version-check"])
+        .env_remove("PYTHONPATH")
+        .env_remove("PYTHONHOME")
+        .env_remove("PIP_REQUIRE_VIRTUALENV")
+        .env("PIP_DEFAULT_TIMEOUT", std::env::var("PIP_DEFAULT_TIMEOUT").unwrap_or_else(|_| "120".into()))
+        .output()
+        .with_context(|| format!("running {}/bin/pip", venv.display()))?;
+    ensure!(
+        out.status.success(),
+        "pip {} failed ({}):\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `target/python-client-venv`: a venv without lymph where a plain `pip install clients/python` pulled in the
+/// dependencies (current pyzmq, msgpack, kazoo). Rebuilt when the interpreter or `pyproject.toml` change; else
+/// only the package is reinstalled.
+fn standalone_venv() -> Result<PathBuf> {
+    let dir = target_dir()?.join("python-client-venv");
+    let version = Command::new(SYSTEM_PYTHON).arg("--version").output().context("python3 --version")?;
+    let pyproject = fs::read(client_dir().join("pyproject.toml"))?;
+    let stamp =
+        format!("{}pyproject.toml: {:016x}\n{PYTEST}\n", String::from_utf8_lossy(&version.stdout), fnv1a64(&pyproject));
+    let stamp_path = dir.join(".lymph-chaos-client-stamp");
+    let copy = package_copy()?;
+    let package = path_str(copy.path())?;
+    if fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) && dir.join("bin").join("python").is_file() {
+        pip(&dir, &["install", "--no-deps", "--force-reinstall", &package])?;
+        return Ok(dir);
+    }
+    if dir.exists() {
+        ensure!(dir.join("pyvenv.cfg").is_file(), "{} exists and is not a venv; not removing it", dir.display());
+        fs::remove_dir_all(&dir)?;
+    }
+    let out = Command::new(SYSTEM_PYTHON).args(["-m", "venv"]).arg(&dir).env_remove("PYTHONHOME").output()?;
+    ensure!(out.status.success(), "python3 -m venv {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    // A plain install, as a user would: pip resolves pyzmq, msgpack and kazoo.
+    pip(&dir, &["install", &package, PYTEST])?;
+    fs::write(&stamp_path, stamp)?;
+    Ok(dir)
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// An exclusive `flock` on `target/<name>.lock`: two test runs sharing a target dir (developers, CI) never
+/// reinstall a venv under each other's running pytest.
+struct Lock {
+    /// Holding the open file holds the lock; closing it (on drop) releases it.
+    _file: fs::File,
+}
+
+impl Lock {
+    fn acquire(name: &str) -> Result<Lock> {
+        let path = target_dir()?.join(format!("{name}.lock"));
+        let file = fs::File::options().create(true).truncate(false).write(true).open(&path)?;
+        // SAFETY: flock on an fd we own; blocks until the lock is ours.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).context(format!("flock {}", path.display()));
+        }
+        Ok(Lock { _file: file })
+    }
+}
