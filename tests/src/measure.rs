@@ -9,9 +9,15 @@
 //! EchoServer::start(addr)  ── accept thread ── one thread per connection: read → write back (TCP_NODELAY)
 //! tcp_rtt(addr, probe)     ── one connection, TCP_NODELAY: write `payload` bytes, read them back, time it;
 //!                             `warmup` unrecorded rounds first, then `samples` recorded ones  → Vec<Duration>
-//! Stats::of(&samples)      ── n, min, median, p90, max, mean in milliseconds
+//! Stats::of(&samples)      ── n, min, p10, median, p90, max, mean, standard deviation in milliseconds
 //! udp_loss(target, probe)  ── binds a counting sink on `target`, sends `packets` numbered datagrams to it in paced
 //!                             bursts, counts distinct sequence numbers that arrived            → LossReport
+//! ReplyServer::start(addr) ── a lymph-style service: requests arrive on one connection, each reply goes out on a
+//!                             SEPARATE connection the server opens to the caller's own listening port
+//! reply_rtt(addr, probe)   ── the caller side of that: listens on an ephemeral port, sends requests naming it,
+//!                             times request → reply (arriving on the other connection)         → Vec<Duration>
+//! in_netns(path, f)        ── runs `f` on a thread that entered the network namespace at `path` (/run/netns/x)
+//! pin_command_to_cpu(cmd)  ── a child process (e.g. the agent) on another vCPU than the prober
 //! ```
 //!
 //! Only loopback (or addresses inside a namespace the test created) is ever used: callers pass `127.0.0.1`/`::1`.
@@ -21,9 +27,12 @@
 //! 101.6–106 ms median (p90 up to 112 ms) instead of 101.0–101.1 ms (p90 ≤ 101.4 ms) when pinned.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet, hash_map::Entry},
     io::{self, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::Path,
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -51,6 +60,50 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The number of CPUs this process may run on.
+pub fn available_cpus() -> usize {
+    thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// Makes `cmd`'s child run on `cpu` only (set between fork and exec; the child's own children inherit it).
+///
+/// `cpu` must exist (see [`available_cpus`]); otherwise spawning fails with `EINVAL`.
+pub fn pin_command_to_cpu(cmd: &mut Command, cpu: usize) -> &mut Command {
+    // SAFETY: the closure only calls sched_setaffinity (a plain syscall) on the child itself.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_ZERO(&mut set);
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Runs `f` on a new thread that first joins the network namespace bound at `netns` (e.g. `/run/netns/cli`, as
+/// `ip netns add` creates it). The calling thread's namespace is left alone; the new thread inherits the caller's
+/// CPU affinity.
+///
+/// # Errors
+/// When the namespace file cannot be opened or `setns(2)` fails; a panic in `f` is propagated.
+pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let file = std::fs::File::open(netns)?;
+    thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a valid fd changes only this thread's namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 /// A TCP echo server on its own threads; stopped (and its listener closed) on drop.
@@ -177,10 +230,13 @@ pub fn tcp_rtt(addr: SocketAddr, probe: RttProbe) -> io::Result<Vec<Duration>> {
 pub struct Stats {
     pub n: usize,
     pub min_ms: f64,
+    pub p10_ms: f64,
     pub median_ms: f64,
     pub p90_ms: f64,
     pub max_ms: f64,
     pub mean_ms: f64,
+    /// Population standard deviation.
+    pub stdev_ms: f64,
 }
 
 impl Stats {
@@ -190,15 +246,28 @@ impl Stats {
         ms.sort_by(f64::total_cmp);
         let n = ms.len();
         if n == 0 {
-            return Self { n, min_ms: 0.0, median_ms: 0.0, p90_ms: 0.0, max_ms: 0.0, mean_ms: 0.0 };
+            return Self {
+                n,
+                min_ms: 0.0,
+                p10_ms: 0.0,
+                median_ms: 0.0,
+                p90_ms: 0.0,
+                max_ms: 0.0,
+                mean_ms: 0.0,
+                stdev_ms: 0.0,
+            };
         }
+        let mean_ms = ms.iter().sum::<f64>() / n as f64;
+        let variance = ms.iter().map(|v| (v - mean_ms).powi(2)).sum::<f64>() / n as f64;
         Self {
             n,
             min_ms: ms[0],
+            p10_ms: percentile(&ms, 10.0),
             median_ms: percentile(&ms, 50.0),
             p90_ms: percentile(&ms, 90.0),
             max_ms: ms[n - 1],
-            mean_ms: ms.iter().sum::<f64>() / n as f64,
+            mean_ms,
+            stdev_ms: variance.sqrt(),
         }
     }
 }

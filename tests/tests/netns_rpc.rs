@@ -165,7 +165,7 @@ fn malformed_frames_bodies_and_calls_never_crash_the_agent() {
         works("a 10 MB body");
 
         // Deeply nested and hostile msgpack.
-        let deep = [vec![0x81u8, 0xa1, b'a'].repeat(200), vec![0xc0]].concat();
+        let deep = [[0x81u8, 0xa1, b'a'].repeat(200), vec![0xc0]].concat();
         assert_eq!(error_type(&peer.call("Chaos.status", deep)).as_deref(), Some("BadRequest"));
         let huge_claim = vec![0xdf, 0xff, 0xff, 0xff, 0xff];
         assert_eq!(error_type(&peer.call("Chaos.status", huge_claim)).as_deref(), Some("BadRequest"));

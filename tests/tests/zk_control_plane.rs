@@ -263,8 +263,11 @@ fn dry_runs_kill_nothing_and_report_the_pid_they_would_kill() -> Result<()> {
     Ok(())
 }
 
-/// The unleashed choices (ignoring times and fault ids' wall-clock parts).
-fn choices(events: &[Json]) -> Vec<(String, String, Json, Json, Json)> {
+/// One unleashed choice: kind, fault id, target, pids, seed.
+type Choice = (String, String, Json, Json, Json);
+
+/// The unleashed choices (ignoring times).
+fn choices(events: &[Json]) -> Vec<Choice> {
     events
         .iter()
         .filter(|e| e["action"] == "dry_run" && e["detail"]["origin"] == "unleash")
@@ -297,7 +300,7 @@ unleash:
         ensure!(Instant::now() < deadline, "the agent does not see 3 local Echo instances");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let run = |seed: u64| -> Result<Vec<(String, String, Json, Json, Json)>> {
+    let run = |seed: u64| -> Result<Vec<Choice>> {
         let since = agent.ok("status", json!({}))["last_event"].as_u64().unwrap_or(0);
         let state = agent.ok("unleash", json!({"seed": seed, "mean_interval": 0.03, "min_gap": 0.01, "dry_run": true}));
         ensure!(state["enabled"] == true && state["seed"] == seed, "{state}");

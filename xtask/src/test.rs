@@ -97,10 +97,10 @@ pub fn run(opts: &TestOptions) -> Result<()> {
     }
     let runnable = |t: Tier, skipped: &[(Tier, String)]| wanted.contains(&t) && !skipped.iter().any(|(s, _)| *s == t);
 
-    if runnable(Tier::Netns, &skipped) {
-        if let Err(reason) = netns_works() {
-            skipped.push((Tier::Netns, reason));
-        }
+    if runnable(Tier::Netns, &skipped)
+        && let Err(reason) = netns_works()
+    {
+        skipped.push((Tier::Netns, reason));
     }
     let mut zookeeper = None;
     if runnable(Tier::Zk, &skipped) {
