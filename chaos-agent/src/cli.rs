@@ -77,10 +77,11 @@ pub enum Command {
     /// Example: lymph-chaos latency Echo 0.2 --jitter 0.02 --lifetime 30
     Latency {
         #[command(flatten)]
-        target: TargetArgs,
-        /// Delay in seconds (or 200ms).
-        #[arg(value_name = "DELAY")]
-        latency: String,
+        target: TargetFlags,
+        /// `[SERVICE] DELAY`: the service (unless --pid/--port/… name the target) and the delay in seconds (or
+        /// 200ms).
+        #[arg(value_name = "SERVICE DELAY", num_args = 1..=2, required = true)]
+        words: Vec<String>,
         /// Jitter in seconds (or 20ms).
         #[arg(long)]
         jitter: Option<String>,
@@ -227,12 +228,20 @@ pub enum LogFormat {
     Json,
 }
 
-/// How to name a target.
+/// How to name a target: a service name or one of the flags.
 #[derive(ClapArgs, Debug, Default)]
 pub struct TargetArgs {
     /// lymph service name.
     #[arg(value_name = "SERVICE")]
     pub name: Option<String>,
+    /// The other ways.
+    #[command(flatten)]
+    pub flags: TargetFlags,
+}
+
+/// Targets other than a service name.
+#[derive(ClapArgs, Debug, Default, Clone)]
+pub struct TargetFlags {
     /// Instance id or identity.
     #[arg(long)]
     pub instance: Option<String>,
@@ -282,10 +291,27 @@ fn seconds_json(s: &str) -> Json {
 }
 
 impl TargetArgs {
+    fn count(&self) -> usize {
+        usize::from(self.name.is_some()) + self.flags.count()
+    }
+
     fn apply(&self, map: &mut Map<String, Json>) {
         if let Some(v) = &self.name {
             put(map, "name", v.clone());
         }
+        self.flags.apply(map);
+    }
+}
+
+impl TargetFlags {
+    fn count(&self) -> usize {
+        [self.instance.is_some(), self.pid.is_some(), self.port.is_some(), self.process.is_some()]
+            .iter()
+            .filter(|x| **x)
+            .count()
+    }
+
+    fn apply(&self, map: &mut Map<String, Json>) {
         if let Some(v) = &self.instance {
             put(map, "instance", v.clone());
         }
@@ -333,6 +359,17 @@ impl CommonArgs {
 /// A usage message for malformed `key=value` parameters.
 pub fn request_for(command: &Command) -> Result<(&'static str, Map<String, Json>), String> {
     let mut m = Map::new();
+    let targets = match command {
+        Command::Kill { target, .. } | Command::Pause { target, .. } => target.count(),
+        Command::Latency { target, words, .. } => target.count() + words.len() - 1,
+        Command::Inject { target, .. } => {
+            target.count() - usize::from(target.name.as_deref().is_some_and(|n| n.contains('=')))
+        }
+        _ => 0,
+    };
+    if targets > 1 {
+        return Err("give one target: SERVICE, --instance, --pid, --port or --process".into());
+    }
     let method = match command {
         Command::Agent(_) => return Err("`agent` is not a client command".into()),
         Command::Kill { target, signal, deregister, common } => {
@@ -349,9 +386,17 @@ pub fn request_for(command: &Command) -> Result<(&'static str, Map<String, Json>
             common.apply(&mut m);
             "pause"
         }
-        Command::Latency { target, latency, jitter, direction, common } => {
+        Command::Latency { target, words, jitter, direction, common } => {
             target.apply(&mut m);
             common.apply(&mut m);
+            let (name, latency) = match words.as_slice() {
+                [name, latency] => (Some(name), latency),
+                [latency] => (None, latency),
+                _ => return Err("give [SERVICE] DELAY".into()),
+            };
+            if let Some(name) = name {
+                put(&mut m, "name", name.clone());
+            }
             m.insert("latency".into(), seconds_json(latency));
             if let Some(j) = jitter {
                 m.insert("jitter".into(), seconds_json(j));
@@ -368,13 +413,7 @@ pub fn request_for(command: &Command) -> Result<(&'static str, Map<String, Json>
             if target_name.as_deref().is_some_and(|n| n.contains('=')) {
                 params.insert(0, target_name.take().unwrap_or_default());
             }
-            let target = TargetArgs {
-                name: target_name,
-                instance: target.instance.clone(),
-                pid: target.pid,
-                port: target.port,
-                process: target.process.clone(),
-            };
+            let target = TargetArgs { name: target_name, flags: target.flags.clone() };
             target.apply(&mut m);
             common.apply(&mut m);
             put(&mut m, "kind", kind.clone());
@@ -586,6 +625,21 @@ pub fn human(method: &str, j: &Json) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap checks every subcommand's arguments (positional order, conflicts) only when it is used; do it now.
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn latency_takes_an_optional_service_before_the_delay() {
+        let cli = Cli::try_parse_from(["lymph-chaos", "latency", "--port", "8080", "0.1"]).unwrap();
+        let (_, args) = request_for(&cli.command).unwrap();
+        assert_eq!((args.get("name"), &args["port"], &args["latency"]), (None, &json!(8080), &json!(0.1)));
+        let cli = Cli::try_parse_from(["lymph-chaos", "latency", "Echo", "--port", "8080", "0.1"]).unwrap();
+        assert!(request_for(&cli.command).is_err(), "two targets");
+    }
 
     #[test]
     fn subcommands_map_to_rpc_calls() {

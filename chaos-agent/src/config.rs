@@ -35,11 +35,16 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// ZooKeeper of a default lymph deployment.
+pub const DEFAULT_ZOOKEEPER: &str = "127.0.0.1:2181";
+
 /// The whole configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// ZooKeeper hosts (`host:port[,host:port][/chroot]`, chroot `/lymph` by default). Empty = standalone.
+    /// ZooKeeper hosts (`host:port[,host:port][/chroot]`, chroot `/lymph` by default); lymph's usual
+    /// `127.0.0.1:2181` unless configured. Empty (`""`/null) = standalone only. While it is unreachable the agent runs
+    /// standalone (local lymph processes) and keeps retrying.
     pub zookeeper: Option<String>,
     /// RPC endpoint settings.
     pub rpc: RpcConfig,
@@ -62,7 +67,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            zookeeper: None,
+            zookeeper: Some(DEFAULT_ZOOKEEPER.into()),
             rpc: RpcConfig::default(),
             faults: FaultsConfig::default(),
             network: NetworkConfig::default(),
@@ -269,11 +274,13 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let config: Config = if text.trim().is_empty() {
+        let mut config: Config = if text.trim().is_empty() {
             Config::default()
         } else {
             serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?
         };
+        // `zookeeper: ""` means standalone, like null.
+        config.zookeeper = config.zookeeper.filter(|z| !z.trim().is_empty());
         config.validate()?;
         Ok(config)
     }

@@ -28,6 +28,10 @@
 //! within about a second (`watch_processes`) and stops instances with SIGTERM, on which the agent reverts its
 //! faults and exits.
 //!
+//! # Precedence
+//! `--zookeeper` > `zookeeper:` in the agent's configuration file (any value; null/`""` = standalone) > the lymph
+//! configuration below > the agent's built-in default.
+//!
 //! # Resolution, as lymph does it (`cli/main.py setup_config`, `config.py`, `core/container.py`)
 //! 1. `$LYMPH_NODE_CONFIG`, sections `container`, `registry`, `event_system`, `plugins`, `dependencies`; then
 //!    `$LYMPH_CONFIG`, all sections; a later file replaces the keys of a section it also has (shallow update).
@@ -106,14 +110,16 @@ pub struct LymphZookeeper {
     pub sources: Vec<PathBuf>,
 }
 
-/// The hook for `lymph-chaos agent`: when `config.zookeeper` is unset, take the hosts from the lymph
-/// configuration in the environment (see the module docs); log what was used, or why nothing was. Call it after
-/// the agent's own configuration is loaded and before command-line overrides.
-pub fn fill_zookeeper(config: &mut Config) {
+/// The hook for `lymph-chaos agent`: unless the agent's own configuration file names `zookeeper` (any value,
+/// null included), take the hosts from the lymph configuration in the environment (see the module docs) instead
+/// of the built-in default; log what was used, or why nothing was. Call it after the agent's configuration is
+/// loaded (from `config_file`, or the defaults when `None`) and before the command-line overrides (`--zookeeper`
+/// wins over everything).
+pub fn fill_zookeeper(config: &mut Config, config_file: Option<&Path>) {
     if let Ok(name) = std::env::var(SERVICE_NAME_ENV) {
         info!(instance = %name, "running as an instance of a lymph node");
     }
-    if config.zookeeper.is_some() {
+    if config_file.is_some_and(names_zookeeper) {
         return;
     }
     match zookeeper_from_env(&|name| std::env::var(name).ok()) {
@@ -122,8 +128,20 @@ pub fn fill_zookeeper(config: &mut Config) {
             config.zookeeper = Some(found.hosts);
         }
         Ok(None) => {}
-        Err(err) => warn!(%err, "lymph configuration not used; the agent runs without ZooKeeper (use --zookeeper)"),
+        Err(err) => warn!(
+            %err,
+            zookeeper = config.zookeeper.as_deref().unwrap_or("none (standalone)"),
+            "lymph configuration not used; keeping the agent's own ZooKeeper setting (use --zookeeper)"
+        ),
     }
+}
+
+/// Whether the agent's configuration file sets `zookeeper` itself (an unreadable file counts as not).
+fn names_zookeeper(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_yaml::from_str::<Value>(&text).ok())
+        .is_some_and(|doc| doc.get("zookeeper").is_some())
 }
 
 /// The ZooKeeper hosts of the lymph configuration named by `$LYMPH_NODE_CONFIG` / `$LYMPH_CONFIG` (looked up
@@ -417,8 +435,10 @@ instances:
             "container:\n    registry:\n        class: lymph.discovery.zookeeper:ZookeeperServiceRegistry\n",
         );
         assert_eq!(resolve(&[(CONFIG_ENV, &bare)]).unwrap().unwrap().hosts, "127.0.0.1:2181");
-        let static_reg =
-            f.write("static.yml", "container:\n    registry:\n        class: lymph.discovery.static:StaticServiceRegistryHub\n");
+        let static_reg = f.write(
+            "static.yml",
+            "container:\n    registry:\n        class: lymph.discovery.static:StaticServiceRegistryHub\n",
+        );
         let err = resolve(&[(CONFIG_ENV, &static_reg)]).unwrap_err();
         assert!(err.to_string().contains("not lymph.discovery.zookeeper"), "{err}");
         let missing_dep = f.write("dep.yml", "container:\n    registry: dep:nope\n");
@@ -429,9 +449,15 @@ instances:
     }
 
     #[test]
-    fn fill_zookeeper_never_overrides_the_agents_own_setting() {
+    fn an_agent_config_naming_zookeeper_wins() {
+        let f = Files::new();
+        let own = f.write("agent.yml", "zookeeper: zk:1/own\n");
         let mut config = Config { zookeeper: Some("zk:1/own".into()), ..Config::default() };
-        fill_zookeeper(&mut config);
+        fill_zookeeper(&mut config, Some(Path::new(&own)));
         assert_eq!(config.zookeeper.as_deref(), Some("zk:1/own"));
+        assert!(names_zookeeper(Path::new(&f.write("null.yml", "zookeeper: ~\n"))), "null is a setting too");
+        assert!(!names_zookeeper(Path::new(&f.write("other.yml", "dry_run: true\n"))));
+        assert!(!names_zookeeper(Path::new(&f.write("empty.yml", ""))));
+        assert!(!names_zookeeper(Path::new("/nonexistent/config.yml")));
     }
 }

@@ -114,9 +114,8 @@ impl AgentProcess {
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::options().append(true).open(&log)?)
             .env_remove("LYMPH_NODE_IP");
-        if let Some(zk) = &opts.zookeeper {
-            cmd.args(["--zookeeper", zk]);
-        }
+        // No ZooKeeper unless the test gives one (the default would try lymph's 127.0.0.1:2181).
+        cmd.args(["--zookeeper", opts.zookeeper.as_deref().unwrap_or("")]);
         // SAFETY: prctl in the child only affects the child.
         unsafe {
             cmd.pre_exec(|| {
@@ -281,6 +280,14 @@ impl EchoProcess {
     /// # Panics
     /// When it does not listen within 5 s.
     pub fn start(netns: &Netns, port: u16) -> EchoProcess {
+        Self::start_tagged(netns, port, "")
+    }
+
+    /// Like [`EchoProcess::start`], with `tag` added to its command line (to target exactly these processes).
+    ///
+    /// # Panics
+    /// As [`EchoProcess::start`].
+    pub fn start_tagged(netns: &Netns, port: u16, tag: &str) -> EchoProcess {
         let script = format!(
             "import socket,threading,sys\n\
              s=socket.socket(socket.AF_INET6,socket.SOCK_STREAM)\n\
@@ -298,7 +305,7 @@ impl EchoProcess {
              \tthreading.Thread(target=h,args=(c,),daemon=True).start()\n"
         );
         let mut cmd = netns.command("/usr/bin/python3");
-        cmd.args(["-c", &script, Self::MARKER]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.args(["-c", &script, Self::MARKER, tag]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         // SAFETY: prctl in the child only affects the child.
         unsafe {
             cmd.pre_exec(|| {

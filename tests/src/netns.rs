@@ -148,12 +148,26 @@ impl Netns {
     /// # Panics
     /// When the listening socket cannot be created.
     pub fn forward_tcp(&self, port: u16, target: std::net::SocketAddr) -> Forwarder {
+        // The listening socket is created inside the namespace and keeps living there.
+        let listener = self.run(|| std::net::TcpListener::bind(("127.0.0.1", port)).expect("forwarder listen"));
+        Forwarder::serve(listener, target)
+    }
+}
+
+impl Forwarder {
+    /// Forwards `127.0.0.1:<port>` of the caller's namespace to `target` (e.g. a ZooKeeper that "appears" later).
+    ///
+    /// # Panics
+    /// When the port cannot be bound.
+    pub fn start(port: u16, target: std::net::SocketAddr) -> Forwarder {
+        Forwarder::serve(std::net::TcpListener::bind(("127.0.0.1", port)).expect("forwarder listen"), target)
+    }
+
+    fn serve(listener: std::net::TcpListener, target: std::net::SocketAddr) -> Forwarder {
         use std::{
-            net::{TcpListener, TcpStream},
+            net::TcpStream,
             sync::{Arc, atomic::AtomicBool},
         };
-        // The listening socket is created inside the namespace and keeps living there.
-        let listener = self.run(|| TcpListener::bind(("127.0.0.1", port)).expect("forwarder listen"));
         let port = listener.local_addr().expect("addr").port();
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));

@@ -180,3 +180,60 @@ fn malformed_frames_bodies_and_calls_never_crash_the_agent() {
     let status = agent.ok("status", json!({}));
     assert_eq!(status["agent"], "lymph-chaos");
 }
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn lymph_builtins_answer_and_any_version_header_is_accepted() {
+    let ns = Netns::new("rpcbuiltin");
+    let agent = AgentProcess::start(
+        Some(&ns),
+        AgentOptions { args: vec!["--no-network-control".into()], ..Default::default() },
+    )
+    .unwrap();
+    let endpoint = agent.endpoint.clone();
+    ns.run(move || {
+        let peer = RawPeer::new(&endpoint);
+        let empty = value::encode(&Value::Map(vec![]));
+        let map = |v: &Value| match v {
+            Value::Map(e) => e
+                .iter()
+                .map(|(k, v)| (k.as_str().unwrap_or("").to_owned(), v.clone()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            _ => panic!("not a map: {v}"),
+        };
+        let Some((Kind::Rep, status)) = peer.call("lymph.status", empty.clone()) else { panic!("lymph.status") };
+        assert_eq!(map(&status)["endpoint"], Value::Str(endpoint.clone()));
+        let Some((Kind::Rep, inspect)) = peer.call("lymph.inspect", empty.clone()) else { panic!("lymph.inspect") };
+        let methods = match &map(&inspect)["methods"] {
+            Value::Array(m) => m.iter().map(|m| map(m)["name"].as_str().unwrap().to_owned()).collect::<Vec<_>>(),
+            other => panic!("{other}"),
+        };
+        for m in ["Chaos.kill", "lymph.ping", "lymph.change_loglevel", "lymph.get_metrics"] {
+            assert!(methods.contains(&m.to_owned()), "inspect lacks {m}: {methods:?}");
+        }
+        assert!(matches!(peer.call("lymph.get_metrics", empty.clone()), Some((Kind::Rep, Value::Array(_)))));
+        let level = value::encode(&Value::Map(vec![
+            (Value::Str("qualname".into()), Value::Str("chaos_agent".into())),
+            (Value::Str("loglevel".into()), Value::Str("DEBUG".into())),
+            (Value::Str("period".into()), Value::Int(1)),
+        ]));
+        assert!(matches!(peer.call("lymph.change_loglevel", level), Some((Kind::Rep, Value::Nil))));
+        let bad_level = value::encode(&Value::Map(vec![
+            (Value::Str("qualname".into()), Value::Str("x".into())),
+            (Value::Str("loglevel".into()), Value::Str("LOUDEST".into())),
+        ]));
+        assert_eq!(error_type(&peer.call("lymph.change_loglevel", bad_level)).as_deref(), Some("ValueError"));
+        // lymph sends the interface version it found in ZooKeeper; builtins and Chaos accept any.
+        let versioned = Headers { trace_id: Some("t".into()), version: Some("0.15.0".into()) };
+        let id = peer.request_raw(b"lymph.status", versioned.encode(), empty.clone());
+        assert!(
+            matches!(peer.reply(&id, Duration::from_secs(3)), Some((Kind::Rep, _))),
+            "versioned lymph.status not answered"
+        );
+        let id = peer.request_raw(b"Chaos.status", versioned.encode(), empty);
+        assert!(
+            matches!(peer.reply(&id, Duration::from_secs(3)), Some((Kind::Rep, _))),
+            "versioned Chaos.status not answered"
+        );
+    });
+}

@@ -198,3 +198,69 @@ fn discovery_shows_a_restarted_instance_with_its_new_pid_and_port_within_two_sec
     }
     Ok(())
 }
+
+#[test]
+#[ignore = "needs ZooKeeper, lymph venv and root: run by cargo xtask test"]
+fn standalone_until_zookeeper_appears_then_registers_and_re_registers_and_leaves_on_shutdown() -> Result<()> {
+    let config = LymphConfig::for_test("standalone")?;
+    let echo = Instance::start(&config)?;
+    // The agent's ZooKeeper address has nothing behind it yet.
+    let port = free_port();
+    let hosts = format!("127.0.0.1:{port}{}", config.chroot());
+    let mut agent = AgentProcess::start(
+        None,
+        AgentOptions { zookeeper: Some(hosts), args: vec!["--no-network-control".into()], ..Default::default() },
+    )?;
+    // Standalone: the local Echo is found from its process title and asked what it serves.
+    let services = wait_services(&agent, Duration::from_secs(10), |s| local_echo(s, echo.pid()))?;
+    ensure!(services["Echo"][0]["source"] == "local", "{services}");
+    let status = agent.ok("status", json!({}));
+    ensure!(status["zookeeper"]["state"] == "connecting" && !status["zookeeper"]["error"].is_null(), "{status}");
+    ensure!(!lymph::discover(&config)?.contains_key("Chaos"), "registered without ZooKeeper?");
+
+    // ZooKeeper appears: the agent retries in the background and registers.
+    let zk: std::net::SocketAddr = chaos_tests::zk::zk_addr().parse()?;
+    let _zk_appears = chaos_tests::netns::Forwarder::start(port, zk);
+    let appeared = Instant::now();
+    let endpoint = agent.endpoint.clone();
+    let registered = |config: &LymphConfig| -> Result<Option<Json>> {
+        Ok(lymph::discover(config)?
+            .get("Chaos")
+            .and_then(|c| c.iter().find(|i| i["endpoint"] == endpoint.as_str()).cloned()))
+    };
+    let node = loop {
+        if let Some(node) = registered(&config)? {
+            break node;
+        }
+        ensure!(
+            appeared.elapsed() < Duration::from_secs(20),
+            "not registered {:?} after ZooKeeper appeared",
+            appeared.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("registered {:?} after ZooKeeper appeared", appeared.elapsed());
+    let services = wait_services(&agent, Duration::from_secs(10), |s| s["Echo"][0]["source"] == "zookeeper")?;
+    ensure!(local_echo(&services, echo.pid()), "{services}");
+
+    // Someone removes our node (or the session was lost): the agent registers again.
+    let path = format!("/services/Chaos/{}", node["id"].as_str().context("id")?);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let zkc = zookeeper_client::Client::connect(&config.zk_hosts()).await?;
+        zkc.delete(&path, None).await?;
+        anyhow::Ok(())
+    })?;
+    let deleted = Instant::now();
+    ensure!(registered(&config)?.is_none(), "node still there after delete");
+    while registered(&config)?.is_none() {
+        ensure!(deleted.elapsed() < Duration::from_secs(15), "not re-registered after its node vanished");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("re-registered {:?} after its node vanished", deleted.elapsed());
+
+    // A clean shutdown removes the node at once (not after the session timeout).
+    ensure!(agent.stop(), "agent did not stop");
+    ensure!(registered(&config)?.is_none(), "registration left after a clean shutdown");
+    Ok(())
+}

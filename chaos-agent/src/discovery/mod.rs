@@ -229,6 +229,7 @@ impl Discovery {
 
     async fn run(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(500);
+        let mut warned = false;
         loop {
             if self.cancel.is_cancelled() {
                 return;
@@ -238,11 +239,17 @@ impl Discovery {
                 match zookeeper::connect(&hosts, self.config.session_timeout, self.config.connect_timeout).await {
                     Ok(client) => {
                         backoff = Duration::from_millis(500);
+                        warned = false;
                         self.session(&hosts, client).await;
                         continue;
                     }
                     Err(err) => {
-                        warn!(%err, "ZooKeeper unreachable; running standalone and retrying");
+                        if warned {
+                            tracing::debug!(%err, "ZooKeeper still unreachable");
+                        } else {
+                            warn!(%err, "ZooKeeper unreachable; running standalone and retrying in the background");
+                            warned = true;
+                        }
                         error = Some(err.to_string());
                     }
                 }

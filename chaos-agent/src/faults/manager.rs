@@ -79,7 +79,7 @@ pub enum FaultError {
     #[error("cannot write the journal ({0}); nothing was done")]
     Journal(std::io::Error),
     /// No fault with that id.
-    #[error("no active fault `{0}`")]
+    #[error("no fault `{0}` (neither active nor recently ended)")]
     UnknownFault(String),
 }
 
@@ -446,7 +446,22 @@ impl FaultManager {
     /// # Errors
     /// [`FaultError::UnknownFault`] when it is not active.
     pub async fn revert(&self, id: &str) -> Result<FaultReport, FaultError> {
-        self.finish(id, State::Reverted).await.ok_or_else(|| FaultError::UnknownFault(id.to_owned()))
+        if let Some(report) = self.finish(id, State::Reverted).await {
+            return Ok(report);
+        }
+        // Idempotent: a fault that already ended is reported as it ended, not as an error.
+        let inner = self.inner.lock().await;
+        let ended = inner.history.iter().rev().find(|r| r.id == id).cloned();
+        match ended {
+            Some(mut report) => {
+                report.message = format!(
+                    "fault {id} had already ended ({:?}); nothing to revert",
+                    report.state.unwrap_or(State::Expired)
+                );
+                Ok(report)
+            }
+            None => Err(FaultError::UnknownFault(id.to_owned())),
+        }
     }
 
     /// Reverts every active fault; returns their reports.

@@ -93,12 +93,13 @@ impl Pattern {
     }
 }
 
-/// Every process (not kernel threads) matching a pattern.
+/// Every process matching a pattern, except kernel threads and lymph-chaos's own processes (the CLI asking for a
+/// pattern has that pattern in its own command line).
 pub fn find(pattern: &Pattern) -> Vec<ProcInfo> {
     crate::discovery::sockets::all_pids()
         .into_iter()
         .filter_map(proc_info)
-        .filter(|p| !p.kthread && pattern.matches(p))
+        .filter(|p| !p.kthread && !is_lymph_chaos(p) && pattern.matches(p))
         .collect()
 }
 
@@ -180,8 +181,8 @@ impl Guards {
         if p.comm == "sshd" || p.cmdline.starts_with("sshd") || p.cmdline.starts_with("/usr/sbin/sshd") {
             return refuse("sshd is never a target (you would lose the machine)");
         }
-        if p.comm == "lymph-chaos" && p.cmdline.contains(" agent") {
-            return refuse("chaos agents are never targets");
+        if is_lymph_chaos(p) {
+            return refuse("lymph-chaos processes (agents, their guardians and workers, the CLI) are never targets");
         }
         if let Some(pat) = self.protected.iter().find(|pat| pat.matches(p)) {
             return refuse(&format!("it matches faults.protected_processes ({})", show(pat)));
@@ -197,6 +198,13 @@ impl Guards {
         }
         Ok(())
     }
+}
+
+/// Whether a process is one of ours (agent, guardian, worker, or the CLI that may be asking right now).
+pub fn is_lymph_chaos(p: &ProcInfo) -> bool {
+    p.comm.starts_with("lymph-chaos")
+        || p.cmdline.starts_with("lymph-chaos")
+        || p.cmdline.split(' ').next().is_some_and(|a| a.ends_with("/lymph-chaos"))
 }
 
 fn show(p: &Pattern) -> String {

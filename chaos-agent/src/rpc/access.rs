@@ -91,9 +91,7 @@ pub enum AccessError {
         source: std::io::Error,
     },
     /// The secret key file is readable by others.
-    #[error(
-        "rpc.curve_secret_key_file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}"
-    )]
+    #[error("rpc.curve_secret_key_file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}")]
     KeyFilePermissions {
         /// The file.
         path: PathBuf,
@@ -670,7 +668,10 @@ mod tests {
             vec![9; KEY_LEN],
         ];
         let req = ZapRequest::parse(&frames).unwrap();
-        assert_eq!((req.request_id.as_slice(), req.address.as_str(), req.mechanism.as_str()), (&b"42"[..], "10.0.0.2", "CURVE"));
+        assert_eq!(
+            (req.request_id.as_slice(), req.address.as_str(), req.mechanism.as_str()),
+            (&b"42"[..], "10.0.0.2", "CURVE")
+        );
         assert_eq!(req.credentials, vec![vec![9; KEY_LEN]]);
         let (id, denied) = ZapRequest::parse(&frames[..4]).unwrap_err();
         assert_eq!((id.as_slice(), denied.status()), (&b"42"[..], "500"));
@@ -704,8 +705,11 @@ mod tests {
 
     fn tempfile_dir() -> PathBuf {
         static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir()
-            .join(format!("chaos-access-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "chaos-access-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }
@@ -729,7 +733,8 @@ mod tests {
         let got = server.recv_multipart(0).is_ok();
         drop(client);
         drop(server);
-        let stats = (control.stats().accepted.load(Ordering::Relaxed), control.stats().rejected.load(Ordering::Relaxed));
+        let stats =
+            (control.stats().accepted.load(Ordering::Relaxed), control.stats().rejected.load(Ordering::Relaxed));
         drop(control);
         (got, stats.0, stats.1)
     }
@@ -737,9 +742,15 @@ mod tests {
     #[test]
     fn a_real_socket_accepts_allowed_and_drops_other_peers() {
         let (got, accepted, rejected) = delivered(Policy::networks(vec![Network::parse("127.0.0.0/8").unwrap()]));
-        assert!(got && accepted >= 1 && rejected == 0, "allowed peer: got={got} accepted={accepted} rejected={rejected}");
+        assert!(
+            got && accepted >= 1 && rejected == 0,
+            "allowed peer: got={got} accepted={accepted} rejected={rejected}"
+        );
         let (got, accepted, rejected) = delivered(Policy::networks(vec![Network::parse("10.0.0.0/8").unwrap()]));
-        assert!(!got && accepted == 0 && rejected >= 1, "refused peer: got={got} accepted={accepted} rejected={rejected}");
+        assert!(
+            !got && accepted == 0 && rejected >= 1,
+            "refused peer: got={got} accepted={accepted} rejected={rejected}"
+        );
     }
 
     #[test]
