@@ -358,3 +358,55 @@ fn guards_refuse_pid_1_the_agent_itself_and_zookeeper_without_sending_a_signal()
     ensure!(kill_events(&agent).is_empty(), "a kill was applied: {events:?}");
     Ok(())
 }
+
+#[test]
+#[ignore = "needs ZooKeeper, lymph venv and root: run by cargo xtask test"]
+fn a_network_fault_on_a_service_follows_a_restarted_instance_to_its_new_port() -> Result<()> {
+    let ns = Netns::new("follow");
+    let zk_addr: SocketAddr = zk::zk_addr().parse()?;
+    let _forward = ns.forward_tcp(zk_addr.port(), zk_addr);
+    let config = LymphConfig::for_test("follow")?;
+    // Random ports: the restarted Echo listens somewhere else.
+    let echo = ns.run(|| Supervised::start(&config))?;
+    let first = echo.wait_registered(Duration::from_secs(30))?;
+    let agent = start_agent(Some(&ns), &config, "", true)?;
+    wait_local(&agent, first.pid, Duration::from_secs(10))?;
+    let fault = agent.ok("inject", json!({"kind": "observe", "name": "Echo", "lifetime": 60}));
+    let old_port: u64 = first.endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).context("port")?;
+    ensure!(fault["ports"] == json!([old_port]), "{fault}");
+    // SAFETY: signalling the Echo this test's supervisor started.
+    unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
+    let second = echo.wait_for_restart(first.pid, Duration::from_secs(10))?;
+    wait_local(&agent, second, Duration::from_secs(10))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let moved = loop {
+        let faults = agent.ok("faults", json!({}));
+        let f =
+            faults.as_array().and_then(|l| l.iter().find(|f| f["id"] == fault["id"])).cloned().context("fault gone")?;
+        if f["ports"] != json!([old_port]) {
+            break f;
+        }
+        ensure!(Instant::now() < deadline, "the fault stayed on the dead instance's port {old_port}: {f}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(moved["pids"] == json!([second]), "{moved}");
+    let new_port = moved["ports"][0].as_u64().context("new port")?;
+    // The rule is on the new port: a call to Echo is counted.
+    let before = moved["counters"]["packets"].as_u64().unwrap_or(0);
+    ns.block_on(|| async {
+        let client = Client::new()?;
+        client
+            .call_endpoint(
+                &format!("tcp://127.0.0.1:{new_port}"),
+                "Echo.upper",
+                &json!({"text": "x"}),
+                Duration::from_secs(3),
+            )
+            .await?;
+        anyhow::Ok(())
+    })?;
+    let after = agent.ok("faults", json!({}))[0]["counters"]["packets"].as_u64().unwrap_or(0);
+    ensure!(after > before, "no packets counted on the new port ({before} → {after})");
+    ensure!(agent.events().iter().any(|e| e["action"] == "followed"), "no followed event");
+    Ok(())
+}
