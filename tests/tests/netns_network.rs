@@ -462,3 +462,28 @@ fn latency_without_netem_fails_clearly_and_leaves_nothing_half_applied() {
         engine.cleanup().await.unwrap();
     });
 }
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn an_expired_fault_is_removed_from_the_kernel_and_recorded() {
+    let ns = Netns::new("expire");
+    let _server = EchoProcess::start(&ns, 7901);
+    let config = format!("faults: {{allowed_processes: [\"{}\"]}}\n", EchoProcess::MARKER);
+    let agent = AgentProcess::start(Some(&ns), AgentOptions { config_yaml: config, ..Default::default() }).unwrap();
+    let fault = agent.ok("inject", json!({"kind": "rate", "port": 7901, "rate": "1mbit", "lifetime": 1}));
+    assert!(ns.tc(&["class", "show", "dev", "lchaos0"]).contains("c4a0:"), "no IFB class for the rate fault");
+    assert_eq!(agent.ok("status", json!({}))["network"]["rules"], 2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let expired = agent.events().into_iter().any(|e| e["action"] == "expired" && e["fault"] == fault["id"]);
+        if expired {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no expiry recorded; events: {:?}", agent.events());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent.ok("faults", json!({})).as_array().unwrap().is_empty());
+    assert_eq!(agent.ok("status", json!({}))["network"]["rules"], 0, "rules left in the map after expiry");
+    let classes = ns.tc(&["class", "show", "dev", "lchaos0"]);
+    assert!(classes.trim().is_empty(), "IFB class left after expiry: {classes}");
+}

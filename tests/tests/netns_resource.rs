@@ -74,7 +74,7 @@ fn serial_a_one_core_burn_adds_one_busy_core_and_stops_on_time() {
     let cpu_seconds = usage[0]["usage"]["workers"][0]["cpu_seconds"].as_f64().unwrap_or(0.0);
     assert!(cpu_seconds > 1.0, "the worker reports {cpu_seconds} s of CPU");
     let ended = agent.events().into_iter().any(|e| e["action"] == "expired" && e["kind"] == "cpu");
-    assert!(ended, "no expiry event");
+    assert!(ended, "no expiry event: {:?}\n{}", agent.events(), agent.log_tail(30));
 }
 
 /// A cgroup created (and removed) by the test: v1 `cpuacct` where mounted separately, else v2.

@@ -156,6 +156,8 @@ pub struct FaultManager {
     guards: StdMutex<Guards>,
     protected_ports: Vec<u16>,
     fill_root: Option<std::path::PathBuf>,
+    /// Port → the pid that listened there last time (a hint for the next lookup).
+    port_owners: StdMutex<BTreeMap<u16, i32>>,
     inner: Mutex<Inner>,
     me: StdMutex<Weak<FaultManager>>,
 }
@@ -208,6 +210,7 @@ impl FaultManager {
             guards: StdMutex::new(guards),
             protected_ports: parts.protected_ports,
             fill_root: parts.fill_root,
+            port_owners: StdMutex::new(BTreeMap::new()),
             inner: Mutex::new(Inner { active: BTreeMap::new(), history: VecDeque::new() }),
             me: StdMutex::new(Weak::new()),
         });
@@ -515,7 +518,10 @@ impl FaultManager {
 
     async fn finish(&self, id: &str, state: State) -> Option<FaultReport> {
         let mut fault = self.inner.lock().await.active.remove(id)?;
-        if let Some(timer) = fault.timer.take() {
+        // Expiry runs on the timer's own task: aborting it would cancel this very function at its next await.
+        if let Some(timer) = fault.timer.take()
+            && state != State::Expired
+        {
             timer.abort();
         }
         let mut errors = Vec::new();
@@ -636,12 +642,17 @@ impl FaultManager {
                 if *port == 0 {
                     return Err(FaultError::Invalid("port must be between 1 and 65535".into()));
                 }
-                let owner = listeners_by_port().remove(port);
+                let instance = snap.instances().find(|i| i.local && i.port == Some(*port)).cloned();
+                let mut hints: Vec<i32> = instance.iter().filter_map(|i| i.pid).collect();
+                hints.extend(self.port_owners.lock().expect("poisoned").get(port).copied());
+                let owner = owner_of_port(*port, &hints);
+                if let Some(pid) = owner {
+                    self.port_owners.lock().expect("poisoned").insert(*port, pid);
+                }
                 let process = owner.and_then(process::proc_info);
                 if action.needs_pids() && process.is_none() {
                     return Err(FaultError::NotFound(format!("no process listens on TCP port {port} here")));
                 }
-                let instance = snap.instances().find(|i| i.local && i.port == Some(*port)).cloned();
                 Resolved {
                     service: instance.as_ref().map(|i| i.service.clone()),
                     candidates: vec![Candidate { process, ports: vec![*port], instance, origin: Origin::Direct }],
@@ -1028,12 +1039,18 @@ fn signal_all(procs: &[ProcInfo], signal: i32, wait_exit: bool) -> (Vec<i32>, Ve
     (sent, exited, errors)
 }
 
-/// Listening TCP port → owning pid, for this namespace.
-fn listeners_by_port() -> BTreeMap<u16, i32> {
+/// The pid owning a listening TCP socket on `port` in this namespace. `hints` (the instance registered there, the
+/// owner found last time) are looked at first, so the usual answer costs one `/proc/<pid>/fd` read instead of a
+/// scan of every process; a stale hint only costs that read.
+fn owner_of_port(port: u16, hints: &[i32]) -> Option<i32> {
     let listeners = sockets::tcp_listeners().unwrap_or_default();
-    let inodes = listeners.iter().map(|l| l.inode).collect();
-    let owners = sockets::owners_of(&inodes, &[]);
-    listeners.into_iter().filter_map(|l| owners.get(&l.inode).map(|pid| (l.port, *pid))).collect()
+    let inodes: std::collections::HashSet<u64> = listeners.iter().filter(|l| l.port == port).map(|l| l.inode).collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    let owners = sockets::owners_of(&inodes, hints);
+    // Any socket listening on the port will do (v4 and v6 sockets of one process, or SO_REUSEPORT siblings).
+    owners.values().min().copied()
 }
 
 /// Listening TCP ports of some pids.
