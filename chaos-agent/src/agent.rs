@@ -96,10 +96,13 @@ pub async fn run(
     let (network, network_status) = start_network(&config, &events).await;
 
     let advertise = config.rpc.advertise.clone().unwrap_or_else(|| advertise_ip(&config.rpc.bind));
+    let access = crate::rpc::access::Policy::from_config(&config.rpc, &advertise)
+        .map_err(|err| AgentError::Config(err.to_string()))?;
     let node_config = NodeConfig {
         bind_ip: config.rpc.bind.clone(),
         port: Some(config.rpc.port),
         advertise_ip: Some(advertise.clone()),
+        access,
     };
     let (req_tx, req_rx) = mpsc::channel(node::REQUEST_QUEUE);
     let node = RpcNode::start(&node_config, Some(req_tx))?;

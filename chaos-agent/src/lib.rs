@@ -21,6 +21,7 @@ pub mod events;
 pub mod faults;
 pub mod guardian;
 pub mod journal;
+pub mod lymph_config;
 pub mod metrics;
 pub mod paths;
 pub mod rpc;

@@ -95,6 +95,7 @@ fn main() {
 }
 
 async fn run_agent(args: &cli::AgentArgs) -> i32 {
+    chaos_agent::lymph_config::release_shared_sockets();
     let log = init_logging(args.log_format, &args.log_level);
     let path = args.config.clone().or_else(|| {
         let default = std::path::PathBuf::from(chaos_agent::paths::CONFIG_FILE);
@@ -111,6 +112,7 @@ async fn run_agent(args: &cli::AgentArgs) -> i32 {
         None => Config::default(),
     };
     config.apply_lymph_env();
+    chaos_agent::lymph_config::fill_zookeeper(&mut config, path.as_deref());
     if let Some(z) = &args.zookeeper {
         config.zookeeper = (!z.is_empty()).then(|| z.clone());
     }

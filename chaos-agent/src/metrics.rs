@@ -33,11 +33,20 @@ pub async fn serve(
             let Ok((mut sock, _)) = listener.accept().await else { continue };
             let (server, manager, events) = (server.clone(), manager.clone(), events.clone());
             tokio::spawn(async move {
+                // Read the request head (it may arrive in pieces), bounded in size and time.
                 let mut buf = [0u8; 2048];
-                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
-                    Ok(Ok(n)) => n,
-                    _ => return,
+                let mut n = 0;
+                let read_head = async {
+                    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => n += k,
+                        }
+                    }
                 };
+                if tokio::time::timeout(std::time::Duration::from_secs(5), read_head).await.is_err() {
+                    return;
+                }
                 let request = String::from_utf8_lossy(&buf[..n]);
                 let (status, body) = if request.starts_with("GET /metrics") || request.starts_with("GET / ") {
                     ("200 OK", render(&server, &manager, &events).await)

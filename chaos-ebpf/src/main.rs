@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use chaos_common::{
-    Counters, Iface, MAX_IFACES, MAX_RULES, Rule, RuleKey, action, proto,
+    Counters, Iface, MAX_IFACES, MAX_RULE_KEYS, MAX_RULES, Rule, RuleKey, action, proto,
     scope::{self, HOOK_NONE},
 };
 
@@ -50,7 +50,7 @@ const IPPROTO_DSTOPTS: u8 = 60;
 const IPV6_MAX_EXT_HEADERS: usize = 4;
 
 #[map(name = "CHAOS_RULES")]
-static RULES: HashMap<RuleKey, Rule> = HashMap::with_max_entries(MAX_RULES, 0);
+static RULES: HashMap<RuleKey, Rule> = HashMap::with_max_entries(MAX_RULE_KEYS, 0);
 
 #[map(name = "CHAOS_COUNTERS")]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_RULES, 0);

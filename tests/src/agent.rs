@@ -205,18 +205,7 @@ impl AgentProcess {
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(agent_bin());
         if let Some(ns) = &self.netns {
-            let path = format!("/var/run/netns/{ns}");
-            let file = std::fs::File::open(&path).expect("netns file");
-            let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
-            // SAFETY: setns(2) is async-signal-safe.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            crate::netns::enter_on_exec(&mut cmd, ns);
         }
         cmd.args(["--agent", &self.endpoint]).args(args).output().expect("running lymph-chaos")
     }

@@ -70,20 +70,8 @@ impl Netns {
     /// Unlike `ip netns exec`, only the network namespace changes: `ip netns exec` also gives the command a mount
     /// namespace of its own with a fresh `/sys`, which hides `/sys/fs/cgroup` and `/sys/fs/bpf` from it.
     pub fn command(&self, program: &str) -> Command {
-        use std::os::{fd::IntoRawFd, unix::process::CommandExt};
-        let path = format!("/var/run/netns/{}", self.name);
-        let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}")).into_raw_fd();
         let mut cmd = Command::new(program);
-        // SAFETY: setns(2) is async-signal-safe; `fd` stays open (and leaks, harmlessly) until the child execs —
-        // it is not CLOEXEC-safe to close it here, and the parent keeps its copy only as long as the Command lives.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        enter_on_exec(&mut cmd, &self.name);
         cmd
     }
 
@@ -130,6 +118,23 @@ impl Netns {
         let out = self.exec("tc", args);
         assert!(out.status.success(), "tc {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Makes `cmd` enter the named namespace (only the network namespace) between fork and exec. The namespace file
+/// stays open as long as `cmd` does (the closure owns it) and is closed on exec in the child (CLOEXEC).
+pub fn enter_on_exec(cmd: &mut Command, name: &str) {
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    let path = format!("/var/run/netns/{name}");
+    let file = std::sync::Arc::new(File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}")));
+    // SAFETY: setns(2) is async-signal-safe and only touches the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -236,7 +241,7 @@ mod tests {
             let links = ns.ip(&["-o", "link"]).unwrap();
             let text = String::from_utf8_lossy(&links.stdout);
             assert!(text.contains("lo:") && text.lines().count() == 1, "{text}");
-            let inside = ns.run(|| std::fs::read_to_string("/proc/self/net/dev").unwrap());
+            let inside = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/dev").unwrap());
             assert_eq!(inside.lines().filter(|l| l.contains(':')).count(), 1, "{inside}");
         }
         let list = ip(&["netns", "list"]).unwrap();

@@ -173,6 +173,28 @@ fn netns_works() -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The nextest filterset selecting the tiers' tests.
+fn filterset(tiers: &[Tier]) -> String {
+    if tiers.contains(&Tier::Unit) {
+        // Everything, minus the binaries of tiers not running.
+        let excluded: Vec<String> = [Tier::Netns, Tier::Zk, Tier::Vm]
+            .into_iter()
+            .filter(|t| !tiers.contains(t))
+            .map(|t| format!("not {}", t.binaries()))
+            .collect();
+        return if excluded.is_empty() { "all()".into() } else { excluded.join(" and ") };
+    }
+    // Only the requested tiers: their binaries (the netns tier also owns the root-only unit tests).
+    tiers
+        .iter()
+        .map(|t| match t {
+            Tier::Netns => format!("{} or kind(lib)", t.binaries()),
+            other => other.binaries().to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
 fn have_nextest() -> bool {
     util::cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success())
 }
@@ -183,18 +205,13 @@ fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Res
     step("building the workspace and its tests");
     util::run(util::cargo().current_dir(util::root()).args(["build", "--workspace", "--bins"]))?;
     let privileged = tiers.contains(&Tier::Netns) || tiers.contains(&Tier::Zk) || tiers.contains(&Tier::Vm);
-    let excluded: Vec<&str> =
-        [Tier::Netns, Tier::Zk, Tier::Vm].into_iter().filter(|t| !tiers.contains(t)).map(|t| t.binaries()).collect();
     if have_nextest() {
         let mut cmd = util::cargo();
         cmd.current_dir(util::root()).args(["nextest", "run", "--workspace", "--no-fail-fast"]);
         if privileged {
             cmd.args(["--run-ignored", "all"]);
         }
-        if !excluded.is_empty() {
-            let filter = excluded.iter().map(|b| format!("not {b}")).collect::<Vec<_>>().join(" and ");
-            cmd.args(["-E", &filter]);
-        }
+        cmd.args(["-E", &filterset(tiers)]);
         cmd.args(extra);
         for (k, v) in env {
             cmd.env(k, v);
@@ -224,7 +241,9 @@ fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Res
         })
         .collect();
     binaries.sort_by_key(|b| b.starts_with("vm"));
-    let mut runs: Vec<Vec<String>> = vec![vec!["--workspace".into(), "--lib".into(), "--bins".into()]];
+    let strs = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+    let mut runs: Vec<Vec<String>> =
+        vec![strs(&["--workspace", "--exclude", "chaos-tests"]), strs(&["-p", "chaos-tests", "--lib", "--bins"])];
     runs.extend(binaries.iter().map(|b| vec!["-p".into(), "chaos-tests".into(), "--test".into(), b.clone()]));
     for args in runs {
         let mut cmd = util::cargo();

@@ -6,11 +6,13 @@
 //! - [`node`] — the ROUTER pair and its I/O thread; pings answered inline; the client side (`request`)
 //! - [`server`] — turns requests into calls on [`Interface`]s, with lymph's built-in `lymph.*` methods
 //! - [`client`] — calling services by name (ZooKeeper lookup) or endpoint
+//! - [`access`] — who may connect: a ZAP handler checking peer addresses (`rpc.allowed_clients`) and CURVE keys
 //!
 //! Replies follow lymph's rules (`lymph/core/container.py handle_request`): unknown interface or method → NACK;
 //! errors a person should read (bad arguments, refused targets, missing kernel features) → ERROR with a type name
 //! and a message, which lymph clients raise as `RemoteError.<type>`.
 
+pub mod access;
 pub mod client;
 pub mod node;
 pub mod server;

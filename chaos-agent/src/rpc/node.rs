@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     ClientError, RpcError,
+    access::{self, AccessControl},
     value::{self, Value},
     wire::{self, FrameError, Headers, Incoming, Kind},
 };
@@ -60,12 +61,14 @@ pub struct NodeConfig {
     pub port: Option<u16>,
     /// Address peers use to reach us (goes into the endpoint and routing id); defaults to `bind_ip`.
     pub advertise_ip: Option<String>,
+    /// Who may connect to the bound socket (`rpc.allowed_clients`, CURVE keys); `None` = anyone who can reach it.
+    pub access: Option<access::Policy>,
 }
 
 impl NodeConfig {
     /// A client-only node on loopback with a random port.
     pub fn loopback() -> NodeConfig {
-        NodeConfig { bind_ip: "127.0.0.1".into(), port: None, advertise_ip: None }
+        NodeConfig { bind_ip: "127.0.0.1".into(), port: None, advertise_ip: None, access: None }
     }
 }
 
@@ -88,6 +91,9 @@ pub enum NodeError {
         /// zmq's error.
         source: zmq::Error,
     },
+    /// Access control could not be set up.
+    #[error(transparent)]
+    Access(#[from] access::AccessError),
     /// eventfd or thread creation failed.
     #[error("{op}: {source}")]
     Os {
@@ -243,7 +249,9 @@ impl RpcNode {
     pub fn start(config: &NodeConfig, requests: Option<mpsc::Sender<Request>>) -> Result<RpcNode, NodeError> {
         let ctx = zmq::Context::new();
         let advertise = config.advertise_ip.clone().unwrap_or_else(|| config.bind_ip.clone());
-        let (recv, endpoint) = bind_recv(&ctx, &config.bind_ip, &advertise, config.port)?;
+        // Before the recv socket binds: the ZAP handler must answer the first handshake, and outlive the socket.
+        let access = config.access.clone().map(|policy| AccessControl::start(&ctx, policy)).transpose()?;
+        let (recv, endpoint) = bind_recv(&ctx, &config.bind_ip, &advertise, config.port, access.as_ref())?;
         let send = ctx.socket(zmq::ROUTER).map_err(zmq_err("socket(ROUTER)"))?;
         send.set_identity(endpoint.as_bytes()).map_err(zmq_err("set_identity"))?;
         send.set_router_mandatory(true).map_err(zmq_err("set_router_mandatory"))?;
@@ -265,8 +273,16 @@ impl RpcNode {
             stats: NodeStats::default(),
             stop: AtomicBool::new(false),
         });
-        let io =
-            IoThread { shared: shared.clone(), recv, send, out_rx, requests, peers: HashMap::new(), retry: Vec::new() };
+        let io = IoThread {
+            shared: shared.clone(),
+            recv,
+            send,
+            out_rx,
+            requests,
+            peers: HashMap::new(),
+            retry: Vec::new(),
+            _access: access,
+        };
         let thread = std::thread::Builder::new()
             .name("lymph-rpc-io".into())
             .spawn(move || io.run(ctx))
@@ -357,6 +373,7 @@ fn bind_recv(
     bind_ip: &str,
     advertise_ip: &str,
     port: Option<u16>,
+    access: Option<&AccessControl>,
 ) -> Result<(zmq::Socket, String), NodeError> {
     let host = |ip: &str| if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
     let attempts = if port.is_some() { 1 } else { 5 };
@@ -373,6 +390,9 @@ fn bind_recv(
         recv.set_maxmsgsize(ZMQ_MAX_MESSAGE).map_err(zmq_err("set_maxmsgsize"))?;
         if bind_ip.contains(':') {
             recv.set_ipv6(true).map_err(zmq_err("set_ipv6"))?;
+        }
+        if let Some(access) = access {
+            access.protect(&recv)?;
         }
         let bind = format!("tcp://{}:{port}", host(bind_ip));
         match recv.bind(&bind) {
@@ -397,6 +417,9 @@ struct IoThread {
     /// Endpoints our send socket is connected to, with when we last sent there.
     peers: HashMap<String, Instant>,
     retry: Vec<Outgoing>,
+    /// The ZAP handler: dropped with the rest of `self` at the end of [`IoThread::run`], after the sockets it
+    /// protects are closed (libzmq skips authentication when no handler is bound).
+    _access: Option<AccessControl>,
 }
 
 impl IoThread {

@@ -43,8 +43,11 @@ pub const PROG_STEER: &str = "chaos_steer";
 /// Direct-action program on the IFB's root HTB qdisc: picks the class from `tc_index`.
 pub const PROG_IFB: &str = "chaos_ifb";
 
-/// Capacity of [`MAP_RULES`] and [`MAP_COUNTERS`].
+/// Capacity of [`MAP_COUNTERS`]: the number of network faults at once (one counter slot each).
 pub const MAX_RULES: u32 = 16_384;
+/// Capacity of [`MAP_RULES`]: a fault takes one key per protocol × side × hook it covers (2 for a TCP port
+/// `to`, up to 8), so 16,384 faults on single ports fit with room to spare (≈ 2 MiB of kernel memory).
+pub const MAX_RULE_KEYS: u32 = 65_536;
 /// Largest IFB class minor a rule can name (13 bits travel in `tc_index` next to three flag bits).
 pub const MAX_CLASS_MINOR: u32 = 0x1fff;
 /// Capacity of [`MAP_IFACES`].

@@ -16,8 +16,8 @@ use aya::{
     programs::{ProgramError, SchedClassifier},
 };
 use chaos_common::{
-    Counters, Iface, MAP_COUNTERS, MAP_IFACES, MAP_RULES, MAX_RULES, PROG_EGRESS, PROG_IFB, PROG_INGRESS, PROG_STEER,
-    Rule, RuleKey,
+    Counters, Iface, MAP_COUNTERS, MAP_IFACES, MAP_RULES, PROG_EGRESS, PROG_IFB, PROG_INGRESS, PROG_STEER, Rule,
+    RuleKey,
 };
 
 /// The classifier object built by `cargo xtask build-ebpf` (empty when it was not built).
@@ -237,7 +237,7 @@ impl Classifier {
 }
 
 /// Capacity of the rule map.
-pub const RULE_CAPACITY: u32 = MAX_RULES;
+pub const RULE_CAPACITY: u32 = chaos_common::MAX_RULE_KEYS;
 
 /// Makes sure `dir` is on a bpffs (mounting one on `/sys/fs/bpf` if nothing is mounted there) and exists.
 fn ensure_bpffs(dir: &Path) -> Result<(), ClassifierError> {

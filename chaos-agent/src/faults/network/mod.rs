@@ -544,7 +544,7 @@ impl NetworkEngine {
                 match classifier.set_rule(*key, rule) {
                     Ok(()) => inserted.push(*key),
                     Err(err) => {
-                        result = Err(err.into());
+                        result = Err(map_full(err));
                         break;
                     }
                 }
@@ -914,6 +914,16 @@ impl NetworkEngine {
         }
         Ok(report)
     }
+}
+
+/// A full hash map answers E2BIG to an insert: say so in words.
+fn map_full(err: aya::maps::MapError) -> NetError {
+    if let aya::maps::MapError::SyscallError(e) = &err
+        && e.io_error.raw_os_error() == Some(libc::E2BIG)
+    {
+        return NetError::Full("rule map");
+    }
+    NetError::Map(err)
 }
 
 /// `loss_percent` as a threshold for `bpf_get_prandom_u32() < threshold`.
