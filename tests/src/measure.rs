@@ -380,9 +380,158 @@ fn count_datagrams(sink: &UdpSocket, sending: &AtomicBool, linger: Duration) -> 
     seen.len() as u32
 }
 
+/// Bytes of a [`ReplyServer`] request or reply: the caller's reply port (u16, big endian), a sequence number
+/// (u32, big endian), padding.
+const REPLY_FRAME: usize = 32;
+
+/// A lymph-style service: a request arrives on one TCP connection to the service port; the reply goes back on a
+/// **separate** connection from the service to the caller's own listening port (a lymph service's ZeroMQ socket
+/// connects to the caller's endpoint to answer). One reply connection per request connection and reply port,
+/// opened on the first request and kept. Every socket has `TCP_NODELAY`. Stopped on drop.
+#[derive(Debug)]
+pub struct ReplyServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl ReplyServer {
+    /// Binds `addr` and serves every accepted connection on its own thread.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub fn start(addr: SocketAddr) -> io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let accept = {
+            let stop = Arc::clone(&stop);
+            thread::Builder::new().name(format!("reply-{addr}")).spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, peer)) => {
+                            let _ = thread::Builder::new()
+                                .name("reply-conn".into())
+                                .spawn(move || serve_reply_connection(conn, peer.ip()));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(2)),
+                        Err(_) => {}
+                    }
+                }
+            })?
+        };
+        Ok(Self { addr, stop, accept: Some(accept) })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+fn serve_reply_connection(mut conn: TcpStream, peer: IpAddr) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_nodelay(true);
+    let mut replies: HashMap<u16, TcpStream> = HashMap::new();
+    let mut frame = [0u8; REPLY_FRAME];
+    while conn.read_exact(&mut frame).is_ok() {
+        let port = u16::from_be_bytes([frame[0], frame[1]]);
+        let reply = match replies.entry(port) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let Ok(out) = TcpStream::connect_timeout(&SocketAddr::new(peer, port), Duration::from_secs(10)) else {
+                    return;
+                };
+                let _ = out.set_nodelay(true);
+                e.insert(out)
+            }
+        };
+        if reply.write_all(&frame).is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for ReplyServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+    }
+}
+
+/// Request → reply round trips against a [`ReplyServer`] at `addr`: requests go out on one connection, replies
+/// come in on a connection the server opens to a listener of ours (an ephemeral port on `addr`'s IP).
+/// `probe.payload` is ignored (frames are fixed-size and small).
+///
+/// # Errors
+/// When connecting, sending or receiving fails or times out, or a reply does not match its request.
+pub fn reply_rtt(addr: SocketAddr, probe: RttProbe) -> io::Result<Vec<Duration>> {
+    let listener = TcpListener::bind(SocketAddr::new(addr.ip(), 0))?;
+    let reply_port = listener.local_addr()?.port();
+    listener.set_nonblocking(true)?;
+    let mut requests = TcpStream::connect_timeout(&addr, probe.timeout)?;
+    requests.set_nodelay(true)?;
+    requests.set_write_timeout(Some(probe.timeout))?;
+    let mut replies: Option<TcpStream> = None;
+    let mut frame = [0u8; REPLY_FRAME];
+    let mut reply = [0u8; REPLY_FRAME];
+    let mut samples = Vec::with_capacity(probe.samples);
+    for round in 0..probe.warmup + probe.samples {
+        frame[..2].copy_from_slice(&reply_port.to_be_bytes());
+        frame[2..6].copy_from_slice(&(round as u32).to_be_bytes());
+        let started = Instant::now();
+        requests.write_all(&frame)?;
+        let conn = match &mut replies {
+            Some(conn) => conn,
+            None => {
+                // The first reply opens the reply connection (polled: std has no accept timeout).
+                let deadline = started + probe.timeout;
+                let conn = loop {
+                    match listener.accept() {
+                        Ok((conn, _)) => break conn,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                            thread::sleep(Duration::from_millis(1));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "no reply connection from the service",
+                            ));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
+                conn.set_nonblocking(false)?;
+                conn.set_nodelay(true)?;
+                conn.set_read_timeout(Some(probe.timeout))?;
+                replies.insert(conn)
+            }
+        };
+        conn.read_exact(&mut reply)?;
+        let elapsed = started.elapsed();
+        if reply != frame {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("reply {round} from {addr} differs")));
+        }
+        if round >= probe.warmup {
+            samples.push(elapsed);
+        }
+    }
+    Ok(samples)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_come_back_on_a_separate_connection() {
+        let server = ReplyServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let samples = reply_rtt(server.addr(), RttProbe { samples: 5, warmup: 1, ..RttProbe::default() }).unwrap();
+        assert_eq!(samples.len(), 5);
+    }
 
     #[test]
     fn stats_use_nearest_rank() {
@@ -390,10 +539,12 @@ mod tests {
         let stats = Stats::of(&samples);
         assert_eq!(stats.n, 10);
         assert_eq!(stats.min_ms, 1.0);
+        assert_eq!(stats.p10_ms, 1.0);
         assert_eq!(stats.median_ms, 5.0);
         assert_eq!(stats.p90_ms, 9.0);
         assert_eq!(stats.max_ms, 10.0);
         assert!((stats.mean_ms - 5.5).abs() < 1e-9);
+        assert!((stats.stdev_ms - 8.25f64.sqrt()).abs() < 1e-9);
         assert_eq!(Stats::of(&[]).n, 0);
     }
 

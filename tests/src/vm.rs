@@ -7,10 +7,13 @@
 //!
 //! # Why an initramfs, not a debootstrap image
 //! Both were measured on this project's machines (shared/notes/vm-testing.md):
-//! - **initramfs** (busybox-static + host binaries with their `ldd` libraries + the modules, gzip cpio, 6–9 MB):
-//!   built in ~1 s with no root and no network, boots to `/init` at 1.8 s guest time, boot → tests → `poweroff -f`
-//!   in 6–12 s wall under TCG (plus what the scenarios take: the raw-netem baseline set runs 18.5–19.5 s wall). Every file the guest has is listed here, so a test cannot depend on
-//!   something it did not ask for; results come back over the serial console, no shared filesystem needed.
+//! - **initramfs** (busybox-static + host binaries with their `ldd` libraries + the modules, gzip cpio): without
+//!   the agent 6–9 MB, built in ~1 s with no root and no network, boots to `/init` at 1.8 s guest time,
+//!   boot → tests → `poweroff -f` in 6–12 s wall under TCG plus what the scenarios take. With the debug agent
+//!   (33 MB once its debug info is stripped) 17.5 MB, built in 3.5–5 s, `/init` at ~3 s; the whole scenario set
+//!   of `tests/tests/vm.rs` (raw netem + agent) runs in 75–95 s guest time, 78–101 s wall. Every file the guest has is
+//!   listed here, so a test cannot depend on something it did not ask for; results come back over the serial
+//!   console, no shared filesystem needed.
 //! - **debootstrap** (minbase + systemd + iproute2): 47 s to build (network, root), 17–18 s per boot, and needs a
 //!   9p share or disk image to get results out. Its only advantage — a real init system — buys nothing for tc
 //!   scenarios.
@@ -20,7 +23,7 @@
 //! # Layout
 //! ```text
 //! Guest::builder(&assets)                 GuestBuilder
-//!   .binary(host_path, "/usr/local/bin/x")  + its ldd libraries at the paths ldd names
+//!   .binary(host_path, "/usr/local/bin/x")  debug info stripped (objcopy) + its ldd libraries at their paths
 //!   .file(host_path, "/etc/x") / .bytes("/etc/y", data, 0o644)
 //!   .module("sch_netem")                    + its modules.dep dependencies, insmod'ed deps first
 //!   .command("/usr/local/bin/x --all")      what /init runs after setting the guest up
@@ -335,8 +338,9 @@ impl GuestBuilder {
         image.file_from_host(Path::new(BUSYBOX), BUSYBOX)?;
         image.insert("/bin/sh", Node::Symlink("busybox".into()));
 
+        let scratch = tempfile::Builder::new().prefix("chaos-vm-strip.").tempdir().context("creating a temp dir")?;
         for (host, guest) in &self.binaries {
-            image.file_from_host(host, guest)?;
+            image.executable_from_host(host, guest, scratch.path())?;
             for lib in shared_libraries(host)? {
                 let guest_lib = lib.to_string_lossy().into_owned();
                 if !image.contains(&guest_lib) {
@@ -576,6 +580,67 @@ pub fn format_table(results: &[ScenarioResult]) -> String {
     s
 }
 
+/// The raw-netem vs agent comparison: every `agent-<x>` result that has a `tc-<x>` twin from the same boot, one row
+/// each. Delay rows show the median RTT, what the fault added to the baseline median, p90 and the standard
+/// deviation (ms); loss rows the measured loss (%).
+pub fn comparison_table(results: &[ScenarioResult]) -> String {
+    let pairs: Vec<(&str, &ScenarioResult, &ScenarioResult)> = results
+        .iter()
+        .filter_map(|ours| {
+            let name = ours.name.strip_prefix("agent-")?;
+            let raw = results.iter().find(|r| r.name.strip_prefix("tc-") == Some(name))?;
+            Some((name, raw, ours))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return "(no scenario ran both through raw tc netem and through the agent)\n".into();
+    }
+    let width = pairs.iter().map(|(n, ..)| n.len()).max().unwrap_or(0).max("scenario".len());
+    let num = |r: &ScenarioResult, k: &str| r.number(k).map_or_else(|| "-".to_string(), |v| format!("{v:.2}"));
+    let mut s =
+        format!("{:<width$}  {:>9}  {:^30}  {:^30}  {:>9}\n", "", "", "raw tc netem", "lymph-chaos agent", "agent-raw");
+    let _ = writeln!(
+        s,
+        "{:<width$}  {:>9}  {:>7} {:>7} {:>7} {:>6}  {:>7} {:>7} {:>7} {:>6}  {:>9}",
+        "scenario", "want", "median", "added", "p90", "stdev", "median", "added", "p90", "stdev", "added",
+    );
+    for (name, raw, ours) in pairs {
+        if let (Some(raw_loss), Some(our_loss)) = (raw.number("loss_pct"), ours.number("loss_pct")) {
+            let want = ours.number("want_pct").map_or_else(|| "-".into(), |w| format!("{w:.0} %"));
+            let _ = writeln!(
+                s,
+                "{name:<width$}  {want:>9}  {:>30}  {:>30}  {:>+9.2}",
+                format!("loss {raw_loss:.2} %"),
+                format!("loss {our_loss:.2} %"),
+                our_loss - raw_loss
+            );
+            continue;
+        }
+        let want = match (ours.number("want_ms"), ours.number("jitter_ms")) {
+            (Some(w), Some(j)) => format!("{w:.0}±{j:.0} ms"),
+            (Some(w), None) => format!("{w:.0} ms"),
+            _ => "-".into(),
+        };
+        let diff = match (raw.number("extra_ms"), ours.number("extra_ms")) {
+            (Some(r), Some(o)) => format!("{:+.2}", o - r),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            s,
+            "{name:<width$}  {want:>9}  {:>7} {:>7} {:>7} {:>6}  {:>7} {:>7} {:>7} {:>6}  {diff:>9}",
+            num(raw, "ms"),
+            num(raw, "extra_ms"),
+            num(raw, "p90_ms"),
+            num(raw, "stdev_ms"),
+            num(ours, "ms"),
+            num(ours, "extra_ms"),
+            num(ours, "p90_ms"),
+            num(ours, "stdev_ms"),
+        );
+    }
+    s
+}
+
 /// Shared libraries of a dynamically linked executable, as `ldd` resolves them (loader included; vdso excluded).
 fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(binary).output().context("running ldd")?;
@@ -715,6 +780,29 @@ impl Image {
         self.nodes.insert(path, node);
     }
 
+    /// Copies a host executable without its debug information (`objcopy --strip-debug`, symbols kept for
+    /// backtraces): a debug `lymph-chaos` is 160 MB with and 33 MB without. Copied as is when `objcopy` is missing
+    /// or fails (e.g. not an ELF file).
+    fn executable_from_host(&mut self, host: &Path, guest: &str, scratch: &Path) -> Result<()> {
+        let stripped = scratch.join(format!("{}.stripped", self.nodes.len()));
+        let ok = Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(host)
+            .arg(&stripped)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return self.file_from_host(host, guest);
+        }
+        let data = fs::read(&stripped).with_context(|| format!("reading {}", stripped.display()))?;
+        let _ = fs::remove_file(&stripped);
+        let mode =
+            fs::metadata(host).with_context(|| format!("reading {}", host.display()))?.permissions().mode() & 0o7777;
+        self.insert(guest, Node::File { data, mode });
+        Ok(())
+    }
+
     /// Copies a host file's content (symlinks followed) and permission bits.
     fn file_from_host(&mut self, host: &Path, guest: &str) -> Result<()> {
         let data = fs::read(host).with_context(|| format!("reading {}", host.display()))?;
@@ -792,6 +880,23 @@ mod tests {
         assert_eq!(results[1].value("loss_pct"), Some("41.0"));
         assert_eq!(done, Some(GuestDone { exit: 1, uptime_s: Some(9.5) }));
         assert_eq!(parse_console("RESULT x pass\n").1, None);
+    }
+
+    #[test]
+    fn compares_agent_rows_with_their_raw_twins() {
+        let (results, _) = parse_console(
+            "RESULT tc-delay-10ms-v4 pass ms=10.70 extra_ms=10.50 want_ms=10.00 p90_ms=10.90 stdev_ms=0.10\n\
+             RESULT agent-delay-10ms-v4 pass ms=10.90 extra_ms=10.60 want_ms=10.00 p90_ms=11.00 stdev_ms=0.20\n\
+             RESULT tc-loss-30pct-udp pass loss_pct=29.50 want_pct=30.00\n\
+             RESULT agent-loss-30pct-udp pass loss_pct=30.25 want_pct=30.00\n\
+             RESULT agent-reply-conn pass ms=100.3 extra_ms=100.1\n",
+        );
+        let table = comparison_table(&results);
+        let row = table.lines().find(|l| l.starts_with("delay-10ms-v4")).unwrap();
+        assert!(row.contains("10.70") && row.contains("10.90") && row.trim_end().ends_with("+0.10"), "{table}");
+        let loss = table.lines().find(|l| l.starts_with("loss-30pct-udp")).unwrap();
+        assert!(loss.contains("loss 29.50 %") && loss.contains("loss 30.25 %") && loss.contains("+0.75"), "{table}");
+        assert!(!table.contains("reply-conn"), "no raw twin, no row: {table}");
     }
 
     #[test]

@@ -1,12 +1,19 @@
 //! `cargo xtask`: the one entry point for developers.
 //!
 //! Layout:
+//! - `bench` — release benchmarks that print our numbers next to the baseline they beat (`chaos-bench`)
 //! - `ebpf`  — build the kernel-side classifier with Debian's rustc-web + bpf-linker (installs them when missing)
 //! - `test`  — every test tier (unit, network namespaces, ZooKeeper + real lymph peers, qemu guests)
 //! - `util`  — running commands loudly, apt installs
 //! - `vm`    — qemu, the pinned Debian kernel and its modules for the VM tier (cached under target/vm/)
+//! - `install`, `deb` — the agent as an installed service (files from chaos-agent/dist/), or as a .deb
+//! - `demo`  — the agent against a real lymph Echo and client, in a private network namespace
 
+mod bench;
+mod deb;
+mod demo;
 mod ebpf;
+mod install;
 mod services;
 mod test;
 mod util;
@@ -62,6 +69,63 @@ enum Task {
     ///
     /// Example: `cargo xtask vm-prepare`
     VmPrepare,
+    /// Install the agent as a service: builds the release agent (after build-ebpf), installs
+    /// /usr/local/bin/lymph-chaos, /etc/lymph-chaos/config.yml (never overwritten) and the systemd unit, recorded
+    /// in /var/lib/lymph-chaos/install-manifest. With systemd running it enables and starts the unit; without, it
+    /// prints how to start the agent, and --start starts it in the background.
+    ///
+    /// Example: `sudo -E cargo xtask install`, `sudo -E cargo xtask install --start`,
+    /// `sudo -E cargo xtask install --uninstall`
+    Install {
+        /// Remove what an earlier install put there (and stop the agent it started).
+        #[arg(long)]
+        uninstall: bool,
+        /// Root to install under (a staging directory for packaging).
+        #[arg(long, default_value = "/")]
+        prefix: std::path::PathBuf,
+        /// Without systemd: start the agent in the background (--uninstall stops it).
+        #[arg(long, conflicts_with = "uninstall")]
+        start: bool,
+        /// With systemd: enable the unit but do not start it.
+        #[arg(long, conflicts_with_all = ["uninstall", "start"])]
+        no_start: bool,
+        /// With --uninstall: also remove /etc/lymph-chaos/config.yml when it was edited.
+        #[arg(long, requires = "uninstall")]
+        purge: bool,
+        /// Install this binary instead of building the release agent.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<std::path::PathBuf>,
+    },
+    /// Build target/debian/lymph-chaos_<version>_<arch>.deb (dpkg-deb from a staged tree; same files as `install`).
+    ///
+    /// Example: `cargo xtask deb && sudo apt-get install ./target/debian/lymph-chaos_0.1.0_amd64.deb`
+    Deb {
+        /// Package this binary instead of building the release agent.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<std::path::PathBuf>,
+    },
+    /// The agent against a real lymph Echo service and client, in a private network namespace: kill Echo and
+    /// watch it come back, then 200 ms latency (or a blackhole without netem) for 5 s; everything is cleaned up.
+    ///
+    /// Example: `sudo -E cargo xtask demo`
+    Demo {
+        /// Use this agent binary instead of building the release agent.
+        #[arg(long, value_name = "PATH")]
+        agent_bin: Option<std::path::PathBuf>,
+        /// Use this lymph venv instead of target/lymph-venv.
+        #[arg(long, value_name = "DIR")]
+        venv: Option<std::path::PathBuf>,
+    },
+    /// Run the benchmarks (release build): RPC vs a Python lymph service, per-packet cost vs a `tc u32` filter
+    /// chain, rule change time vs spawning `tc`, kill latency. Prints ours | baseline | ratio | goal | met?; a
+    /// number never fails the task, only a benchmark that could not run does (needs root).
+    ///
+    /// Example: `cargo xtask bench`, `cargo xtask bench network`
+    Bench {
+        /// rpc, network, changes, kill or all.
+        #[arg(default_value = "all")]
+        which: String,
+    },
     /// Temporary: start ZooKeeper + the lymph venv, run a command with CHAOS_TEST_ZK/CHAOS_LYMPH_VENV set.
     #[command(hide = true)]
     WithServices {
@@ -77,6 +141,12 @@ fn main() {
         Task::Run { args } => run_agent(&args),
         Task::WithServices { command } => with_services(&command),
         Task::VmPrepare => vm::prepare().map(|_| ()),
+        Task::Bench { which } => bench::run(&which),
+        Task::Install { uninstall, prefix, start, no_start, purge, binary } => {
+            install::run(&install::InstallOptions { prefix, uninstall, start, no_start, purge, binary })
+        }
+        Task::Deb { binary } => deb::run(&deb::DebOptions { binary }).map(|_| ()),
+        Task::Demo { agent_bin, venv } => demo::run(&demo::DemoOptions { agent_bin, venv }),
         Task::Test { tiers, no_install, runner_args } => {
             test::run(&test::TestOptions { tiers, runner_args, no_install })
         }

@@ -16,7 +16,7 @@
 //! ```
 //!
 //! # What it does, idempotently
-//! 1. host tools from bookworm (`busybox-static cpio kmod iproute2`) through [`util::apt_install`];
+//! 1. host tools from bookworm (`busybox-static cpio kmod iproute2 binutils`) through [`util::apt_install`];
 //! 2. `qemu-system-x86` from **bookworm-backports**: the image carries `qemu-utils` 10 from backports, which blocks
 //!    bookworm's qemu-system-x86 7.2. Installed with `-t bookworm-backports` through a private sources list
 //!    (`-o Dir::Etc::sourcelist=… -o Dir::Etc::sourceparts=- -o Dir::State::lists=… -o Dir::Cache=…`), so the
@@ -45,8 +45,9 @@ pub const PINNED_ABI: &str = "6.1.0-56";
 const FLAVOUR: &str = "amd64";
 /// Metapackage whose dependency names the current ABI (the fallback when [`PINNED_ABI`] is gone).
 const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
-/// Host tools the guest builder uses (busybox becomes the guest's /bin/sh, ip/tc are copied in, kmod's depmod).
-const HOST_PACKAGES: &[&str] = &["busybox-static", "cpio", "kmod", "iproute2"];
+/// Host tools the guest builder uses (busybox becomes the guest's /bin/sh, ip/tc are copied in, kmod's depmod,
+/// binutils' objcopy strips the debug info off the agent and test binaries: 160 MB → 33 MB for a debug agent).
+const HOST_PACKAGES: &[&str] = &["busybox-static", "cpio", "kmod", "iproute2", "binutils"];
 /// qemu comes from backports (see the module docs).
 const QEMU_PACKAGE: &str = "qemu-system-x86";
 const QEMU_BINARY: &str = "qemu-system-x86_64";

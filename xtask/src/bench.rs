@@ -1,0 +1,84 @@
+//! `cargo xtask bench [rpc|network|changes|kill|all]`: the performance claims, each measured side by side with the
+//! baseline it beats, in one run of the release benchmark binary `chaos-bench` (`tests/src/bin/chaos-bench.rs`).
+//!
+//! Layout:
+//! 1. prepare what the chosen benchmarks need, the way `cargo xtask test` does: the BPF object
+//!    ([`ebpf::build`], embedded by the agent), and for `rpc` a private ZooKeeper + the lymph 0.15 venv
+//!    ([`services`]) for the real Python service it races against;
+//! 2. build `lymph-chaos` and `chaos-bench` with `--release` (benchmarks of debug builds measure the wrong thing);
+//! 3. run `target/release/chaos-bench <which>` with `CHAOS_TEST_ZK`, `CHAOS_LYMPH_VENV` and `CHAOS_AGENT_BIN` set.
+//!
+//! The benchmark prints its tables and never fails for a number; it exits non-zero only when a benchmark could
+//! not run (no root, no ZooKeeper …), and so does this task. ZooKeeper is stopped (by pid) when the run ends.
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::{
+    ebpf, services,
+    util::{self, step},
+};
+
+/// The benchmarks `chaos-bench` knows (`all` runs them in this order).
+pub const BENCHMARKS: [&str; 4] = ["rpc", "network", "changes", "kill"];
+
+/// Runs `which` (`rpc`, `network`, `changes`, `kill` or `all`).
+///
+/// # Errors
+/// An unknown benchmark, a failed preparation or build, or a benchmark that could not run.
+pub fn run(which: &str) -> Result<()> {
+    if which != "all" && !BENCHMARKS.contains(&which) {
+        bail!("unknown benchmark `{which}` (one of {}, all)", BENCHMARKS.join(", "));
+    }
+    let wants = |name: &str| which == "all" || which == name;
+    if !util::is_root() {
+        eprintln!(
+            "    NOTE: not root: network namespaces, BPF and signals need root; benchmarks that need it will say they \
+             could not run (sudo -E cargo xtask bench)"
+        );
+    }
+
+    step("preparing: the BPF classifier");
+    ebpf::build()?;
+
+    let mut env: Vec<(&str, String)> = Vec::new();
+    let mut zookeeper = None;
+    if wants("rpc") {
+        step("preparing: ZooKeeper and the lymph 0.15 venv (the Python service the rpc benchmark races)");
+        services::ensure_zookeeper_installed()?;
+        let venv = services::ensure_lymph_venv(&util::target_dir().join("lymph-venv"))?;
+        let zk = services::ZooKeeper::start(&util::target_dir().join("bench-zookeeper"))?;
+        env.push((services::ZK_ENV, zk.addr()));
+        env.push((services::LYMPH_VENV_ENV, venv.display().to_string()));
+        zookeeper = Some(zk);
+    }
+
+    step("building the agent and the benchmark (release)");
+    util::run(util::cargo().current_dir(util::root()).args([
+        "build",
+        "--release",
+        "--package",
+        "chaos-agent",
+        "--bin",
+        "lymph-chaos",
+        "--package",
+        "chaos-tests",
+        "--bin",
+        "chaos-bench",
+    ]))?;
+    let release = util::target_dir().join("release");
+    let mut cmd = Command::new(release.join("chaos-bench"));
+    cmd.arg(which).env("CHAOS_AGENT_BIN", release.join("lymph-chaos"));
+    for (key, value) in &env {
+        cmd.env(key, value);
+    }
+    step(format!("running chaos-bench {which}"));
+    eprintln!("    $ {}", util::show(&cmd));
+    let status = cmd.status()?;
+    drop(zookeeper);
+    if !status.success() {
+        bail!("chaos-bench {which}: some benchmark could not run ({status}); see its output");
+    }
+    Ok(())
+}
