@@ -1,6 +1,6 @@
-//! The Python `Scenario` client (`clients/python`, issue 9) against a real agent, a real lymph 0.15 `Echo` under a
+//! The Python `Scenario` client (`chaos-agent/python`, issue 9) against a real agent, a real lymph 0.15 `Echo` under a
 //! restart loop and the harness's ZooKeeper: pip-installs the package, then runs its pytest suite
-//! (`clients/python/tests`) with the setup described in environment variables (see `tests/conftest.py` there).
+//! (`chaos-agent/python/tests`) with the setup described in environment variables (see `tests/conftest.py` there).
 //!
 //! Two installs, one test each:
 //! - [`zk_python_scenario_next_to_lymph`]: into the lymph venv (`CHAOS_LYMPH_VENV`), next to lymph 0.15 and its
@@ -12,7 +12,7 @@
 //!
 //! Each test runs its agent, Echo and pytest in a fresh network namespace (the agent owns the tc filters of its
 //! namespace), reaching ZooKeeper through a TCP forwarder; Echo is on a fixed port, as under `lymph node`, so a
-//! restarted instance re-registers at once. pip builds from a copy of `clients/python`, so nothing is written into
+//! restarted instance re-registers at once. pip builds from a copy of `chaos-agent/python`, so nothing is written into
 //! the source tree (pytest runs with `-p no:cacheprovider` and `PYTHONDONTWRITEBYTECODE=1` for the same reason).
 //!
 //! By hand: `cargo xtask test --tier zk -- zk_python`.
@@ -225,7 +225,7 @@ fn pytest(venv: &Path, env: &[(&str, &str)]) -> Result<()> {
 // venvs and pip
 
 fn client_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("clients").join("python")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("chaos-agent").join("python")
 }
 
 /// `target/`: `CARGO_TARGET_DIR`, else three levels above this test binary (`target/<profile>/deps/<test>`).
@@ -241,7 +241,7 @@ fn path_str(path: &Path) -> Result<String> {
     path.to_str().map(str::to_owned).with_context(|| format!("non-UTF-8 path {}", path.display()))
 }
 
-/// A copy of `clients/python` without tests and caches: pip builds in the source directory it is given.
+/// A copy of `chaos-agent/python` without tests and caches: pip builds in the source directory it is given.
 fn package_copy() -> Result<tempfile::TempDir> {
     fn copy(from: &Path, to: &Path) -> Result<()> {
         fs::create_dir_all(to)?;
@@ -290,7 +290,7 @@ fn pip(venv: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// `target/python-client-venv`: a venv without lymph where a plain `pip install clients/python` pulled in the
+/// `target/python-client-venv`: a venv without lymph where a plain `pip install chaos-agent/python` pulled in the
 /// dependencies (current pyzmq, msgpack, kazoo). Rebuilt when the interpreter or `pyproject.toml` change; else
 /// only the package is reinstalled.
 fn standalone_venv() -> Result<PathBuf> {
