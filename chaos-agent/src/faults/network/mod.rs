@@ -895,6 +895,7 @@ impl NetworkEngine {
         }
         if let Some(dir) = &self.config.pin_dir {
             if let Some(classifier) = inner.classifier.as_mut() {
+                report.pins += classifier.pins().len();
                 classifier.unpin();
             }
             report.pins += classifier::remove_pins(dir).unwrap_or(0);
