@@ -59,10 +59,14 @@ fn run(ns: &Netns, program: &Path, args: &[&str]) -> Output {
 #[ignore = "needs root: run by cargo xtask test"]
 fn serial_install_starts_an_agent_that_answers_status_and_uninstall_leaves_nothing_behind() {
     let before = listing();
-    assert!(
-        !Path::new("/usr/local/bin/lymph-chaos").exists() && !Path::new("/var/lib/lymph-chaos").exists(),
-        "lymph-chaos is already installed on this machine; this test installs and removes it for real"
-    );
+    // The acceptance is about a fresh machine: an installed agent, or the state of an agent run here before
+    // (uninstall removes the agent's runtime directories), would make the before/after comparison meaningless.
+    for path in ["/usr/local/bin/lymph-chaos", "/var/lib/lymph-chaos", "/run/lymph-chaos", "/var/log/lymph-chaos"] {
+        assert!(
+            !Path::new(path).exists(),
+            "{path} exists: this test installs and removes lymph-chaos for real and needs a machine without it"
+        );
+    }
     let systemd = std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd");
     let ns = Netns::new("install");
     let binary = agent_bin();
