@@ -21,7 +21,6 @@ use std::{
     collections::BTreeMap,
     fs,
     io::Read,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -35,7 +34,10 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
-use crate::zk;
+use crate::{
+    child::{die_with_parent, stop_child},
+    zk,
+};
 
 /// Environment variable with the path of the lymph venv (built by `cargo xtask test`).
 pub const VENV_ENV: &str = "CHAOS_LYMPH_VENV";
@@ -739,7 +741,7 @@ impl Process {
     }
 
     fn stop(&mut self) -> Result<ExitStatus> {
-        stop_child(&mut self.child, STOP_GRACE)
+        stop_child(&mut self.child, STOP_GRACE).map_err(Into::into)
     }
 
     fn kill(&mut self) -> Result<ExitStatus> {
@@ -808,48 +810,6 @@ fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
         let _ = pipe.read_to_end(&mut buf);
         buf
     })
-}
-
-/// Makes the child get SIGKILL when the thread that spawns it exits (`PR_SET_PDEATHSIG`, kept across `execve`).
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
-    // SAFETY: the closure runs between fork and exec and only calls async-signal-safe functions (prctl, getppid,
-    // _exit), without allocating.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent died between fork and prctl: nobody would stop us later.
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-}
-
-/// SIGTERM, then SIGKILL after `grace`; reaps. Only signals our own, not yet reaped child (its pid cannot have
-/// been reused).
-fn stop_child(child: &mut Child, grace: Duration) -> Result<ExitStatus> {
-    if let Some(status) = child.try_wait()? {
-        return Ok(status);
-    }
-    let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
-    // SAFETY: kill has no memory-safety preconditions; pid is our unreaped child.
-    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-        return Err(std::io::Error::last_os_error()).context(format!("SIGTERM to pid {pid}"));
-    }
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    child.kill().with_context(|| format!("SIGKILL to pid {pid}"))?;
-    Ok(child.wait()?)
 }
 
 /// The last `lines` lines of a log file (or why it cannot be read).

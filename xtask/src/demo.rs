@@ -21,7 +21,6 @@
 use std::{
     fs,
     io::{BufRead, BufReader},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -312,7 +311,7 @@ impl Demo {
         for var in ["LYMPH_NODE_IP", "LYMPH_CONFIG", "LYMPH_NODE_CONFIG", "LYMPH_CHAOS_CONFIG", "RUST_LOG"] {
             cmd.env_remove(var);
         }
-        die_with_parent(&mut cmd);
+        crate::child::die_with_parent(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("starting {}", self.agent_bin.display()))?;
         let mut agent = Agent { child: Some(child), endpoint: format!("tcp://127.0.0.1:{port}"), log, pin_dir };
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -342,7 +341,7 @@ impl Demo {
             .args(["--rate", CLIENT_RATE, "--timeout", CLIENT_TIMEOUT])
             .stdout(Stdio::piped())
             .stderr(fs::File::create(self.run_dir.join("client.log"))?);
-        die_with_parent(&mut cmd);
+        crate::child::die_with_parent(&mut cmd);
         let mut child = cmd.spawn().context("starting the lymph client")?;
         let stdout = child.stdout.take().expect("piped");
         let board = board.clone();
@@ -512,40 +511,9 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// SIGKILL to the child when the spawning thread dies (`PR_SET_PDEATHSIG`).
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-}
-
-/// SIGTERM to our own, not yet reaped child, SIGKILL after `grace`.
+/// [`crate::child::stop_child`], ignoring errors (the demo's cleanup carries on).
 fn stop_child(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
-    if let Ok(Some(st)) = child.try_wait() {
-        return Some(st);
-    }
-    // SAFETY: signalling our own unreaped child (its pid cannot have been reused).
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(st)) = child.try_wait() {
-            return Some(st);
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    child.wait().ok()
+    crate::child::stop_child(child, grace).ok()
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -636,7 +604,7 @@ impl Supervisor {
         let thread = thread::Builder::new().name("supervisor".into()).spawn({
             let (state, stop) = (state.clone(), stop.clone());
             move || {
-                die_with_parent(&mut command);
+                crate::child::die_with_parent(&mut command);
                 let mut n = 0;
                 let mut current: Option<Child> = None;
                 while !stop.load(Ordering::SeqCst) {

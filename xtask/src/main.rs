@@ -10,6 +10,8 @@
 //! - `demo`  — the agent against a real lymph Echo and client, in a private network namespace
 
 mod bench;
+#[path = "../../tests/src/child.rs"]
+mod child;
 mod deb;
 mod demo;
 mod ebpf;

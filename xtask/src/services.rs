@@ -15,16 +15,18 @@ use std::{
     fs,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{self, apt_install, run, step};
+use crate::{
+    child::{die_with_parent, stop_child},
+    util::{self, apt_install, run, step},
+};
 
 /// Environment variable that gives tests the ZooKeeper address (`127.0.0.1:<port>`).
 pub const ZK_ENV: &str = "CHAOS_TEST_ZK";
@@ -373,49 +375,6 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 
 // ---------------------------------------------------------------------------------------------------------------
 // process and file helpers
-
-/// Makes the child get SIGKILL when the thread that spawns it exits (`PR_SET_PDEATHSIG`, kept across `execve`).
-/// Note: the "parent" is the spawning *thread*; spawn from a thread that lives as long as the child should.
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: getpid is async-signal-safe.
-    let parent = unsafe { libc::getpid() };
-    // SAFETY: the closure runs between fork and exec and only calls async-signal-safe functions (prctl, getppid,
-    // _exit), without allocating.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent died between fork and prctl: nobody would kill us later.
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-}
-
-/// SIGTERM, then SIGKILL after `grace`; reaps the child. Only ever signals our own, not yet reaped child, whose pid
-/// therefore cannot have been reused.
-fn stop_child(child: &mut Child, grace: Duration) -> Result<ExitStatus> {
-    if let Some(status) = child.try_wait()? {
-        return Ok(status);
-    }
-    let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
-    // SAFETY: kill has no memory-safety preconditions; pid is our unreaped child.
-    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-        return Err(std::io::Error::last_os_error()).context(format!("SIGTERM to pid {pid}"));
-    }
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().with_context(|| format!("SIGKILL to pid {pid}"))?;
-    Ok(child.wait()?)
-}
 
 fn remove_dir_if_exists(dir: &Path) -> Result<()> {
     match fs::remove_dir_all(dir) {
