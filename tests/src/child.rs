@@ -1,8 +1,10 @@
 //! Child processes of tests and of xtask (this file is also compiled into xtask with `#[path]`): they die with the
-//! thread that started them, and are stopped by their own, not yet reaped `Child` handle — never by a bare pid.
+//! thread that started them, are stopped by their own, not yet reaped `Child` handle — never by a bare pid — and
+//! their logs are shown by their tail.
 
 use std::{
     os::unix::process::CommandExt,
+    path::Path,
     process::{Child, Command, ExitStatus},
     thread,
     time::{Duration, Instant},
@@ -52,4 +54,16 @@ pub fn stop_child(child: &mut Child, grace: Duration) -> std::io::Result<ExitSta
     }
     child.kill()?;
     child.wait()
+}
+
+/// The last `lines` lines of a child's log file (or why it cannot be read).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(err) => format!("(cannot read {}: {err})", path.display()),
+    }
 }

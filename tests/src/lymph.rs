@@ -35,7 +35,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
 use crate::{
-    child::{die_with_parent, stop_child},
+    child::{die_with_parent, log_tail as tail, stop_child},
     zk,
 };
 
@@ -810,18 +810,6 @@ fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
         let _ = pipe.read_to_end(&mut buf);
         buf
     })
-}
-
-/// The last `lines` lines of a log file (or why it cannot be read).
-fn tail(path: &Path, lines: usize) -> String {
-    match fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        }
-        Err(err) => format!("(cannot read {}: {err})", path.display()),
-    }
 }
 
 #[cfg(test)]

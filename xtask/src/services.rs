@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    child::{die_with_parent, stop_child},
+    child::{die_with_parent, log_tail as tail, stop_child},
     util::{self, apt_install, run, step},
 };
 
@@ -386,18 +386,6 @@ fn remove_dir_if_exists(dir: &Path) -> Result<()> {
 
 fn write(path: &Path, contents: &str) -> Result<()> {
     fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
-}
-
-/// The last `lines` lines of a log file (or why it cannot be read).
-fn tail(path: &Path, lines: usize) -> String {
-    match fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        }
-        Err(err) => format!("(cannot read {}: {err})", path.display()),
-    }
 }
 
 #[cfg(test)]
