@@ -291,8 +291,9 @@ impl Driver for LymphDriver {
 
     fn revert<'a>(&'a self, agent: &'a str, id: &'a str) -> Fut<'a, Result<bool, DriverError>> {
         Box::pin(async move {
+            // The agent answers a fault that already ended with its report as it ended (`expired` …).
             match self.agent_call(agent, "revert", &json!({"id": id})).await {
-                Ok(_) => Ok(true),
+                Ok(report) => Ok(report["state"] == "reverted"),
                 Err(DriverError::Agent { type_name, .. }) if type_name == "UnknownFault" => Ok(false),
                 Err(err) => Err(err),
             }

@@ -51,7 +51,8 @@ pub struct FaultRecord {
     /// When it ended: reverted by us, or expired on the agent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<f64>,
-    /// `pending`, `active`, `done` (kills), `dry_run`, `failed`, `reverted`, `expired`, `revert_failed`.
+    /// `pending`, `active`, `done` (kills), `dry_run`, `failed`, `reverted`, `expired`, `refreshed` (applied again
+    /// by a later round: that record continues it), `revert_failed`.
     pub outcome: String,
     /// The agent's message.
     pub message: String,
@@ -133,7 +134,14 @@ impl Ctx {
 
     /// Lasting faults still active (or whose request is in flight).
     pub fn active(&self) -> usize {
-        self.ledger.lock().expect("poisoned").iter().filter(|r| r.outcome == "active" || r.outcome == "pending").count()
+        let now = self.now();
+        self.ledger
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .filter(|r| r.outcome == "active" || r.outcome == "pending")
+            .filter(|r| r.planned_end.is_none_or(|end| end > now))
+            .count()
     }
 }
 
@@ -251,6 +259,20 @@ async fn apply(ctx: &Arc<Ctx>, step: &Step, fault: &FaultStep, round: u32) -> Re
         }
         let index = {
             let mut ledger = ctx.ledger.lock().expect("poisoned");
+            // Applying the same id again (a repeat) refreshes the fault: the earlier application ends here.
+            let now = ctx.now();
+            for r in ledger.iter_mut().filter(|r| r.agent == agent && r.id == id && r.outcome == "active") {
+                match r.planned_end {
+                    Some(end) if end <= now => {
+                        r.outcome = "expired".into();
+                        r.ended_at = Some(end);
+                    }
+                    _ => {
+                        r.outcome = "refreshed".into();
+                        r.ended_at = Some(now);
+                    }
+                }
+            }
             ledger.push(FaultRecord {
                 step: step.path.clone(),
                 name: step.name.clone(),
@@ -379,6 +401,14 @@ pub async fn revert_all(ctx: &Arc<Ctx>) -> usize {
                 .iter_mut()
                 .filter(|r| &r.agent == agent && &r.id == id && (r.outcome == "active" || r.outcome == "pending"))
             {
+                // Its lifetime was over before the end: the agent ended it then.
+                if let Some(end) = r.planned_end.filter(|end| *end <= now)
+                    && r.outcome == "active"
+                {
+                    r.outcome = "expired".into();
+                    r.ended_at = Some(end);
+                    continue;
+                }
                 match &result {
                     Ok(true) => {
                         r.outcome = "reverted".into();

@@ -37,11 +37,11 @@ pub fn render(report: &Report) -> String {
     let duration = report.duration.max(1.0);
     let plot_w = WIDTH - LEFT - RIGHT;
     let x = |t: f64| LEFT + (t.clamp(0.0, duration) / duration) * plot_w;
-    let fault_rows = report.faults.len().min(12);
-    let top = 86.0;
+    let fault_rows = report.faults.len().clamp(1, 12);
+    let top = 92.0;
     let faults_top = top + 30.0;
-    let probes_top = faults_top + fault_rows as f64 * ROW + 24.0;
-    let height = probes_top + report.probes.len() as f64 * (PANEL + 46.0) + 70.0;
+    let probes_top = faults_top + (fault_rows + 1) as f64 * ROW + 18.0;
+    let height = probes_top + report.probes.len() as f64 * (PANEL + 46.0) + 86.0;
     let mut s = String::new();
     let _ = write!(
         s,
@@ -57,13 +57,17 @@ pub fn render(report: &Report) -> String {
     };
     let _ = writeln!(
         s,
-        r##"<text x="20" y="28" font-size="18" font-weight="bold"><tspan fill="{color}">{label}</tspan><tspan fill="#222"> — {}</tspan></text>"##,
-        esc(&clip(&report.title, 80))
+        r##"<text x="20" y="28" font-size="16" font-weight="bold" fill="#222">{}</text>"##,
+        esc(&clip(&report.title, 100))
     );
-    let _ = writeln!(s, r##"<text x="20" y="48" fill="#444">{}</text>"##, esc(&clip(&report.reason, 150)));
     let _ = writeln!(
         s,
-        r##"<text x="20" y="66" fill="#777" font-size="11">{:.1} s · seed {}{} · {}</text>"##,
+        r##"<text x="20" y="50" font-size="14"><tspan fill="{color}" font-weight="bold">{label}</tspan><tspan fill="#444"> · {}</tspan></text>"##,
+        esc(&clip(&report.reason, 110))
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="20" y="70" fill="#777" font-size="11">{:.1} s · seed {}{} · {}</text>"##,
         report.duration,
         report.seed,
         if report.dry_run { " · DRY RUN: nothing applied" } else { "" },
@@ -72,7 +76,7 @@ pub fn render(report: &Report) -> String {
 
     // Time axis ticks (shared by all rows).
     let step = nice_step(duration / 10.0);
-    let bottom = height - 50.0;
+    let bottom = height - 66.0;
     let mut t = 0.0;
     while t <= duration + 1e-9 {
         let _ = writeln!(s, r##"<line x1="{0:.1}" y1="{top}" x2="{0:.1}" y2="{bottom:.1}" stroke="#eee"/>"##, x(t));
@@ -121,7 +125,7 @@ pub fn render(report: &Report) -> String {
     let method_end = report.phases.method.map_or(report.duration, |m| m.to);
     let _ = writeln!(s, r##"<text x="20" y="{:.1}" font-weight="bold" fill="#333">faults</text>"##, faults_top + 12.0);
     if report.faults.is_empty() {
-        let _ = writeln!(s, r##"<text x="{LEFT}" y="{:.1}" fill="#777">none applied</text>"##, faults_top + 12.0);
+        let _ = writeln!(s, r##"<text x="{LEFT}" y="{:.1}" fill="#777">none applied</text>"##, faults_top + ROW + 12.0);
     }
     let panels_bottom = probes_top + report.probes.len() as f64 * (PANEL + 46.0);
     for f in report.faults.iter().filter(|f| f.lasting && f.outcome != "failed" && f.outcome != "dry_run") {
@@ -135,7 +139,7 @@ pub fn render(report: &Report) -> String {
         );
     }
     for (row, f) in report.faults.iter().take(12).enumerate() {
-        let y = faults_top + row as f64 * ROW;
+        let y = faults_top + (row + 1) as f64 * ROW;
         let label = f.name.clone().unwrap_or_else(|| f.description.clone());
         let _ = writeln!(
             s,
@@ -198,7 +202,9 @@ pub fn render(report: &Report) -> String {
     // Probe panels.
     for (i, p) in report.probes.iter().enumerate() {
         let y0 = probes_top + i as f64 * (PANEL + 46.0);
-        panel(&mut s, p, y0, &x);
+        let aborted_by =
+            |p: &ProbeReport| report.abort.as_ref().is_some_and(|a| a.probe.as_deref() == Some(p.name.as_str()));
+        panel(&mut s, p, y0, &x, &aborted_by);
     }
 
     // Abort markers.
@@ -229,7 +235,7 @@ pub fn render(report: &Report) -> String {
     }
 
     // Legend.
-    let ly = height - 12.0;
+    let ly = height - 14.0;
     let _ = writeln!(
         s,
         r##"<g font-size="11" fill="#444"><circle cx="26" cy="{0:.1}" r="3" fill="#2e86c1"/><text x="34" y="{1:.1}">sample ok</text><path d="M104 {2:.1} l6 6 m0 -6 l-6 6" stroke="#c0392b" stroke-width="1.6"/><text x="116" y="{1:.1}">failed (at its latency; timeouts on top)</text><rect x="340" y="{2:.1}" width="14" height="8" fill="#e74c3c" fill-opacity="0.3"/><text x="360" y="{1:.1}">fault active</text><line x1="450" y1="{0:.1}" x2="470" y2="{0:.1}" stroke="#8e44ad" stroke-dasharray="4,3"/><text x="476" y="{1:.1}">tolerance</text><rect x="550" y="{2:.1}" width="14" height="8" fill="#27ae60"/><rect x="566" y="{2:.1}" width="14" height="8" fill="#e74c3c"/><text x="586" y="{1:.1}">verdict per window: held / deviated</text></g>"##,
@@ -241,7 +247,7 @@ pub fn render(report: &Report) -> String {
     s
 }
 
-fn panel(s: &mut String, p: &ProbeReport, y0: f64, x: &dyn Fn(f64) -> f64) {
+fn panel(s: &mut String, p: &ProbeReport, y0: f64, x: &dyn Fn(f64) -> f64, aborted_by: &dyn Fn(&ProbeReport) -> bool) {
     let plot_w = WIDTH - LEFT - RIGHT;
     let role = if p.role == "safeguard" { "safeguard" } else { "steady state" };
     let _ = writeln!(
@@ -366,6 +372,12 @@ fn panel(s: &mut String, p: &ProbeReport, y0: f64, x: &dyn Fn(f64) -> f64) {
         let _ = writeln!(
             s,
             r##"<text x="{LEFT}" y="{:.1}" fill="#1b7f3b" font-size="11">held in every window judged</text>"##,
+            vy + 20.0
+        );
+    } else if p.role == "safeguard" && !aborted_by(p) {
+        let _ = writeln!(
+            s,
+            r##"<text x="{LEFT}" y="{:.1}" fill="#1b7f3b" font-size="11">watched on every sample during the method: never failed</text>"##,
             vy + 20.0
         );
     }

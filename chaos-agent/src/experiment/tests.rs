@@ -330,3 +330,24 @@ async fn a_dry_run_applies_nothing() {
     assert!(fake.real_injects().is_empty());
     assert_eq!(report.faults[0].outcome, "dry_run");
 }
+
+#[tokio::test(start_paused = true)]
+async fn repeated_faults_end_when_their_lifetime_does_or_continue_as_the_next_round() {
+    let fake = Fake::new();
+    let exp = experiment(
+        "  - repeat:\n      every: 2s\n      times: 2\n      steps:\n        - fault: pause\n          service: Echo\n          lifetime: 600ms\n        - fault: loss\n          service: Echo\n          loss: 5\n",
+        "",
+    );
+    let report = run_it(&exp, fake.clone(), CancellationToken::new()).await;
+    assert_eq!(report.status, Status::Held, "{}", report.summary());
+    let pauses: Vec<_> = report.faults.iter().filter(|f| f.kind == "pause").collect();
+    assert_eq!(pauses.len(), 2);
+    for p in &pauses {
+        assert_eq!(p.outcome, "expired", "{p:?}");
+        assert!((p.ended_at.unwrap() - p.applied_at - 0.6).abs() < 0.05, "{p:?}");
+    }
+    let losses: Vec<_> = report.faults.iter().filter(|f| f.kind == "loss").collect();
+    assert_eq!((losses[0].outcome.as_str(), losses[1].outcome.as_str()), ("refreshed", "reverted"));
+    assert!((losses[0].ended_at.unwrap() - losses[1].applied_at).abs() < 0.01);
+    assert!(fake.still_active().is_empty());
+}
