@@ -9,7 +9,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -88,6 +91,8 @@ pub struct Ctx {
     pub ledger: Mutex<Vec<FaultRecord>>,
     leases: Mutex<BTreeMap<(String, String), Lease>>,
     renewals: Mutex<JoinSet<()>>,
+    /// Renewal requests in flight.
+    renewing: Arc<AtomicUsize>,
     /// Fault step path → its number (fault ids are `<run id>-<number>`).
     numbers: BTreeMap<String, usize>,
 }
@@ -119,6 +124,7 @@ impl Ctx {
             ledger: Mutex::new(Vec::new()),
             leases: Mutex::new(BTreeMap::new()),
             renewals: Mutex::new(JoinSet::new()),
+            renewing: Arc::new(AtomicUsize::new(0)),
             numbers,
         }
     }
@@ -327,6 +333,22 @@ async fn apply(ctx: &Arc<Ctx>, step: &Step, fault: &FaultStep, round: u32) -> Re
     Ok(())
 }
 
+/// Counts a renewal request in flight (until dropped, also when its task is aborted).
+struct Sending(Arc<AtomicUsize>);
+
+impl Sending {
+    fn new(counter: &Arc<AtomicUsize>) -> Sending {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Sending(counter.clone())
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Keeps a lasting fault alive by renewing its lease until `end` (or until [`revert_all`]).
 fn lease(ctx: &Arc<Ctx>, agent: &str, id: &str, kwargs: Map<String, Json>, end: Option<Instant>) {
     let key = (agent.to_owned(), id.to_owned());
@@ -344,16 +366,17 @@ fn lease(ctx: &Arc<Ctx>, agent: &str, id: &str, kwargs: Map<String, Json>, end: 
         let period = me.lease / 3;
         loop {
             tokio::time::sleep(period).await;
-            let (mut kwargs, end) = {
+            let (mut kwargs, remaining, _sending) = {
                 let leases = me.leases.lock().expect("poisoned");
                 let Some(l) = leases.get(&key) else { return };
-                (l.kwargs.clone(), l.end)
+                let remaining = l.end.map(|e| e.saturating_duration_since(Instant::now()));
+                if remaining.is_some_and(|r| r <= period) {
+                    // The lifetime already sent covers the rest: the agent ends it on time.
+                    return;
+                }
+                // Counted while the lock is held: revert_all either sees it or this renewal never starts.
+                (l.kwargs.clone(), remaining, Sending::new(&me.renewing))
             };
-            let remaining = end.map(|e| e.saturating_duration_since(Instant::now()));
-            if remaining.is_some_and(|r| r <= period) {
-                // The lifetime already sent covers the rest: the agent ends it on time.
-                return;
-            }
             let lifetime = remaining.map_or(me.lease, |r| r.min(me.lease));
             kwargs.insert("lifetime".into(), serde_json::json!(lifetime.as_secs_f64()));
             if let Err(err) = me.driver.inject(&key.0, &kwargs).await {
@@ -364,85 +387,93 @@ fn lease(ctx: &Arc<Ctx>, agent: &str, id: &str, kwargs: Map<String, Json>, end: 
 }
 
 /// Reverts every lasting fault of the run (concurrently), stops the renewals, and marks the ledger. Requests that
-/// were still in flight are reverted again once they must have arrived. Returns the number reverted.
+/// were still in flight (an application cut short by an abort, a renewal) are reverted again once they must have
+/// reached their agent. Returns the number reverted.
 pub async fn revert_all(ctx: &Arc<Ctx>) -> usize {
+    // No renewal starts once the leases are gone (they check under this lock); count those already sending.
+    let renewing = {
+        let mut leases = ctx.leases.lock().expect("poisoned");
+        leases.clear();
+        ctx.renewing.load(Ordering::SeqCst) > 0
+    };
     ctx.renewals.lock().expect("poisoned").abort_all();
-    ctx.leases.lock().expect("poisoned").clear();
+    let targets: Vec<(String, String, bool)> = {
+        let ledger = ctx.ledger.lock().expect("poisoned");
+        let mut keys: Vec<(String, String, bool)> = ledger
+            .iter()
+            .filter(|r| r.lasting && (r.outcome == "active" || r.outcome == "pending"))
+            .map(|r| (r.agent.clone(), r.id.clone(), r.outcome == "pending"))
+            .collect();
+        keys.sort();
+        keys.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+        keys
+    };
+    let mut reverted = revert_pass(ctx, &targets, true).await;
+    let again: Vec<(String, String, bool)> =
+        targets.iter().filter(|(_, _, pending)| *pending || renewing).cloned().collect();
+    if !again.is_empty() {
+        // A request cut short may still reach its agent: revert again after it would have.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        reverted += revert_pass(ctx, &again, false).await;
+    }
+    // Anything still marked pending was refused or never sent.
+    for r in ctx.ledger.lock().expect("poisoned").iter_mut().filter(|r| r.outcome == "pending") {
+        r.outcome = "failed".into();
+    }
+    reverted
+}
+
+async fn revert_pass(ctx: &Arc<Ctx>, targets: &[(String, String, bool)], first: bool) -> usize {
+    let results = futures::future::join_all(
+        targets
+            .iter()
+            .map(|(agent, id, pending)| async move { (agent, id, *pending, ctx.driver.revert(agent, id).await) }),
+    )
+    .await;
+    let now = ctx.now();
     let mut reverted = 0;
-    for attempt in 0..2 {
-        let targets: Vec<(String, String, bool)> = {
-            let ledger = ctx.ledger.lock().expect("poisoned");
-            let mut keys: Vec<(String, String, bool)> = ledger
-                .iter()
-                .filter(|r| r.lasting && (r.outcome == "active" || r.outcome == "pending"))
-                .map(|r| (r.agent.clone(), r.id.clone(), r.outcome == "pending"))
-                .collect();
-            keys.sort();
-            keys.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
-            keys
-        };
-        if targets.is_empty() {
-            break;
-        }
-        if attempt == 1 {
-            // A request cut short may still reach its agent: revert again after it would have.
-            tokio::time::sleep(Duration::from_secs(3)).await;
-        }
-        let results = futures::future::join_all(
-            targets.iter().map(|(agent, id, _)| async move { (agent, id, ctx.driver.revert(agent, id).await) }),
-        )
-        .await;
-        let now = ctx.now();
-        let mut ledger = ctx.ledger.lock().expect("poisoned");
-        let mut pending_left = false;
-        for (agent, id, result) in results {
-            let was_pending = targets.iter().any(|(a, i, p)| a == agent && i == id && *p) && attempt == 0;
-            for r in ledger
-                .iter_mut()
-                .filter(|r| &r.agent == agent && &r.id == id && (r.outcome == "active" || r.outcome == "pending"))
+    let mut ledger = ctx.ledger.lock().expect("poisoned");
+    for (agent, id, pending, result) in results {
+        for r in ledger
+            .iter_mut()
+            .filter(|r| &r.agent == agent && &r.id == id && (r.outcome == "active" || r.outcome == "pending"))
+        {
+            // Its lifetime was over before the end: the agent ended it then.
+            if let Some(end) = r.planned_end.filter(|end| *end <= now)
+                && r.outcome == "active"
             {
-                // Its lifetime was over before the end: the agent ended it then.
-                if let Some(end) = r.planned_end.filter(|end| *end <= now)
-                    && r.outcome == "active"
-                {
-                    r.outcome = "expired".into();
-                    r.ended_at = Some(end);
-                    continue;
-                }
-                match &result {
-                    Ok(true) => {
-                        r.outcome = "reverted".into();
-                        r.ended_at = Some(now);
-                    }
-                    Ok(false) if was_pending => pending_left = true,
-                    Ok(false) => {
-                        r.outcome = "expired".into();
-                        r.ended_at = Some(r.planned_end.unwrap_or(now).min(now));
-                    }
-                    Err(err) => {
-                        r.outcome = "revert_failed".into();
-                        r.message = format!("{} (revert failed: {err})", r.message);
-                    }
-                }
+                r.outcome = "expired".into();
+                r.ended_at = Some(end);
+                continue;
             }
-            match result {
+            match &result {
                 Ok(true) => {
-                    reverted += 1;
-                    ctx.log.info(format!("reverted {id} on {agent}"));
+                    r.outcome = "reverted".into();
+                    r.ended_at = Some(now);
                 }
-                Err(err) => ctx.log.warn(format!(
-                    "could not revert {id} on {agent}: {err}; the agent ends it within its lease ({:.0} s)",
-                    ctx.lease.as_secs_f64()
-                )),
-                Ok(false) => {}
+                // Maybe still on its way: the second pass decides.
+                Ok(false) if pending && first => {}
+                Ok(false) => {
+                    r.outcome = "expired".into();
+                    r.ended_at = Some(r.planned_end.unwrap_or(now).min(now));
+                }
+                Err(err) => {
+                    r.outcome = "revert_failed".into();
+                    r.message = format!("{} (revert failed: {err})", r.message);
+                }
             }
         }
-        if !pending_left {
-            // Anything still marked pending was refused or never sent.
-            for r in ledger.iter_mut().filter(|r| r.outcome == "pending") {
-                r.outcome = "failed".into();
+        match result {
+            Ok(true) => {
+                reverted += 1;
+                let again = if first { "" } else { " (a late request had applied it again)" };
+                ctx.log.info(format!("reverted {id} on {agent}{again}"));
             }
-            break;
+            Err(err) => ctx.log.warn(format!(
+                "could not revert {id} on {agent}: {err}; the agent ends it within its lease ({:.0} s)",
+                ctx.lease.as_secs_f64()
+            )),
+            Ok(false) => {}
         }
     }
     reverted

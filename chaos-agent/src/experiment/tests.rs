@@ -32,16 +32,24 @@ struct FakeState {
 
 struct Fake {
     t0: Instant,
-    state: Mutex<FakeState>,
+    state: Arc<Mutex<FakeState>>,
     /// Every call fails (a broken service).
     broken: bool,
     /// Injects that are not dry runs fail with this.
     refuse: Option<String>,
+    /// How long an inject takes to arrive (it takes effect then).
+    inject_delay: Duration,
 }
 
 impl Fake {
     fn new() -> Arc<Fake> {
-        Arc::new(Fake { t0: Instant::now(), state: Mutex::default(), broken: false, refuse: None })
+        Arc::new(Fake {
+            t0: Instant::now(),
+            state: Arc::default(),
+            broken: false,
+            refuse: None,
+            inject_delay: Duration::ZERO,
+        })
     }
 
     fn now(&self) -> f64 {
@@ -99,17 +107,19 @@ impl Driver for Fake {
     }
 
     fn inject<'a>(&'a self, agent: &'a str, kwargs: &'a Map<String, Json>) -> Fut<'a, Result<Json, DriverError>> {
-        Box::pin(async move {
-            let now = self.now();
+        // Sent now, it lands after `inject_delay` whatever the caller does meanwhile (as a request on the wire).
+        let (state, t0, delay, refuse) = (self.state.clone(), self.t0, self.inject_delay, self.refuse.clone());
+        let (agent, kwargs) = (agent.to_owned(), kwargs.clone());
+        let landed = tokio::spawn(async move {
             let dry = kwargs.get("dry_run") == Some(&Json::Bool(true));
-            let mut st = self.state.lock().unwrap();
+            if !dry {
+                tokio::time::sleep(delay).await;
+            }
+            let now = t0.elapsed().as_secs_f64();
+            let mut st = state.lock().unwrap();
             st.injects.push((now, kwargs.clone()));
-            if !dry && let Some(why) = &self.refuse {
-                return Err(DriverError::Agent {
-                    agent: agent.into(),
-                    type_name: "KernelFeatureMissing".into(),
-                    message: why.clone(),
-                });
+            if !dry && let Some(why) = refuse {
+                return Err(DriverError::Agent { agent, type_name: "KernelFeatureMissing".into(), message: why });
             }
             let id = kwargs["id"].as_str().unwrap().to_owned();
             let kind = kwargs["kind"].as_str().unwrap().to_owned();
@@ -117,7 +127,8 @@ impl Driver for Fake {
                 st.active.insert(id.clone(), (kind.clone(), Instant::now() + Duration::from_secs_f64(l)));
             }
             Ok(json!({"id": id, "kind": kind, "dry_run": dry, "message": format!("{kind} applied"), "pids": [42]}))
-        })
+        });
+        Box::pin(async move { landed.await.expect("fake inject") })
     }
 
     fn revert<'a>(&'a self, _agent: &'a str, id: &'a str) -> Fut<'a, Result<bool, DriverError>> {
@@ -238,7 +249,7 @@ async fn ctrl_c_mid_run_reverts() {
     let cancel = CancellationToken::new();
     let c = cancel.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        tokio::time::sleep(Duration::from_millis(4500)).await;
         c.cancel();
     });
     let report = run_it(&exp, fake.clone(), cancel).await;
@@ -264,7 +275,13 @@ async fn leases_are_renewed_and_never_longer_than_the_lease() {
 
 #[tokio::test(start_paused = true)]
 async fn nothing_is_applied_when_the_system_is_not_steady_or_a_fault_cannot_be_routed() {
-    let fake = Arc::new(Fake { t0: Instant::now(), state: Mutex::default(), broken: true, refuse: None });
+    let fake = Arc::new(Fake {
+        t0: Instant::now(),
+        state: Arc::default(),
+        broken: true,
+        refuse: None,
+        inject_delay: Duration::ZERO,
+    });
     let exp = experiment("  - fault: loss\n    service: Echo\n    loss: 10\n", "");
     let report = run_it(&exp, fake.clone(), CancellationToken::new()).await;
     assert_eq!((report.status, report.exit_code), (Status::NotRun, 2), "{}", report.summary());
@@ -285,9 +302,10 @@ async fn nothing_is_applied_when_the_system_is_not_steady_or_a_fault_cannot_be_r
 async fn a_fault_the_agent_refuses_aborts_and_reverts_the_others() {
     let fake = Arc::new(Fake {
         t0: Instant::now(),
-        state: Mutex::default(),
+        state: Arc::default(),
         broken: false,
         refuse: Some("no sch_netem".into()),
+        inject_delay: Duration::ZERO,
     });
     let exp = experiment("  - fault: latency\n    service: Echo\n    latency: 200ms\n  - pause: 5s\n", "");
     let report = run_it(&exp, fake.clone(), CancellationToken::new()).await;
@@ -350,4 +368,40 @@ async fn repeated_faults_end_when_their_lifetime_does_or_continue_as_the_next_ro
     assert_eq!((losses[0].outcome.as_str(), losses[1].outcome.as_str()), ("refreshed", "reverted"));
     assert!((losses[0].ended_at.unwrap() - losses[1].applied_at).abs() < 0.01);
     assert!(fake.still_active().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renewal_in_flight_when_the_run_stops_is_reverted_too() {
+    // Injects take 400 ms to land: stop while a renewal is on its way, so it lands after the first revert.
+    let fake = Arc::new(Fake {
+        t0: Instant::now(),
+        state: Arc::default(),
+        broken: false,
+        refuse: None,
+        inject_delay: Duration::from_millis(400),
+    });
+    let exp = experiment("  - fault: loss\n    service: Echo\n    loss: 10\n  - pause: 60s\n", "");
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let f = fake.clone();
+    tokio::spawn(async move {
+        // Wait for the first renewal (the second inject) to be sent, then stop while it is in flight.
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if f.state.lock().unwrap().injects.iter().filter(|(_, k)| k.get("dry_run").is_none()).count() >= 1 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1000 + 200)).await;
+        c.cancel();
+    });
+    let report = run_it(&exp, fake.clone(), cancel).await;
+    assert_eq!(report.status, Status::Aborted, "{}", report.summary());
+    let reverts = fake.state.lock().unwrap().reverts.clone();
+    assert!(reverts.len() >= 2, "a second revert after the late renewal: {reverts:?}");
+    assert!(
+        reverts.last().unwrap().2,
+        "the late renewal had applied it again, and the second pass removed it: {reverts:?}"
+    );
+    assert!(fake.still_active().is_empty(), "left active: {:?}", fake.still_active());
 }

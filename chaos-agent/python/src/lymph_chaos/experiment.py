@@ -307,6 +307,7 @@ class MethodRun:
         self._scenarios: Dict[str, Scenario] = {}
         self._leases: Dict[str, Optional[float]] = {}
         self._thread: Optional[threading.Thread] = None
+        self._renewer: Optional[threading.Thread] = None
         self._t0 = 0.0
         self.done = threading.Event()
         #: Set once the method's first step is done (the block starts with its faults in place).
@@ -326,10 +327,15 @@ class MethodRun:
         self.stop()
 
     def stop(self) -> None:
-        """Stops the method and reverts every fault it applied."""
+        """Stops the method and reverts every fault it applied.
+
+        The method and lease threads are joined first: a request they have in flight reaches its agent before the
+        faults are reverted, so none is applied again after the revert.
+        """
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self.timeout * 4 + 5)
+        for thread in (self._thread, self._renewer):
+            if thread is not None:
+                thread.join(self.timeout * 4 + 5)
         with self._lock:
             scenarios = list(self._scenarios.values())
             self._scenarios.clear()
@@ -350,8 +356,8 @@ class MethodRun:
         return not self._stop.wait(max(0.0, seconds))
 
     def _main(self) -> None:
-        renew = threading.Thread(target=self._renew, name="lymph-chaos leases", daemon=True)
-        renew.start()
+        self._renewer = threading.Thread(target=self._renew, name="lymph-chaos leases", daemon=True)
+        self._renewer.start()
         try:
             for i, step in enumerate(self.experiment.steps):
                 self._step(step)
@@ -440,7 +446,7 @@ class MethodRun:
             with self._lock:
                 due = [(p, end, self._scenarios.get(p)) for p, end in self._leases.items()]
             for path, end, sn in due:
-                if sn is None:
+                if sn is None or self._stop.is_set():
                     continue
                 remaining = None if end is None else end - time.monotonic()
                 if remaining is not None and remaining <= LEASE / 3:
