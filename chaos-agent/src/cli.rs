@@ -2,7 +2,8 @@
 //! (lymph RPC to `--agent`, default `tcp://127.0.0.1:4575`).
 //!
 //! Exit codes: 0 done, 1 the agent refused or failed the request, 2 usage error, 3 no agent answered, 4 lookup
-//! failure (ZooKeeper has no agent/service).
+//! failure (ZooKeeper has no agent/service). `run` (an experiment, [`crate::experiment`]) has its own: 0 held,
+//! 1 deviated, 2 could not run, 3 aborted.
 
 use std::{path::PathBuf, time::Duration};
 

@@ -156,3 +156,27 @@ pub fn describe(exp: &Experiment) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    #[test]
+    fn the_subcommand_parses_and_check_lists_what_the_file_does() {
+        let cli = Cli::try_parse_from(["lymph-chaos", "run", "exp/echo.yml", "--dry-run", "--seed", "7"]).unwrap();
+        let Command::Run(args) = cli.command else { panic!("not run") };
+        assert!(args.dry_run && args.seed == Some(7) && args.lease == "10s");
+        assert_eq!(default_out(&args.file), PathBuf::from("exp/echo-report"));
+        let exp = file::parse(
+            "title: t\nsteady_state:\n  probes:\n    - name: up\n      registry: {service: Echo}\nmethod:\n  - fault: kill\n    service: Echo\n",
+            "t.yml",
+        )
+        .unwrap();
+        let text = describe(&exp);
+        assert!(text.contains("steady state: up (registry Echo instances)"), "{text}");
+        assert!(text.contains("fault:        method[0]: kill Echo"), "{text}");
+    }
+}

@@ -15,8 +15,15 @@ use super::{
 use crate::{
     chaos::{self, Args},
     paths,
-    rpc::{ClientError, client::Client},
+    rpc::{
+        ClientError,
+        client::Client,
+        node::{NodeConfig, RpcNode},
+    },
 };
+
+/// lymph's variable for the address a process advertises (and here: binds for replies).
+pub const NODE_IP_ENV: &str = "LYMPH_NODE_IP";
 
 /// A boxed future borrowing the driver.
 pub type Fut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -185,7 +192,16 @@ impl LymphDriver {
     /// # Errors
     /// When the client cannot bind or ZooKeeper does not answer within `timeout`.
     pub async fn connect(zookeeper: &str, timeout: Duration) -> Result<LymphDriver, String> {
-        let client = Client::new().map_err(|e| format!("cannot open a lymph client socket: {e}"))?;
+        // Replies come back to our own endpoint: loopback, unless `LYMPH_NODE_IP` (lymph's variable) names the
+        // address agents and services on other hosts can reach.
+        let node = match std::env::var(NODE_IP_ENV) {
+            Ok(ip) if !ip.trim().is_empty() => {
+                NodeConfig { bind_ip: ip.trim().to_owned(), port: None, advertise_ip: None, access: None }
+            }
+            _ => NodeConfig::loopback(),
+        };
+        let node = RpcNode::start(&node, None).map_err(|e| format!("cannot open a lymph client socket: {e}"))?;
+        let client = Client::with_node(node);
         let client = client.connect_zookeeper(zookeeper, timeout).await.map_err(|e| e.to_string())?;
         Ok(LymphDriver { client, timeout })
     }
