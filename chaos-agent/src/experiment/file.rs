@@ -564,10 +564,17 @@ impl<'de> de::Visitor<'de> for StepKey<'_> {
                 "a step starts with its type: `{key}` is not one of fault, pause, repeat, parallel, serial \
                  (put the type first, e.g. `- fault: latency`)"
             ),
-            Some("fault") => format!(
-                "unknown key `{key}` in a fault step; it takes service, lifetime, name and the fault's parameters: {}",
-                FAULT_PARAMS.join(", ")
-            ),
+            Some("fault") => {
+                let known = ["service", "lifetime", "name"].iter().chain(FAULT_PARAMS);
+                match known.min_by_key(|k| edit_distance(&key, k)).filter(|k| edit_distance(&key, k) <= 2) {
+                    Some(close) => format!("unknown key `{key}` in a fault step: did you mean `{close}`?"),
+                    None => format!(
+                        "unknown key `{key}` in a fault step; it takes service, lifetime, name and the fault's \
+                         parameters: {}",
+                        FAULT_PARAMS.join(", ")
+                    ),
+                }
+            }
             Some(kind) => format!("unknown key `{key}` in a {kind} step (it takes only `name` besides `{kind}`)"),
         }))
     }
@@ -640,6 +647,22 @@ impl<'de> de::Visitor<'de> for StepVisitor {
         }
         Ok(Step { path: String::new(), name, action })
     }
+}
+
+/// Levenshtein distance (for "did you mean").
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 // --- probes ---
@@ -952,6 +975,7 @@ safeguards:
         let (line, msg) = error("title: t\nmethod:\n  - fault: latency\n    service: Echo\n    latncy: 200ms\n");
         assert_eq!(line, 5, "{msg}");
         assert!(msg.contains("method[0]") && msg.contains("`latncy`"), "{msg}");
+        assert!(msg.contains("did you mean `latency`?"), "{msg}");
 
         // A bad value: the line of the value, the key in the path.
         let (line, msg) =
