@@ -2,7 +2,8 @@
 //! (lymph RPC to `--agent`, default `tcp://127.0.0.1:4575`).
 //!
 //! Exit codes: 0 done, 1 the agent refused or failed the request, 2 usage error, 3 no agent answered, 4 lookup
-//! failure (ZooKeeper has no agent/service).
+//! failure (ZooKeeper has no agent/service). `run` (an experiment, [`crate::experiment`]) has its own: 0 held,
+//! 1 deviated, 2 could not run, 3 aborted.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -169,6 +170,43 @@ pub enum Command {
     ///
     /// Example: lymph-chaos leash
     Leash,
+    /// Run a chaos experiment: check the steady state, run the method under the safeguards, check it again, revert
+    /// everything (also on abort, failure and Ctrl-C), and write a report (report.json, summary.txt, timeline.svg).
+    ///
+    /// Example: lymph-chaos run experiment.yml --zookeeper 127.0.0.1:2181/lymph --out chaos-report
+    ///
+    /// Exit codes: 0 the hypothesis held, 1 it deviated, 2 could not run (bad file, no agent, not steady before:
+    /// nothing applied), 3 aborted (a safeguard, a failed fault, Ctrl-C: everything reverted).
+    Run(RunArgs),
+}
+
+/// Options of `lymph-chaos run`.
+#[derive(ClapArgs, Debug, Default, Clone)]
+pub struct RunArgs {
+    /// The experiment file (YAML).
+    pub file: PathBuf,
+    /// ZooKeeper hosts (`host:port[,…][/chroot]`); default: the file's `zookeeper`, else lymph's configuration
+    /// ($LYMPH_CONFIG or ./.lymph.yml), else 127.0.0.1:2181.
+    #[arg(long)]
+    pub zookeeper: Option<String>,
+    /// Directory for report.json, summary.txt and timeline.svg (default: <file stem>-report next to the file).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Ask the agents what they would do; apply nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seed for the agents' random choices (overrides the file's).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Only check the file (and print its steps); contact nobody.
+    #[arg(long)]
+    pub check: bool,
+    /// Longest lifetime a fault gets at once, renewed while it should last: how long faults outlive a crashed run.
+    #[arg(long, default_value = "10s")]
+    pub lease: String,
+    /// No progress lines, only the summary.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 /// Options of `lymph-chaos agent`.
@@ -372,6 +410,7 @@ pub fn request_for(command: &Command) -> Result<(&'static str, Map<String, Json>
     }
     let method = match command {
         Command::Agent(_) => return Err("`agent` is not a client command".into()),
+        Command::Run(_) => return Err("`run` is not a single request".into()),
         Command::Kill { target, signal, deregister, common } => {
             target.apply(&mut m);
             common.apply(&mut m);

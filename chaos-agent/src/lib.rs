@@ -11,6 +11,7 @@
 //! - [`journal`], [`events`], [`guardian`] — what to undo, what happened, who undoes it if the agent dies
 //! - [`unleash`] — random fault schedule
 //! - [`scenario`] — the client library for test code (`Scenario`)
+//! - [`experiment`] — chaos experiments: steady state, method, safeguards, report (`lymph-chaos run`)
 //! - [`config`], [`paths`], [`metrics`]
 pub mod agent;
 pub mod chaos;
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod events;
+pub mod experiment;
 pub mod faults;
 pub mod guardian;
 pub mod journal;

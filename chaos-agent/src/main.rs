@@ -87,6 +87,7 @@ fn main() {
     let code = runtime.block_on(async {
         match &cli.command {
             Command::Agent(args) => run_agent(args).await,
+            Command::Run(args) => chaos_agent::experiment::command::run(args, cli.json).await,
             _ => cli::run_client(&cli).await,
         }
     });

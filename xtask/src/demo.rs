@@ -14,6 +14,10 @@
 //! summary per phase. Then everything it started is stopped, by pid, in reverse order (the agent reverts its
 //! faults and removes its kernel objects on SIGTERM). Ctrl-C jumps to the cleanup.
 //!
+//! With `--experiment FILE` the same services run an experiment file instead of the script: `lymph-chaos run FILE`
+//! inside the namespace, with `LYMPH_CONFIG` pointing at the demo's `.lymph.yml` (so the experiment finds
+//! ZooKeeper as any lymph tool would), its report written next to the file; the demo's exit code is the run's.
+//!
 //! Client lines are prefixed with the phase in which the call *started* (`[baseline]`, `[kill]`, `[recovered]`,
 //! `[fault]`, `[after]`; a call that times out is printed a second later), so the test (`tests/tests/zk_demo.rs`)
 //! and a reader can attribute every call.
@@ -41,6 +45,10 @@ pub struct DemoOptions {
     pub agent_bin: Option<PathBuf>,
     /// Use this lymph venv instead of building/checking `target/lymph-venv`.
     pub venv: Option<PathBuf>,
+    /// Run this experiment file (`lymph-chaos run`) against the services instead of the script.
+    pub experiment: Option<PathBuf>,
+    /// Its report directory.
+    pub out: Option<PathBuf>,
 }
 
 /// The ZooKeeper chroot of the demo's lymph services.
@@ -92,12 +100,13 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
         bail!("the demo needs root (a network namespace, BPF, signals): run `sudo -E cargo xtask demo`");
     }
     // Everything that may need the network (apt, pip, cargo) happens before entering the namespace.
+    // Absolute: the services run with the demo's run directory as their working directory.
     let agent_bin = match &opts.agent_bin {
-        Some(b) => b.clone(),
+        Some(b) => std::path::absolute(b)?,
         None => install::build_release()?,
     };
     let venv = match &opts.venv {
-        Some(v) => v.clone(),
+        Some(v) => std::path::absolute(v)?,
         None => {
             services::ensure_zookeeper_installed()?;
             services::ensure_lymph_venv(&util::target_dir().join("lymph-venv"))?
@@ -105,12 +114,31 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     };
     let run_dir = util::target_dir().join("demo").join(format!("run-{}", std::process::id()));
     fs::create_dir_all(&run_dir)?;
+    // Paths as the user gave them, resolved before anything changes directory.
+    let experiment = match &opts.experiment {
+        Some(file) => {
+            let file = fs::canonicalize(file).with_context(|| format!("experiment file {}", file.display()))?;
+            let out = match &opts.out {
+                Some(o) => std::path::absolute(o)?,
+                None => {
+                    let stem =
+                        file.file_stem().map_or_else(|| "experiment".into(), |s| s.to_string_lossy().into_owned());
+                    file.with_file_name(format!("{stem}-report"))
+                }
+            };
+            Some((file, out))
+        }
+        None => None,
+    };
     enter_fresh_netns()?;
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
 
     let demo = Demo { started: Instant::now(), run_dir: run_dir.clone(), agent_bin, venv };
-    let result = demo.play();
+    let result = match &experiment {
+        Some((file, out)) => demo.experiment(file, out),
+        None => demo.play(),
+    };
     match &result {
         Ok(()) => {
             let _ = fs::remove_dir_all(&run_dir);
@@ -250,6 +278,56 @@ impl Demo {
         self.header("summary");
         print!("{summary}");
         self.say("demo finished");
+        Ok(())
+    }
+
+    /// The services, then `lymph-chaos run <file>` against them; fails unless the run exits 0 (held) or 1
+    /// (deviated): an abort or a run that could not start is an error of the demo too.
+    fn experiment(&self, file: &Path, out: &Path) -> Result<()> {
+        self.header("setting up (private network namespace: ZooKeeper, lymph Echo, agent)");
+        let zk = services::ZooKeeper::start(&self.run_dir.join("zookeeper"))?;
+        self.say(format!("ZooKeeper on {} (pid {})", zk.addr(), zk.pid()));
+        let hosts = format!("{}{CHROOT}", zk.addr());
+        let config = self.lymph_config(&hosts)?;
+        let echo = Supervisor::start(self.echo_command(&config), self.run_dir.join("echo"), self.started)?;
+        let first = echo.wait_registered(READY_TIMEOUT)?;
+        self.say(format!("Echo registered (pid {first}), kept alive by a restart loop"));
+        let mut agent = self.start_agent(&hosts)?;
+        self.say(format!("agent on {} (pid {}), registered as Chaos in {hosts}", agent.endpoint, agent.pid()));
+        // The agent lists Echo with its pid once discovery has run: wait, so the first fault finds it.
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let out = self.cli(&agent, &["services"])?;
+            if String::from_utf8_lossy(&out.stdout).contains(&format!("local pid {first}")) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the agent never listed Echo pid {first}; agent log:\n{}", tail(&agent.log, 30));
+            }
+            pause(Duration::from_millis(200))?;
+        }
+        self.header(format!("lymph-chaos run {}", file.display()));
+        let mut cmd = Command::new(&self.agent_bin);
+        cmd.arg("run").arg(file).arg("--out").arg(out);
+        self.lymph_env(&mut cmd, &config);
+        cmd.stdin(Stdio::null());
+        crate::child::die_with_parent(&mut cmd);
+        // Ctrl-C reaches the run too (same process group): it reverts and exits 3.
+        let status = cmd.status().context("running lymph-chaos run")?;
+        self.header("cleaning up (only what the demo started, by pid)");
+        agent.stop(self);
+        drop(echo);
+        drop(zk);
+        let pins = Path::new(&agent.pin_dir);
+        if pins.exists() {
+            let _ = fs::remove_dir_all(pins);
+        }
+        self.say(format!("report in {}", out.display()));
+        match status.code() {
+            Some(0) => self.say("the hypothesis held"),
+            Some(1) => self.say("the hypothesis deviated (see the report)"),
+            _ => bail!("lymph-chaos run did not complete the experiment ({status}); see {}", out.display()),
+        }
         Ok(())
     }
 

@@ -109,7 +109,10 @@ enum Task {
     /// The agent against a real lymph Echo service and client, in a private network namespace: kill Echo and
     /// watch it come back, then 200 ms latency (or a blackhole without netem) for 5 s; everything is cleaned up.
     ///
-    /// Example: `sudo -E cargo xtask demo`
+    /// With `--experiment FILE`, the same services (ZooKeeper, Echo under a restart loop, the agent) run the
+    /// experiment file with `lymph-chaos run` instead of the script; its report goes next to the file (or `--out`).
+    ///
+    /// Example: `sudo -E cargo xtask demo`, `sudo -E cargo xtask demo --experiment echo-experiment.yml`
     Demo {
         /// Use this agent binary instead of building the release agent.
         #[arg(long, value_name = "PATH")]
@@ -117,6 +120,12 @@ enum Task {
         /// Use this lymph venv instead of target/lymph-venv.
         #[arg(long, value_name = "DIR")]
         venv: Option<std::path::PathBuf>,
+        /// Run this experiment file against the demo's services instead of the demo script.
+        #[arg(long, value_name = "FILE")]
+        experiment: Option<std::path::PathBuf>,
+        /// With --experiment: the report directory (default: <file stem>-report next to the file).
+        #[arg(long, value_name = "DIR", requires = "experiment")]
+        out: Option<std::path::PathBuf>,
     },
     /// Run the benchmarks (release build): RPC vs a Python lymph service, per-packet cost vs a `tc u32` filter
     /// chain, rule change time vs spawning `tc`, kill latency. Prints ours | baseline | ratio | goal | met?; a
@@ -148,7 +157,9 @@ fn main() {
             install::run(&install::InstallOptions { prefix, uninstall, start, no_start, purge, binary })
         }
         Task::Deb { binary } => deb::run(&deb::DebOptions { binary }).map(|_| ()),
-        Task::Demo { agent_bin, venv } => demo::run(&demo::DemoOptions { agent_bin, venv }),
+        Task::Demo { agent_bin, venv, experiment, out } => {
+            demo::run(&demo::DemoOptions { agent_bin, venv, experiment, out })
+        }
         Task::Test { tiers, no_install, runner_args } => {
             test::run(&test::TestOptions { tiers, runner_args, no_install })
         }

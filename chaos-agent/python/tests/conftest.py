@@ -24,6 +24,9 @@ import pytest
 
 REQUIRE_ALL = os.environ.get("CHAOS_PY_REQUIRE_ALL") == "1"
 
+# test_pytest_plugin.py runs pytest inside pytest (the `pytester` fixture).
+pytest_plugins = ["pytester"]
+
 
 @dataclass(frozen=True)
 class Env:
