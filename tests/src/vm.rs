@@ -161,6 +161,8 @@ pub struct Guest {
     dir: tempfile::TempDir,
     kernel: PathBuf,
     cpus: u8,
+    memory_mib: u32,
+    qemu_args: Vec<String>,
     kernel_args: Vec<String>,
     initrd_bytes: u64,
     build_time: Duration,
@@ -176,6 +178,8 @@ pub struct GuestBuilder {
     modules: Vec<String>,
     command: Option<String>,
     cpus: u8,
+    memory_mib: u32,
+    qemu_args: Vec<String>,
     kernel_args: Vec<String>,
 }
 
@@ -190,6 +194,8 @@ impl Guest {
             modules: DEFAULT_MODULES.iter().map(|m| (*m).to_string()).collect(),
             command: None,
             cpus: DEFAULT_CPUS,
+            memory_mib: 1024,
+            qemu_args: Vec::new(),
             kernel_args: Vec::new(),
         }
     }
@@ -223,9 +229,11 @@ impl Guest {
             .arg(format!("{}", limit.as_secs().max(1)))
             .arg(QEMU)
             // TCG only: /dev/kvm here hangs a Debian kernel in the decompressor; never `-cpu host`.
-            .args(["-accel", "tcg", "-smp", &self.cpus.to_string(), "-m", "1024", "-nographic", "-no-reboot"])
+            .args(["-accel", "tcg", "-smp", &self.cpus.to_string(), "-m", &self.memory_mib.to_string()])
+            .args(["-nographic", "-no-reboot"])
             // No NIC at all: traffic stays inside the guest.
             .args(["-nic", "none"])
+            .args(&self.qemu_args)
             .arg("-kernel")
             .arg(&self.kernel)
             .arg("-initrd")
@@ -314,6 +322,18 @@ impl GuestBuilder {
         self
     }
 
+    /// Guest memory for qemu's `-m` (default 1024 MiB).
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Extra qemu arguments (e.g. `-drive file=…,if=virtio,snapshot=on`; never a NIC).
+    pub fn qemu_arg(mut self, arg: impl Into<String>) -> Self {
+        self.qemu_args.push(arg.into());
+        self
+    }
+
     /// An extra kernel command-line argument (e.g. `idle=poll`), after `console=ttyS0 quiet panic=-1`.
     pub fn kernel_arg(mut self, arg: impl Into<String>) -> Self {
         self.kernel_args.push(arg.into());
@@ -384,6 +404,8 @@ impl GuestBuilder {
             dir,
             kernel: self.assets.kernel.clone(),
             cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            qemu_args: self.qemu_args,
             kernel_args: self.kernel_args,
             initrd_bytes,
             build_time: started.elapsed(),

@@ -6,7 +6,10 @@
 //! 2. `netns` — root, each test in fresh network namespaces (binaries `netns_*`, plus `#[ignore]`d unit tests
 //!    that need root);
 //! 3. `zk` — a private ZooKeeper started here on 127.0.0.1 and real lymph 0.15 peers in a venv (binaries `zk_*`);
-//! 4. `vm` — qemu guests booting the pinned Debian kernel (binaries `vm*`).
+//! 4. `vm` — qemu guests booting the pinned Debian kernel (binaries `vm*`);
+//! 5. `systemd` — the .deb (lintian) and the agent as a systemd service in a Debian 12 guest booted with systemd as
+//!    PID 1 under qemu (binaries `systemd*`): builds the guest image (`systemd_guest`, cached under `target/`) and
+//!    the package from the debug agent, and passes them in `CHAOS_SYSTEMD_*`.
 //!
 //! A tier that cannot run is announced with its reason before anything runs; with `CI=true` that is an error.
 //! The output ends with the test runner's summary (cargo-nextest when installed, else cargo test).
@@ -16,7 +19,7 @@ use std::{path::PathBuf, process::Command};
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    ebpf, services,
+    deb, ebpf, services, systemd_guest,
     util::{self, step},
     vm,
 };
@@ -28,10 +31,11 @@ pub enum Tier {
     Netns,
     Zk,
     Vm,
+    Systemd,
 }
 
 impl Tier {
-    pub const ALL: [Tier; 4] = [Tier::Unit, Tier::Netns, Tier::Zk, Tier::Vm];
+    pub const ALL: [Tier; 5] = [Tier::Unit, Tier::Netns, Tier::Zk, Tier::Vm, Tier::Systemd];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -39,6 +43,7 @@ impl Tier {
             Tier::Netns => "netns",
             Tier::Zk => "zk",
             Tier::Vm => "vm",
+            Tier::Systemd => "systemd",
         }
     }
 
@@ -53,6 +58,7 @@ impl Tier {
             Tier::Netns => "binary(/^netns_/)",
             Tier::Zk => "binary(/^zk_/)",
             Tier::Vm => "binary(/^vm/)",
+            Tier::Systemd => "binary(/^systemd/)",
         }
     }
 }
@@ -74,7 +80,7 @@ pub fn run(opts: &TestOptions) -> Result<()> {
     } else {
         opts.tiers
             .iter()
-            .map(|s| Tier::parse(s).with_context(|| format!("unknown tier `{s}` (unit, netns, zk, vm)")))
+            .map(|s| Tier::parse(s).with_context(|| format!("unknown tier `{s}` (unit, netns, zk, vm, systemd)")))
             .collect::<Result<_>>()?
     };
     let ci = util::in_ci();
@@ -90,7 +96,7 @@ pub fn run(opts: &TestOptions) -> Result<()> {
         }
         eprintln!("    (continuing without the BPF object: {err:#})");
     }
-    for tier in [Tier::Netns, Tier::Zk, Tier::Vm] {
+    for tier in [Tier::Netns, Tier::Zk, Tier::Vm, Tier::Systemd] {
         if wanted.contains(&tier) && !root {
             skipped.push((tier, "needs root (network namespaces, BPF, signals to other processes, apt)".into()));
         }
@@ -131,6 +137,14 @@ pub fn run(opts: &TestOptions) -> Result<()> {
         }
     }
 
+    if runnable(Tier::Systemd, &skipped) {
+        step("preparing: the Debian 12 guest with systemd, the .deb, lintian");
+        match prepare_systemd(opts.no_install) {
+            Ok(vars) => env.extend(vars),
+            Err(err) => skipped.push((Tier::Systemd, format!("{err:#}"))),
+        }
+    }
+
     // The plan, loudly.
     step("test tiers");
     for tier in Tier::ALL {
@@ -141,21 +155,27 @@ pub fn run(opts: &TestOptions) -> Result<()> {
         } else {
             "runs".to_owned()
         };
-        eprintln!("    {:<6} {state}", tier.name());
+        eprintln!("    {:<7} {state}", tier.name());
     }
     if ci && !skipped.is_empty() {
         let list: Vec<String> = skipped.iter().map(|(t, why)| format!("{}: {why}", t.name())).collect();
         bail!("CI must run every tier, but these cannot run here:\n  {}", list.join("\n  "));
     }
     let run_tiers: Vec<Tier> = Tier::ALL.into_iter().filter(|t| runnable(*t, &skipped)).collect();
-    // The VM tier runs last, on its own: its result table (ours vs raw netem) ends the output, followed by the
-    // runner's summary, and it measures milliseconds with the machine to itself.
-    let (vm, rest): (Vec<Tier>, Vec<Tier>) = run_tiers.iter().partition(|t| **t == Tier::Vm);
+    // The guest tiers run on their own, after the rest: the systemd tier measures fault lifetimes in seconds under
+    // TCG, the VM tier milliseconds; the VM tier's result table (ours vs raw netem) ends the output, followed by
+    // the runner's summary.
+    let (guests, rest): (Vec<Tier>, Vec<Tier>) =
+        run_tiers.iter().partition(|t| matches!(**t, Tier::Vm | Tier::Systemd));
     let mut status = true;
     if !rest.is_empty() {
         status &= run_runner(&rest, &env, &opts.runner_args)?;
     }
     drop(zookeeper);
+    if guests.contains(&Tier::Systemd) {
+        status &= run_runner(&[Tier::Systemd], &env, &opts.runner_args)?;
+    }
+    let vm: Vec<Tier> = guests.into_iter().filter(|t| *t == Tier::Vm).collect();
     if !vm.is_empty() {
         status &= run_runner(&vm, &env, &opts.runner_args)?;
     }
@@ -172,6 +192,35 @@ pub fn run(opts: &TestOptions) -> Result<()> {
     Ok(())
 }
 
+/// The systemd tier's inputs: qemu and the kernel (as the VM tier), the guest image, the packages built from the
+/// debug agent (the tier tests packaging and service behaviour, not speed; a release build would add minutes to
+/// a cold CI run), lintian. Returns the `CHAOS_*` variables for the tests.
+fn prepare_systemd(no_install: bool) -> Result<Vec<(String, String)>> {
+    vm::prepare()?;
+    if !no_install {
+        util::apt_install(&["lintian"], "the systemd tier (lintian checks the .deb)")?;
+    }
+    let image = systemd_guest::prepare()?;
+    step("building the debug agent for the .deb");
+    util::run(util::cargo().current_dir(util::root()).args([
+        "build",
+        "--package",
+        "chaos-agent",
+        "--bin",
+        "lymph-chaos",
+    ]))?;
+    let debs = deb::run(&deb::DebOptions { binary: Some(util::target_dir().join("debug").join("lymph-chaos")) })?;
+    let xtask = std::env::current_exe().context("locating the xtask binary")?;
+    let path = |p: &std::path::Path| p.display().to_string();
+    Ok(vec![
+        ("CHAOS_VM_ASSETS".into(), path(&vm::assets_env_path())),
+        ("CHAOS_SYSTEMD_IMAGE".into(), path(&image)),
+        ("CHAOS_SYSTEMD_DEB".into(), path(&debs.deb)),
+        ("CHAOS_SYSTEMD_DBGSYM".into(), path(&debs.dbgsym)),
+        ("CHAOS_SYSTEMD_XTASK".into(), path(&xtask)),
+    ])
+}
+
 fn netns_works() -> std::result::Result<(), String> {
     let name = format!("xtask-probe-{}", std::process::id());
     let ok = Command::new("ip").args(["netns", "add", &name]).status().map_err(|e| format!("cannot run ip: {e}"))?;
@@ -186,7 +235,7 @@ fn netns_works() -> std::result::Result<(), String> {
 fn filterset(tiers: &[Tier]) -> String {
     if tiers.contains(&Tier::Unit) {
         // Everything, minus the binaries of tiers not running.
-        let excluded: Vec<String> = [Tier::Netns, Tier::Zk, Tier::Vm]
+        let excluded: Vec<String> = [Tier::Netns, Tier::Zk, Tier::Vm, Tier::Systemd]
             .into_iter()
             .filter(|t| !tiers.contains(t))
             .map(|t| format!("not {}", t.binaries()))
@@ -213,7 +262,7 @@ fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Res
     // Build first (agent binary included: tests start it as a process).
     step("building the workspace and its tests");
     util::run(util::cargo().current_dir(util::root()).args(["build", "--workspace", "--bins"]))?;
-    let privileged = tiers.contains(&Tier::Netns) || tiers.contains(&Tier::Zk) || tiers.contains(&Tier::Vm);
+    let privileged = tiers.iter().any(|t| *t != Tier::Unit);
     if have_nextest() {
         let mut cmd = util::cargo();
         cmd.current_dir(util::root()).args(["nextest", "run", "--workspace", "--no-fail-fast"]);
@@ -243,6 +292,8 @@ fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Res
                 Tier::Zk
             } else if name.starts_with("vm") {
                 Tier::Vm
+            } else if name.starts_with("systemd") {
+                Tier::Systemd
             } else {
                 Tier::Netns
             };
@@ -260,7 +311,7 @@ fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Res
         if privileged {
             cmd.arg("--include-ignored");
         }
-        if args.iter().any(|a| a.starts_with("vm")) {
+        if args.iter().any(|a| a.starts_with("vm") || a.starts_with("systemd")) {
             cmd.arg("--nocapture");
         }
         for (k, v) in env {

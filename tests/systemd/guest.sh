@@ -1,0 +1,336 @@
+#!/bin/bash
+# The systemd tier, guest side (tests/tests/systemd.rs builds the payload around it). Runs as
+# chaos-guest-run.service once a Debian 12 guest has booted with systemd as PID 1, does what a sysadmin does
+# with the package and the service, and prints one `RESULT <step> pass|fail key=value …` line per step on the
+# serial console (`DETAIL <step>: …` says why a step failed), then `GUEST-DONE exit=<failed steps>`, and powers
+# the guest off. Steps run in order; a failed step does not stop the run (later steps say what they can).
+#
+# Timing: lifetimes are seconds and the checks poll every 0.1 s; `*_s` values are seconds since the fault was
+# applied (or since the agent was killed) as measured in the guest.
+set -u
+exec 2>&1
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C
+P=/payload
+# shellcheck source=/dev/null
+. "$P/env" # REPO_ROOT: where `cargo xtask` finds chaos-agent/dist (the host's workspace path)
+
+failures=0
+result() { # step pass|fail values…
+    local step=$1 verdict=$2
+    shift 2
+    echo "RESULT $step $verdict $*"
+    [ "$verdict" = pass ] || failures=$((failures + 1))
+}
+check() { # step "values" command… — pass when the command succeeds
+    local step=$1 values=$2
+    shift 2
+    if "$@"; then result "$step" pass "$values"; else result "$step" fail "$values"; fi
+}
+detail() { echo "DETAIL $*"; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a <= b) }'; }
+wait_for() { # seconds command… — poll every 0.1 s until the command succeeds
+    local deadline
+    deadline=$(awk -v s="$1" -v n="$(now)" 'BEGIN { printf "%.1f", n + s }')
+    shift
+    until "$@"; do
+        le "$deadline" "$(now)" && return 1
+        sleep 0.1
+    done
+}
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+
+main_pid() { systemctl show -p MainPID --value lymph-chaos; }
+agent_ok() { lymph-chaos --timeout 3 status >/dev/null 2>&1; }
+agent_up_since() { # old main pid — a new agent answers
+    local pid
+    pid=$(main_pid)
+    [ "$pid" != 0 ] && [ "$pid" != "$1" ] && agent_ok
+}
+zk_up() { (exec 3<>/dev/tcp/127.0.0.1/2181) 2>/dev/null; }
+# Milliseconds to open a TCP connection to the test's listener on port 7777 (the port of the latency faults).
+PORT=7777
+connect_ms() {
+    local t
+    t=$(now)
+    (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null || { echo 99999; return; }
+    awk -v a="$t" -v b="$(now)" 'BEGIN { printf "%.0f", (b - a) * 1000 }'
+}
+slow() { [ "$(connect_ms)" -ge 250 ]; }
+fast() { [ "$(connect_ms)" -lt 150 ]; }
+proc_state() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1; }
+stopped() { [ "$(proc_state "$1")" = T ]; }
+running() { local s; s=$(proc_state "$1"); [ -n "$s" ] && [ "$s" != T ]; }
+victim_cgroup() { echo /sys/fs/cgroup/system.slice/chaos-victim.service/cgroup.procs; }
+workers() { grep -v -x "$VICTIM" "$(victim_cgroup)" | wc -l; } # load workers placed in the victim's cgroup
+no_workers() { [ "$(workers)" -eq 0 ]; }
+fill_files() { find /var/lib/lymph-chaos /tmp -maxdepth 1 -name '.lymph-chaos-fill-*' 2>/dev/null | wc -l; }
+no_fill_files() { [ "$(fill_files)" -eq 0 ]; }
+guardian_pid() { cat /run/lymph-chaos/guardian.pid 2>/dev/null; }
+alive() { [ -n "$1" ] && [ -d "/proc/$1" ] && [ "$(proc_state "$1")" != Z ]; }
+gone() { ! alive "$1"; }
+# Kernel objects of ours: the IFB device, the pinned maps, tc filters running our classifier, BPF programs.
+our_objects() {
+    local n=0
+    ip link show lchaos0 >/dev/null 2>&1 && n=$((n + 1))
+    [ -e /sys/fs/bpf/lymph-chaos ] && n=$((n + 1))
+    n=$((n + $(tc filter show dev lo egress 2>/dev/null | grep -c chaos)))
+    n=$((n + $(tc filter show dev lo ingress 2>/dev/null | grep -c chaos)))
+    n=$((n + $(bpftool prog show 2>/dev/null | grep -c chaos_)))
+    echo "$n"
+}
+no_objects() { [ "$(our_objects)" -eq 0 ]; }
+# Waits up to `limit` s after `t0` for `cond`; prints the seconds it took (or "never").
+time_until() { # t0 limit cond…
+    local t0=$1 limit=$2
+    shift 2
+    if wait_for "$(awk -v t0="$t0" -v l="$limit" -v n="$(now)" 'BEGIN { printf "%.1f", t0 + l - n }')" "$@"; then
+        elapsed "$t0"
+    else
+        echo never
+    fi
+}
+within() { [ "$1" != never ] && le "$1" "$2"; }
+sleep_until() { # t0 offset — sleep until t0 + offset seconds
+    local s
+    s=$(awk -v t0="$1" -v o="$2" -v n="$(now)" 'BEGIN { d = t0 + o - n; printf "%.2f", d > 0 ? d : 0 }')
+    sleep "$s"
+}
+apply() { # step command… — apply a fault; fails the step with the CLI's words when refused
+    local out
+    if out=$("$@" 2>&1); then return 0; fi
+    detail "$1: $* -> $out"
+    return 1
+}
+
+echo "GUEST-BOOT uptime=$(uptime_s) kernel=$(uname -r)"
+
+# --- The machine: systemd as PID 1, ZooKeeper from Debian -------------------------------------------------------
+state=$(systemctl is-system-running --wait 2>/dev/null)
+check systemd-pid1 "init=$(readlink /proc/1/exe) state=$state uptime=$(uptime_s)" \
+    grep -q systemd /proc/1/comm
+t=$(now)
+check zookeeper-listening "after_s=$(time_until "$t" 180 zk_up)" zk_up
+
+# --- apt-get install ./lymph-chaos_….deb: enabled, active, answering, registered ------------------------------
+cd "$P" || exit 1
+t=$(now)
+if apt-get install -y --no-install-recommends ./lymph-chaos_*_*.deb >/tmp/apt-install.log 2>&1; then rc=0; else
+    rc=$?
+    detail "deb-install: $(tail -5 /tmp/apt-install.log | tr '\n' ' ')"
+fi
+check deb-install "s=$(elapsed "$t")" test "$rc" -eq 0
+check unit-enabled "is_enabled=$(systemctl is-enabled lymph-chaos 2>&1)" \
+    test "$(systemctl is-enabled lymph-chaos 2>&1)" = enabled
+up=$(time_until "$t" 90 agent_ok)
+check unit-active-answering "is_active=$(systemctl is-active lymph-chaos) answered_s=$up" \
+    test "$(systemctl is-active lymph-chaos)" = active -a "$up" != never
+zk=$(time_until "$(now)" 90 lymph-chaos --via-zookeeper 127.0.0.1:2181 --timeout 3 status)
+check registered-in-zookeeper "found_s=$zk" test "$zk" != never
+[ "$zk" = never ] && detail "registered-in-zookeeper: $(lymph-chaos --via-zookeeper 127.0.0.1:2181 status 2>&1 | tail -2)"
+check man-page-and-completions "pages=$(ls /usr/share/man/man1/lymph-chaos*.1.gz 2>/dev/null | wc -l)" \
+    bash -c 'zcat /usr/share/man/man1/lymph-chaos.1.gz | grep -q "^\.TH" &&
+        . /usr/share/bash-completion/completions/lymph-chaos && complete -p lymph-chaos >/dev/null &&
+        test -s /usr/share/zsh/vendor-completions/_lymph-chaos &&
+        test -s /usr/share/fish/vendor_completions.d/lymph-chaos.fish'
+if apt-get install -y ./lymph-chaos-dbgsym_*_*.deb >/tmp/apt-dbgsym.log 2>&1; then rc=0; else rc=$?; fi
+debug_file=$(dpkg -L lymph-chaos-dbgsym 2>/dev/null | grep '\.debug$')
+check dbgsym-install "file=$debug_file" test "$rc" -eq 0 -a -s "$debug_file"
+
+# The guardian lives in a scope of its own, outside the service's control group.
+gpid=$(guardian_pid)
+scope=lymph-chaos-guardian-$(main_pid).scope
+check guardian-own-scope "pid=$gpid scope=$scope cgroup=$(cut -d: -f3 "/proc/$gpid/cgroup" 2>/dev/null)" \
+    bash -c "systemctl is-active --quiet $scope && grep -q '/$scope\$' /proc/$gpid/cgroup &&
+        grep -q '^lymph-chaos-guardian' /proc/$gpid/cmdline"
+
+# The hardened unit.
+systemd-analyze security --no-pager lymph-chaos.service 2>&1 | sed 's/^/SECURITY| /'
+exposure=$(systemd-analyze security --no-pager lymph-chaos.service 2>/dev/null |
+    sed -n 's/.*Overall exposure level for lymph-chaos.service: \([0-9.]*\).*/\1/p')
+check security-exposure "exposure=$exposure" le "${exposure:-10}" 5.0
+check limits "nofile=$(grep 'Max open files' /proc/"$(main_pid)"/limits | awk '{print $4"/"$5}')" \
+    bash -c "grep 'Max open files' /proc/$(main_pid)/limits | grep -q 65536"
+
+# --- The administrator allows a test process as a target, restarts -------------------------------------------
+sed -i 's/^  allowed_processes: \[\]$/  allowed_processes: [chaos-victim]/' /etc/lymph-chaos/config.yml
+old=$(main_pid)
+t=$(now)
+systemctl restart lymph-chaos
+up=$(time_until "$t" 60 agent_up_since "$old")
+check systemctl-restart "old_pid=$old new_pid=$(main_pid) answered_s=$up" \
+    bash -c "grep -q 'allowed_processes: \[chaos-victim\]' /etc/lymph-chaos/config.yml && test '$up' != never"
+
+# journald stamps each line: the agent's own lines carry no second time stamp.
+lines=$(journalctl -u lymph-chaos -o cat --no-pager | grep -c .)
+stamped=$(journalctl -u lymph-chaos -o cat --no-pager | grep -c -E '^[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}')
+ready=$(journalctl -u lymph-chaos -o cat --no-pager | grep -c 'lymph-chaos agent ready')
+check journald-single-timestamps "lines=$lines stamped=$stamped ready=$ready" \
+    test "$lines" -gt 0 -a "$stamped" -eq 0 -a "$ready" -ge 2
+[ "$stamped" -eq 0 ] || detail "journald-single-timestamps: $(journalctl -u lymph-chaos -o cat --no-pager | grep -m2 -E '^[0-9]{4}-')"
+
+# The target: a process the test starts in a service of its own.
+systemd-run --quiet --unit=chaos-victim bash -c 'exec -a chaos-victim sleep 1000000'
+wait_for 10 bash -c '[ "$(systemctl show -p MainPID --value chaos-victim)" != 0 ]'
+VICTIM=$(systemctl show -p MainPID --value chaos-victim)
+check victim-started "pid=$VICTIM" running "$VICTIM"
+systemd-run --quiet --unit=chaos-listener nc -lk 127.0.0.1 "$PORT"
+check listener-started "port=$PORT connect_ms=$(time_until "$(now)" 10 fast && connect_ms)" fast
+
+# --- kill -9 of the agent while faults are active: systemd restarts it; every fault ends on time ------------------
+L=14
+t0=$(now)
+ok=0
+apply kill9-faults lymph-chaos pause --pid "$VICTIM" --lifetime "$L" || ok=1
+apply kill9-faults lymph-chaos inject cpu --pid "$VICTIM" workers=1 in_target_cgroup=true --lifetime "$L" || ok=1
+apply kill9-faults lymph-chaos latency --port "$PORT" 0.3 --lifetime "$L" || ok=1
+apply kill9-faults lymph-chaos inject disk path=/var/lib/lymph-chaos mib=4 --lifetime "$L" || ok=1
+apply kill9-faults lymph-chaos inject disk path=/tmp mib=4 --lifetime "$L" || ok=1
+sleep 0.5
+st=$(proc_state "$VICTIM")
+w=$(workers)
+c=$(connect_ms)
+f=$(fill_files)
+check kill9-faults-active "applied=$((ok == 0)) paused=$st workers=$w connect_ms=$c fills=$f" \
+    test "$ok" -eq 0 -a "$st" = T -a "$w" -ge 1 -a "$c" -ge 250 -a "$f" -eq 2
+old=$(main_pid)
+gpid=$(guardian_pid)
+kill -9 "$old"
+tk=$(now)
+sleep 0.5
+check kill9-guardian-survives "agent=$old guardian=$gpid" alive "$gpid"
+restart=$(time_until "$tk" 60 agent_up_since "$old")
+resumed=$(time_until "$t0" $((L + 2)) running "$VICTIM")
+no_load=$(time_until "$t0" $((L + 2)) no_workers)
+unslowed=$(time_until "$t0" $((L + 2)) fast)
+unfilled=$(time_until "$t0" $((L + 2)) no_fill_files)
+check kill9-restarted "restart_s=$restart new_pid=$(main_pid)" test "$restart" != never
+check kill9-pause-ended "resumed_s=$resumed lifetime_s=$L" within "$resumed" $((L + 2))
+check kill9-cpu-ended "workers_gone_s=$no_load lifetime_s=$L" within "$no_load" $((L + 2))
+check kill9-latency-ended "normal_s=$unslowed connect_ms=$(connect_ms) lifetime_s=$L" within "$unslowed" $((L + 2))
+check kill9-fill-ended "deleted_s=$unfilled lifetime_s=$L" within "$unfilled" $((L + 2))
+undone=$(grep -c '"undid faults left by an earlier run"' /var/log/lymph-chaos/events.jsonl 2>/dev/null)
+check kill9-old-guardian-stopped "undone_events=$undone new_guardian=$(guardian_pid)" \
+    bash -c "! test -d /proc/$gpid && systemctl is-active --quiet lymph-chaos-guardian-$(main_pid).scope"
+
+# --- A crash loop hits the start limit: no agent any more, the last run's guardian ends its faults on time -------
+systemctl reset-failed lymph-chaos
+cycles=0
+for _ in 1 2 3; do
+    old=$(main_pid)
+    kill -9 "$old"
+    if [ "$(time_until "$(now)" 60 agent_up_since "$old")" != never ]; then cycles=$((cycles + 1)); fi
+done
+LB=12
+t0=$(now)
+ok=0
+apply start-limit-faults lymph-chaos pause --pid "$VICTIM" --lifetime "$LB" || ok=1
+apply start-limit-faults lymph-chaos latency --port "$PORT" 0.3 --lifetime "$LB" || ok=1
+sleep 0.3
+gpid=$(guardian_pid)
+kill -9 "$(main_pid)"
+tk=$(now)
+hit=$(time_until "$tk" 30 bash -c '[ "$(systemctl show -p Result --value lymph-chaos)" = start-limit-hit ]')
+check start-limit-hit "restarts=$cycles after_s=$hit state=$(systemctl is-active lymph-chaos) result=$(systemctl show -p Result --value lymph-chaos)" \
+    test "$ok" -eq 0 -a "$cycles" -eq 3 -a "$hit" != never
+# Still on shortly before the end of the lifetime: nobody reverted early …
+sleep_until "$t0" $((LB - 2))
+early_state=$(proc_state "$VICTIM")
+early_ms=$(connect_ms)
+check start-limit-faults-kept "at_s=$(elapsed "$t0") paused=$early_state connect_ms=$early_ms guardian_alive=$(alive "$gpid" && echo yes || echo no)" \
+    test "$early_state" = T -a "$early_ms" -ge 250
+# … and off on time, with no agent running: the guardian did it.
+resumed=$(time_until "$t0" $((LB + 2)) running "$VICTIM")
+unslowed=$(time_until "$t0" $((LB + 2)) fast)
+check start-limit-pause-ended "resumed_s=$resumed lifetime_s=$LB agent=$(systemctl is-active lymph-chaos)" \
+    within "$resumed" $((LB + 2))
+check start-limit-latency-ended "normal_s=$unslowed lifetime_s=$LB" within "$unslowed" $((LB + 2))
+left=$(time_until "$t0" $((LB + 15)) gone "$gpid")
+objects=$(our_objects)
+check start-limit-guardian-cleans-up "guardian_exit_s=$left objects=$objects" test "$left" != never -a "$objects" -eq 0
+
+# --- systemctl stop reverts everything and leaves no kernel object of ours ----------------------------------------
+systemctl reset-failed lymph-chaos
+systemctl start lymph-chaos
+check start-after-reset "answered_s=$(time_until "$(now)" 60 agent_ok)" agent_ok
+ok=0
+apply stop-faults lymph-chaos pause --pid "$VICTIM" --lifetime 300 || ok=1
+apply stop-faults lymph-chaos inject cpu --pid "$VICTIM" workers=1 in_target_cgroup=true --lifetime 300 || ok=1
+apply stop-faults lymph-chaos latency --port "$PORT" 0.3 --lifetime 300 || ok=1
+apply stop-faults lymph-chaos inject disk path=/var/lib/lymph-chaos mib=4 --lifetime 300 || ok=1
+gpid=$(guardian_pid)
+sleep 0.3
+before="paused=$(proc_state "$VICTIM") workers=$(workers) objects=$(our_objects)"
+t=$(now)
+systemctl stop lymph-chaos
+stop_s=$(elapsed "$t")
+sleep 0.3
+st=$(proc_state "$VICTIM")
+w=$(workers)
+c=$(connect_ms)
+f=$(fill_files)
+o=$(our_objects)
+check stop-reverts-everything "$before applied=$((ok == 0)) stop_s=$stop_s state=$st workers=$w connect_ms=$c fills=$f objects=$o" \
+    test "$ok" -eq 0 -a "$st" != T -a "$w" -eq 0 -a "$c" -lt 150 -a "$f" -eq 0 -a "$o" -eq 0 -a ! -e /run/lymph-chaos/agent.pid
+check stop-dismisses-guardian "guardian=$gpid" wait_for 5 gone "$gpid"
+
+# --- apt-get remove, then purge: nothing left behind ---------------------------------------------------------------
+systemctl start lymph-chaos
+wait_for 60 agent_ok
+dpkg -L lymph-chaos lymph-chaos-dbgsym 2>/dev/null | sort >/tmp/package-files
+if apt-get remove -y lymph-chaos >/tmp/apt-remove.log 2>&1; then rc=0; else rc=$?; fi
+check apt-remove "rc=$rc agent_running=$(pgrep -c -x lymph-chaos) conffile=$(test -e /etc/lymph-chaos/config.yml && echo kept)" \
+    test "$rc" -eq 0 -a "$(pgrep -c -x lymph-chaos)" -eq 0 -a ! -e /usr/bin/lymph-chaos -a -e /etc/lymph-chaos/config.yml \
+    -a "$(our_objects)" -eq 0
+if apt-get purge -y lymph-chaos lymph-chaos-dbgsym >/tmp/apt-purge.log 2>&1; then rc=0; else rc=$?; fi
+leftover=$(
+    while read -r f; do [ -f "$f" ] || [ -L "$f" ] && echo "$f"; done </tmp/package-files
+    for d in /etc/lymph-chaos /run/lymph-chaos /var/log/lymph-chaos /var/lib/lymph-chaos /sys/fs/bpf/lymph-chaos; do
+        [ -e "$d" ] && echo "$d"
+    done
+    find /etc/systemd /lib/systemd /usr/lib/systemd /run/systemd/system /var/lib/systemd -name '*lymph-chaos*' 2>/dev/null
+    getent passwd lymph-chaos
+    getent group lymph-chaos
+    systemctl list-units --all --no-legend --plain 'lymph-chaos*' | awk '{print "unit " $1}'
+    dpkg -l 'lymph-chaos*' 2>/dev/null | awk '/^[a-z][a-z] / && $1 != "un" && $1 != "pn" {print "dpkg " $1 " " $2}'
+    [ "$(our_objects)" -eq 0 ] || echo "kernel objects: $(our_objects)"
+)
+check apt-purge-leaves-nothing "rc=$rc leftover=$(echo "$leftover" | grep -c .)" test "$rc" -eq 0 -a -z "$leftover"
+[ -z "$leftover" ] || detail "apt-purge-leaves-nothing: $(echo "$leftover" | head -10 | tr '\n' ' ')"
+
+# --- cargo xtask install / --uninstall in the same guest --------------------------------------------------------
+mkdir -p "$(dirname "$REPO_ROOT")" /tmp/xtask-target
+ln -sfn "$P/repo" "$REPO_ROOT"
+dpkg-deb -x "$(ls "$P"/lymph-chaos_*_*.deb)" /tmp/unpacked
+export CARGO_TARGET_DIR=/tmp/xtask-target
+t=$(now)
+if "$P/xtask" install --binary /tmp/unpacked/usr/bin/lymph-chaos >/tmp/xtask-install.log 2>&1; then rc=0; else
+    rc=$?
+    detail "xtask-install: $(tail -5 /tmp/xtask-install.log | tr '\n' ' ')"
+fi
+up=$(time_until "$t" 60 agent_ok)
+check xtask-install "rc=$rc is_enabled=$(systemctl is-enabled lymph-chaos 2>&1) answered_s=$up" \
+    bash -c "test $rc -eq 0 && test -x /usr/local/bin/lymph-chaos && test -s /etc/systemd/system/lymph-chaos.service &&
+        test '$up' != never && systemctl is-active --quiet lymph-chaos-guardian-$(main_pid).scope &&
+        zcat /usr/local/share/man/man1/lymph-chaos.1.gz | grep -q '^\.TH' &&
+        test -s /usr/local/share/bash-completion/completions/lymph-chaos"
+if "$P/xtask" install --uninstall >/tmp/xtask-uninstall.log 2>&1; then rc=0; else
+    rc=$?
+    detail "xtask-uninstall: $(tail -5 /tmp/xtask-uninstall.log | tr '\n' ' ')"
+fi
+leftover=$(
+    for p in /usr/local/bin/lymph-chaos /etc/systemd/system/lymph-chaos.service /etc/lymph-chaos /run/lymph-chaos \
+        /var/log/lymph-chaos /var/lib/lymph-chaos /sys/fs/bpf/lymph-chaos; do
+        [ -e "$p" ] && echo "$p"
+    done
+    find /usr/local -name '*lymph-chaos*' 2>/dev/null
+    systemctl list-units --all --no-legend --plain 'lymph-chaos*' | awk '{print "unit " $1}'
+    pgrep -a lymph-chaos
+    [ "$(our_objects)" -eq 0 ] || echo "kernel objects: $(our_objects)"
+)
+check xtask-uninstall-leaves-nothing "rc=$rc leftover=$(echo "$leftover" | grep -c .)" test "$rc" -eq 0 -a -z "$leftover"
+[ -z "$leftover" ] || detail "xtask-uninstall-leaves-nothing: $(echo "$leftover" | head -10 | tr '\n' ' ')"
+
+echo "GUEST-DONE exit=$failures uptime=$(uptime_s)"
+systemctl poweroff --force --force
