@@ -18,7 +18,9 @@
 //!   9p share or disk image to get results out. Its only advantage — a real init system — buys nothing for tc
 //!   scenarios.
 //!
-//! So: initramfs. Tests that need a full distribution can still add a debootstrap tier later.
+//! So: initramfs. What needs a full distribution — the .deb and the service under systemd — is the systemd tier
+//! (`tests/tests/systemd.rs`): an mmdebstrap image booted through a small initramfs built here
+//! ([`GuestBuilder::qemu_arg`] adds its disks, [`GuestBuilder::command`] `switch_root`s to systemd).
 //!
 //! # Layout
 //! ```text

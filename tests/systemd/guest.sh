@@ -107,7 +107,7 @@ apply() { # step command… — apply a fault; fails the step with the CLI's wor
 echo "GUEST-BOOT uptime=$(uptime_s) kernel=$(uname -r)"
 
 # --- The machine: systemd as PID 1, ZooKeeper from Debian -------------------------------------------------------
-state=$(systemctl is-system-running --wait 2>/dev/null)
+state=$(systemctl is-system-running 2>/dev/null)
 check systemd-pid1 "init=$(readlink /proc/1/exe) state=$state uptime=$(uptime_s)" \
     grep -q systemd /proc/1/comm
 t=$(now)

@@ -208,9 +208,11 @@ fn the_package_and_the_service_under_systemd() {
 #[ignore = "needs the packages built by cargo xtask test --tier systemd, and lintian"]
 fn lintian_finds_no_error_or_warning() {
     let Some(inputs) = Inputs::from_env() else { return };
-    // --fail-on error,warning: a tag of either severity fails; overrides (justified in the package) are shown.
+    // --fail-on error,warning: a tag of either severity fails. Overridden tags (each justified in the package's
+    // /usr/share/lintian/overrides/) do not count; `--show-overrides` would list them but also make lintian exit
+    // non-zero for them.
     let out = Command::new("lintian")
-        .args(["--fail-on", "error,warning", "--show-overrides", "--info"])
+        .args(["--fail-on", "error,warning", "--info"])
         .arg(&inputs.deb)
         .arg(&inputs.dbgsym)
         .output()

@@ -66,6 +66,18 @@ pub struct Debs {
     pub dbgsym: PathBuf,
 }
 
+/// The packages of `binary`'s version built earlier, when both are there.
+pub fn existing(binary: &Path) -> Option<Debs> {
+    let version = util::output(Command::new(binary).arg("--version"))?.split_whitespace().nth(1)?.to_owned();
+    let arch = util::output(Command::new("dpkg").arg("--print-architecture"))?.trim().to_owned();
+    let dir = util::target_dir().join("debian");
+    let debs = Debs {
+        deb: dir.join(format!("{PACKAGE}_{version}_{arch}.deb")),
+        dbgsym: dir.join(format!("{DBGSYM}_{version}_{arch}.deb")),
+    };
+    (debs.deb.is_file() && debs.dbgsym.is_file()).then_some(debs)
+}
+
 /// Builds the packages; returns their paths.
 pub fn run(opts: &DebOptions) -> Result<Debs> {
     for tool in ["dpkg-deb", "dpkg", "strip", "objcopy", "readelf", "gzip"] {

@@ -201,15 +201,11 @@ fn prepare_systemd(no_install: bool) -> Result<Vec<(String, String)>> {
         util::apt_install(&["lintian"], "the systemd tier (lintian checks the .deb)")?;
     }
     let image = systemd_guest::prepare()?;
-    step("building the debug agent for the .deb");
-    util::run(util::cargo().current_dir(util::root()).args([
-        "build",
-        "--package",
-        "chaos-agent",
-        "--bin",
-        "lymph-chaos",
-    ]))?;
-    let debs = deb::run(&deb::DebOptions { binary: Some(util::target_dir().join("debug").join("lymph-chaos")) })?;
+    // The same build as the runner's (`--workspace --bins`): a package-only build would resolve features
+    // differently and compile the agent twice.
+    step("building the workspace (the debug agent for the .deb)");
+    util::run(util::cargo().current_dir(util::root()).args(["build", "--workspace", "--bins"]))?;
+    let debs = tier_packages(&util::target_dir().join("debug").join("lymph-chaos"))?;
     let xtask = std::env::current_exe().context("locating the xtask binary")?;
     let path = |p: &std::path::Path| p.display().to_string();
     Ok(vec![
@@ -219,6 +215,49 @@ fn prepare_systemd(no_install: bool) -> Result<Vec<(String, String)>> {
         ("CHAOS_SYSTEMD_DBGSYM".into(), path(&debs.dbgsym)),
         ("CHAOS_SYSTEMD_XTASK".into(), path(&xtask)),
     ])
+}
+
+/// The packages of the debug agent, rebuilt only when the agent, `chaos-agent/dist/` or xtask itself (the packaging
+/// code) changed since the last build (`target/debian/systemd-tier.stamp`): splitting off 130 MB of debug
+/// information and compressing it takes a minute on 2 cores.
+fn tier_packages(binary: &std::path::Path) -> Result<deb::Debs> {
+    let stamp_path = util::target_dir().join("debian").join("systemd-tier.stamp");
+    let describe = |stamp: &mut String, p: &std::path::Path| {
+        if let Ok(m) = std::fs::metadata(p) {
+            let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            stamp.push_str(&format!("{} {} {:?}\n", p.display(), m.len(), mtime));
+        }
+    };
+    // Inputs: the agent, xtask, the shipped files; outputs: the packages (a `cargo xtask deb` in between replaces
+    // them with release packages).
+    let mut stamp = String::new();
+    describe(&mut stamp, binary);
+    if let Ok(exe) = std::env::current_exe() {
+        describe(&mut stamp, &exe);
+    }
+    let dist = util::root().join("chaos-agent").join("dist");
+    let mut files: Vec<PathBuf> = Vec::new();
+    for dir in [dist.clone(), dist.join("debian")] {
+        files.extend(std::fs::read_dir(&dir)?.flatten().map(|e| e.path()).filter(|p| p.is_file()));
+    }
+    files.sort();
+    for f in &files {
+        describe(&mut stamp, f);
+    }
+    if let Some(debs) = deb::existing(binary) {
+        let mut full = stamp.clone();
+        describe(&mut full, &debs.deb);
+        describe(&mut full, &debs.dbgsym);
+        if std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(full.as_str()) {
+            eprintln!("    packages unchanged since the last run: {} and its -dbgsym", debs.deb.display());
+            return Ok(debs);
+        }
+    }
+    let debs = deb::run(&deb::DebOptions { binary: Some(binary.to_owned()) })?;
+    describe(&mut stamp, &debs.deb);
+    describe(&mut stamp, &debs.dbgsym);
+    std::fs::write(&stamp_path, stamp)?;
+    Ok(debs)
 }
 
 fn netns_works() -> std::result::Result<(), String> {
