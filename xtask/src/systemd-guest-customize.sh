@@ -9,6 +9,9 @@ printf '127.0.0.1\tlocalhost\n127.0.1.1\tchaos-guest\n::1\tlocalhost ip6-localho
 # The root file system is mounted by the test's initramfs; nothing else to mount.
 printf '# the systemd tier mounts / from its initramfs\n' >"$root/etc/fstab"
 # No root password, no getty: the guest is driven by the unit below; nothing logs in.
+# mmdebstrap's dpkg settings for the bootstrap (no man pages, docs or locales; unsafe I/O) must not apply to what
+# the tests install: the package's man pages and copyright are part of what they check.
+rm -f "$root/etc/dpkg/dpkg.cfg.d/99mmdebstrap"
 # Background jobs that would only add noise to timings.
 rm -f "$root"/etc/systemd/system/timers.target.wants/*.timer
 
