@@ -18,7 +18,7 @@ failures=0
 result() { # step pass|fail values…
     local step=$1 verdict=$2
     shift 2
-    echo "RESULT $step $verdict $*"
+    echo "RESULT $step $verdict $* uptime=$(uptime_s)"
     [ "$verdict" = pass ] || failures=$((failures + 1))
 }
 check() { # step "values" command… — pass when the command succeeds
@@ -92,6 +92,13 @@ time_until() { # t0 limit cond…
     fi
 }
 within() { [ "$1" != never ] && le "$1" "$2"; }
+# watch name t0 limit cond… — in the background, time_until into /tmp/watch.<name> (read it after `wait`).
+watch() {
+    local name=$1
+    shift
+    rm -f "/tmp/watch.$name"
+    (time_until "$@" >"/tmp/watch.$name") &
+}
 sleep_until() { # t0 offset — sleep until t0 + offset seconds
     local s
     s=$(awk -v t0="$1" -v o="$2" -v n="$(now)" 'BEGIN { d = t0 + o - n; printf "%.2f", d > 0 ? d : 0 }')
@@ -186,15 +193,20 @@ systemd-run --quiet --unit=chaos-listener nc -lk 127.0.0.1 "$PORT"
 check listener-started "port=$PORT connect_ms=$(time_until "$(now)" 10 fast && connect_ms)" fast
 
 # --- kill -9 of the agent while faults are active: systemd restarts it; every fault ends on time ------------------
-L=12
-t0=$(now)
+# Each fault's end is watched in the background from the moment it is applied, so waiting for one thing never
+# delays noticing another. With these lifetimes the restarted agent comes back before they end and undoes the
+# faults the dead agent left (its journal); the guardian of the dead agent is stopped by the new agent.
+L=20
 ok=0
+tp=$(now)
 apply kill9-faults lymph-chaos pause --pid "$VICTIM" --lifetime "$L" || ok=1
+tcpu=$(now)
 apply kill9-faults lymph-chaos inject cpu --pid "$VICTIM" workers=1 in_target_cgroup=true --lifetime "$L" || ok=1
+tlat=$(now)
 apply kill9-faults lymph-chaos latency --port "$PORT" 0.3 --lifetime "$L" || ok=1
+tfill=$(now)
 apply kill9-faults lymph-chaos inject disk path=/var/lib/lymph-chaos mib=4 --lifetime "$L" || ok=1
 apply kill9-faults lymph-chaos inject disk path=/tmp mib=4 --lifetime "$L" || ok=1
-sleep 0.5
 st=$(proc_state "$VICTIM")
 w=$(workers)
 c=$(connect_ms)
@@ -203,20 +215,24 @@ check kill9-faults-active "applied=$((ok == 0)) paused=$st workers=$w connect_ms
     test "$ok" -eq 0 -a "$st" = T -a "$w" -ge 1 -a "$c" -ge 250 -a "$f" -eq 2
 old=$(main_pid)
 gpid=$(guardian_pid)
+watch pause "$tp" $((L + 2)) running "$VICTIM"
+watch cpu "$tcpu" $((L + 2)) no_workers
+watch latency "$tlat" $((L + 2)) fast
+watch fill "$tfill" $((L + 2)) no_fill_files
 kill -9 "$old"
 tk=$(now)
+killed_at=$(awk -v a="$tp" -v b="$tk" 'BEGIN { printf "%.2f", b - a }')
 sleep 0.5
-check kill9-guardian-survives "agent=$old guardian=$gpid" alive "$gpid"
+check kill9-guardian-survives "agent=$old guardian=$gpid killed_at_s=$killed_at" alive "$gpid"
 restart=$(time_until "$tk" 60 agent_up_since "$old")
-resumed=$(time_until "$t0" $((L + 2)) running "$VICTIM")
-no_load=$(time_until "$t0" $((L + 2)) no_workers)
-unslowed=$(time_until "$t0" $((L + 2)) fast)
-unfilled=$(time_until "$t0" $((L + 2)) no_fill_files)
-check kill9-restarted "restart_s=$restart new_pid=$(main_pid)" test "$restart" != never
-check kill9-pause-ended "resumed_s=$resumed lifetime_s=$L" within "$resumed" $((L + 2))
-check kill9-cpu-ended "workers_gone_s=$no_load lifetime_s=$L" within "$no_load" $((L + 2))
-check kill9-latency-ended "normal_s=$unslowed connect_ms=$(connect_ms) lifetime_s=$L" within "$unslowed" $((L + 2))
-check kill9-fill-ended "deleted_s=$unfilled lifetime_s=$L" within "$unfilled" $((L + 2))
+restarted_at=$(awk -v a="$tp" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
+wait
+check kill9-restarted "restart_s=$restart restarted_at_s=$restarted_at new_pid=$(main_pid)" test "$restart" != never
+for fault in pause cpu latency fill; do
+    ended=$(cat "/tmp/watch.$fault")
+    check "kill9-$fault-ended" "ended_s=$ended lifetime_s=$L killed_at_s=$killed_at restarted_at_s=$restarted_at" \
+        within "$ended" $((L + 2))
+done
 undone=$(grep -c '"undid faults left by an earlier run"' /var/log/lymph-chaos/events.jsonl 2>/dev/null)
 check kill9-old-guardian-stopped "undone_events=$undone new_guardian=$(guardian_pid)" \
     bash -c "! test -d /proc/$gpid && systemctl is-active --quiet lymph-chaos-guardian-$(main_pid).scope"
@@ -229,13 +245,15 @@ for _ in 1 2 3; do
     kill -9 "$old"
     if [ "$(time_until "$(now)" 60 agent_up_since "$old")" != never ]; then cycles=$((cycles + 1)); fi
 done
-LB=10
-t0=$(now)
+LB=14
 ok=0
+tp=$(now)
 apply start-limit-faults lymph-chaos pause --pid "$VICTIM" --lifetime "$LB" || ok=1
+tlat=$(now)
 apply start-limit-faults lymph-chaos latency --port "$PORT" 0.3 --lifetime "$LB" || ok=1
-sleep 0.3
 gpid=$(guardian_pid)
+watch pause "$tp" $((LB + 2)) running "$VICTIM"
+watch latency "$tlat" $((LB + 2)) fast
 kill -9 "$(main_pid)"
 tk=$(now)
 # systemd refuses the restart ("Start request repeated too quickly") and leaves the unit failed.
@@ -248,18 +266,19 @@ sleep 3 # well past RestartSec: no new agent
 check start-limit-hit "restarts=$cycles given_up_s=$hit state=$(systemctl is-active lymph-chaos) main_pid=$(main_pid)" \
     test "$ok" -eq 0 -a "$cycles" -eq 3 -a "$hit" != never -a "$(main_pid)" = 0
 # Still on shortly before the end of the lifetime: nobody reverted early …
-sleep_until "$t0" $((LB - 2))
+sleep_until "$tp" $((LB - 2))
 early_state=$(proc_state "$VICTIM")
 early_ms=$(connect_ms)
-check start-limit-faults-kept "at_s=$(elapsed "$t0") paused=$early_state connect_ms=$early_ms guardian_alive=$(alive "$gpid" && echo yes || echo no)" \
+check start-limit-faults-kept "at_s=$(elapsed "$tp") paused=$early_state connect_ms=$early_ms guardian_alive=$(alive "$gpid" && echo yes || echo no)" \
     test "$early_state" = T -a "$early_ms" -ge 250
 # … and off on time, with no agent running: the guardian did it.
-resumed=$(time_until "$t0" $((LB + 2)) running "$VICTIM")
-unslowed=$(time_until "$t0" $((LB + 2)) fast)
+wait
+resumed=$(cat /tmp/watch.pause)
+unslowed=$(cat /tmp/watch.latency)
 check start-limit-pause-ended "resumed_s=$resumed lifetime_s=$LB agent=$(systemctl is-active lymph-chaos)" \
     within "$resumed" $((LB + 2))
 check start-limit-latency-ended "normal_s=$unslowed lifetime_s=$LB" within "$unslowed" $((LB + 2))
-left=$(time_until "$t0" $((LB + 15)) gone "$gpid")
+left=$(time_until "$tp" $((LB + 15)) gone "$gpid")
 objects=$(our_objects)
 check start-limit-guardian-cleans-up "guardian_exit_s=$left objects=$objects" test "$left" != never -a "$objects" -eq 0
 
@@ -333,9 +352,10 @@ if "$P/xtask" install --binary /tmp/unpacked/usr/bin/lymph-chaos >/tmp/xtask-ins
     rc=$?
     detail "xtask-install: $(tail -5 /tmp/xtask-install.log | tr '\n' ' ')"
 fi
-up=$(time_until "$t" 60 agent_ok)
+install_s=$(elapsed "$t")
+up=$(time_until "$(now)" 60 agent_ok)
 [ "$up" = never ] && diagnose xtask-install
-check xtask-install "rc=$rc is_enabled=$(systemctl is-enabled lymph-chaos 2>&1) answered_s=$up" \
+check xtask-install "rc=$rc install_s=$install_s is_enabled=$(systemctl is-enabled lymph-chaos 2>&1) answered_s=$up" \
     bash -c "test $rc -eq 0 && test -x /usr/local/bin/lymph-chaos && test -s /etc/systemd/system/lymph-chaos.service &&
         test '$up' != never && systemctl is-active --quiet lymph-chaos-guardian-$(main_pid).scope &&
         zcat /usr/local/share/man/man1/lymph-chaos.1.gz | grep -q '^\.TH' &&

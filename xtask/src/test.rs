@@ -206,7 +206,10 @@ fn prepare_systemd(no_install: bool) -> Result<Vec<(String, String)>> {
     step("building the workspace (the debug agent for the .deb)");
     util::run(util::cargo().current_dir(util::root()).args(["build", "--workspace", "--bins"]))?;
     let debs = tier_packages(&util::target_dir().join("debug").join("lymph-chaos"))?;
-    let xtask = std::env::current_exe().context("locating the xtask binary")?;
+    // The xtask binary just built (the workspace build above may have replaced the one running now).
+    let xtask = Some(util::target_dir().join("debug").join("xtask"))
+        .filter(|p| p.is_file())
+        .map_or_else(|| std::env::current_exe().context("locating the xtask binary"), Ok)?;
     let path = |p: &std::path::Path| p.display().to_string();
     Ok(vec![
         ("CHAOS_VM_ASSETS".into(), path(&vm::assets_env_path())),
