@@ -8,6 +8,8 @@
 # Timing: lifetimes are seconds and the checks poll every 0.1 s; `*_s` values are seconds since the fault was
 # applied (or since the agent was killed) as measured in the guest.
 set -u
+# Packages come and go (/usr/bin/lymph-chaos, then /usr/local/bin/lymph-chaos): look commands up again.
+shopt -s checkhash
 exec 2>&1
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C
 P=/payload
@@ -189,8 +191,10 @@ systemd-run --quiet --unit=chaos-victim bash -c 'exec -a chaos-victim sleep 1000
 wait_for 10 bash -c '[ "$(systemctl show -p MainPID --value chaos-victim)" != 0 ]'
 VICTIM=$(systemctl show -p MainPID --value chaos-victim)
 check victim-started "pid=$VICTIM" running "$VICTIM"
-systemd-run --quiet --unit=chaos-listener nc -lk 127.0.0.1 "$PORT"
-check listener-started "port=$PORT connect_ms=$(time_until "$(now)" 10 fast && connect_ms)" fast
+# Named so that faults.allowed_processes ([chaos-victim]) lets the latency faults at its port through.
+systemd-run --quiet --unit=chaos-listener bash -c "exec -a chaos-victim-listener nc -lk 127.0.0.1 $PORT"
+up=$(time_until "$(now)" 10 fast)
+check listener-started "port=$PORT listening_s=$up connect_ms=$(connect_ms)" test "$up" != never
 
 # --- kill -9 of the agent while faults are active: systemd restarts it; every fault ends on time ------------------
 # Each fault's end is watched in the background from the moment it is applied, so waiting for one thing never
