@@ -5,8 +5,9 @@
 # serial console (`DETAIL <step>: …` says why a step failed), then `GUEST-DONE exit=<failed steps>`, and powers
 # the guest off. Steps run in order; a failed step does not stop the run (later steps say what they can).
 #
-# Timing: lifetimes are seconds and the checks poll every 0.1 s; `*_s` values are seconds since the fault was
-# applied (or since the agent was killed) as measured in the guest.
+# Timing: lifetimes are seconds; the checks poll every 0.05 s without starting programs; `ended_s`/`resumed_s`
+# values are seconds since the fault's request returned (so lifetime + 2 s is a bound on the agent, not on how
+# long the CLI took under TCG), other `*_s` values seconds since the step began, as measured in the guest.
 set -u
 # Packages come and go (/usr/bin/lymph-chaos, then /usr/local/bin/lymph-chaos): look commands up again.
 shopt -s checkhash
@@ -29,19 +30,22 @@ check() { # step "values" command… — pass when the command succeeds
     if "$@"; then result "$step" pass "$values"; else result "$step" fail "$values"; fi
 }
 detail() { echo "DETAIL $*"; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
-le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a <= b) }'; }
-wait_for() { # seconds command… — poll every 0.1 s until the command succeeds
-    local deadline
-    deadline=$(awk -v s="$1" -v n="$(now)" 'BEGIN { printf "%.1f", n + s }')
+# Time: integer microseconds from bash's $EPOCHREALTIME, sleeping with `read -t` on a FIFO nobody writes: the
+# polling loops below run no program at all, so a busy TCG guest still notices a change within ~0.1 s.
+mkfifo /tmp/.nap && exec 9<>/tmp/.nap
+nap() { read -r -t "$1" -u 9 _ || true; }
+now() { echo "${EPOCHREALTIME/./}"; }
+secs() { printf '%d.%02d' $(($1 / 1000000)) $(($1 % 1000000 / 10000)); } # µs → "12.34"
+elapsed() { secs $((${EPOCHREALTIME/./} - $1)); }                          # since t0 (µs)
+wait_for() { # seconds command… — poll every 0.05 s until the command succeeds
+    local deadline=$((${EPOCHREALTIME/./} + $1 * 1000000))
     shift
     until "$@"; do
-        le "$deadline" "$(now)" && return 1
-        sleep 0.1
+        [ "${EPOCHREALTIME/./}" -ge "$deadline" ] && return 1
+        nap 0.05
     done
 }
-uptime_s() { cut -d' ' -f1 /proc/uptime; }
+uptime_s() { local u; read -r u _ </proc/uptime; echo "$u"; }
 
 main_pid() { systemctl show -p MainPID --value lymph-chaos; }
 agent_ok() { lymph-chaos --timeout 3 status >/dev/null 2>&1; }
@@ -54,20 +58,36 @@ zk_up() { (exec 3<>/dev/tcp/127.0.0.1/2181) 2>/dev/null; }
 # Milliseconds to open a TCP connection to the test's listener on port 7777 (the port of the latency faults).
 PORT=7777
 connect_ms() {
-    local t
-    t=$(now)
+    local t=${EPOCHREALTIME/./}
     (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null || { echo 99999; return; }
-    awk -v a="$t" -v b="$(now)" 'BEGIN { printf "%.0f", (b - a) * 1000 }'
+    echo $(((${EPOCHREALTIME/./} - t) / 1000))
 }
 slow() { [ "$(connect_ms)" -ge 250 ]; }
 fast() { [ "$(connect_ms)" -lt 150 ]; }
-proc_state() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1; }
-stopped() { [ "$(proc_state "$1")" = T ]; }
-running() { local s; s=$(proc_state "$1"); [ -n "$s" ] && [ "$s" != T ]; }
+proc_state() { # pid — R, S, T (stopped) …, empty when gone
+    local l
+    read -r l <"/proc/$1/stat" 2>/dev/null || return 0
+    l=${l##*) }
+    echo "${l%% *}"
+}
+running() { # pid — alive and not stopped (no subshell: polled)
+    local l
+    read -r l <"/proc/$1/stat" 2>/dev/null || return 1
+    l=${l##*) }
+    [ "${l%% *}" != T ]
+}
 victim_cgroup() { echo /sys/fs/cgroup/system.slice/chaos-victim.service/cgroup.procs; }
-workers() { grep -v -x "$VICTIM" "$(victim_cgroup)" | wc -l; } # load workers placed in the victim's cgroup
+workers() { # load workers placed in the victim's cgroup
+    local pid n=0
+    while read -r pid; do [ "$pid" = "$VICTIM" ] || n=$((n + 1)); done <"$(victim_cgroup)"
+    echo "$n"
+}
 no_workers() { [ "$(workers)" -eq 0 ]; }
-fill_files() { find /var/lib/lymph-chaos /tmp -maxdepth 1 -name '.lymph-chaos-fill-*' 2>/dev/null | wc -l; }
+fill_files() { # disk-fill files in the two fill directories
+    local f n=0
+    for f in /var/lib/lymph-chaos/.lymph-chaos-fill-* /tmp/.lymph-chaos-fill-*; do [ -e "$f" ] && n=$((n + 1)); done
+    echo "$n"
+}
 no_fill_files() { [ "$(fill_files)" -eq 0 ]; }
 guardian_pid() { cat /run/lymph-chaos/guardian.pid 2>/dev/null; }
 alive() { [ -n "$1" ] && [ -d "/proc/$1" ] && [ "$(proc_state "$1")" != Z ]; }
@@ -83,17 +103,29 @@ our_objects() {
     echo "$n"
 }
 no_objects() { [ "$(our_objects)" -eq 0 ]; }
-# Waits up to `limit` s after `t0` for `cond`; prints the seconds it took (or "never").
+# Waits until `limit` s after `t0` (µs) for `cond`; prints the seconds since t0 it took (or "never").
 time_until() { # t0 limit cond…
-    local t0=$1 limit=$2
+    local t0=$1 deadline=$(($1 + $2 * 1000000))
     shift 2
-    if wait_for "$(awk -v t0="$t0" -v l="$limit" -v n="$(now)" 'BEGIN { printf "%.1f", t0 + l - n }')" "$@"; then
-        elapsed "$t0"
-    else
-        echo never
-    fi
+    until "$@"; do
+        if [ "${EPOCHREALTIME/./}" -ge "$deadline" ]; then
+            echo never
+            return
+        fi
+        nap 0.05
+    done
+    elapsed "$t0"
 }
-within() { [ "$1" != never ] && le "$1" "$2"; }
+within() { # "12.34"|never limit_s
+    [ "$1" != never ] || return 1
+    local c=${1/./}
+    [ $((10#$c)) -le $(($2 * 100)) ]
+}
+at_least() { # "12.34"|never limit_s
+    [ "$1" != never ] || return 1
+    local c=${1/./}
+    [ $((10#$c)) -ge $(($2 * 100)) ]
+}
 # watch name t0 limit cond… — in the background, time_until into /tmp/watch.<name> (read it after `wait`).
 watch() {
     local name=$1
@@ -101,10 +133,9 @@ watch() {
     rm -f "/tmp/watch.$name"
     (time_until "$@" >"/tmp/watch.$name") &
 }
-sleep_until() { # t0 offset — sleep until t0 + offset seconds
-    local s
-    s=$(awk -v t0="$1" -v o="$2" -v n="$(now)" 'BEGIN { d = t0 + o - n; printf "%.2f", d > 0 ? d : 0 }')
-    sleep "$s"
+sleep_until() { # t0 offset_s — sleep until t0 (µs) + offset
+    local d=$(($1 + $2 * 1000000 - ${EPOCHREALTIME/./}))
+    [ "$d" -gt 0 ] && nap "$(secs "$d")"
 }
 apply() { # step command… — apply a fault; fails the step with the CLI's words when refused
     local step=$1 out
@@ -113,6 +144,16 @@ apply() { # step command… — apply a fault; fails the step with the CLI's wor
     detail "$step: $* -> $(echo "$out" | tr '\n' ' ')"
     return 1
 }
+# apply_bg name step command… — apply a fault in the background; /tmp/applied.<name> gets the time (µs) the CLI
+# returned, by which the fault's lifetime has started (or "fail"). Read it with `applied` after `wait`.
+apply_bg() {
+    local name=$1
+    shift
+    rm -f "/tmp/applied.$name"
+    (if apply "$@"; then now >"/tmp/applied.$name"; else echo fail >"/tmp/applied.$name"; fi) &
+}
+applied() { cat "/tmp/applied.$1" 2>/dev/null || echo fail; }
+all_applied() { local n; for n in "$@"; do [ "$(applied "$n")" != fail ] || return 1; done; }
 diagnose() { # step — the service's state and last log lines, as DETAIL lines
     systemctl status --no-pager -l lymph-chaos 2>&1 | tail -12 | sed "s/^/DETAIL $1: status| /"
     journalctl -u lymph-chaos -n 12 --no-pager -o cat 2>&1 | sed "s/^/DETAIL $1: journal| /"
@@ -165,7 +206,7 @@ check guardian-own-scope "pid=$gpid scope=$scope cgroup=$(cut -d: -f3 "/proc/$gp
 systemd-analyze security --no-pager lymph-chaos.service 2>&1 | sed 's/^/SECURITY| /'
 exposure=$(systemd-analyze security --no-pager lymph-chaos.service 2>/dev/null |
     sed -n 's/.*Overall exposure level for lymph-chaos.service: \([0-9.]*\).*/\1/p')
-check security-exposure "exposure=$exposure" le "${exposure:-10}" 5.0
+check security-exposure "exposure=$exposure" awk -v e="${exposure:-10}" 'BEGIN { exit !(e <= 5.0) }'
 check limits "nofile=$(grep 'Max open files' /proc/"$(main_pid)"/limits | awk '{print $4"/"$5}')" \
     bash -c "grep 'Max open files' /proc/$(main_pid)/limits | grep -q 65536"
 
@@ -200,36 +241,36 @@ check listener-started "port=$PORT listening_s=$up connect_ms=$(connect_ms)" tes
 # Each fault's end is watched in the background from the moment it is applied, so waiting for one thing never
 # delays noticing another. With these lifetimes the restarted agent comes back before they end and undoes the
 # faults the dead agent left (its journal); the guardian of the dead agent is stopped by the new agent.
-L=20
-ok=0
+L=30
 tp=$(now)
-apply kill9-faults lymph-chaos pause --pid "$VICTIM" --lifetime "$L" || ok=1
-tcpu=$(now)
-apply kill9-faults lymph-chaos inject cpu --pid "$VICTIM" workers=1 in_target_cgroup=true --lifetime "$L" || ok=1
-tlat=$(now)
-apply kill9-faults lymph-chaos latency --port "$PORT" 0.3 --lifetime "$L" || ok=1
-tfill=$(now)
-apply kill9-faults lymph-chaos inject disk path=/var/lib/lymph-chaos mib=4 --lifetime "$L" || ok=1
-apply kill9-faults lymph-chaos inject disk path=/tmp mib=4 --lifetime "$L" || ok=1
+apply_bg pause kill9-faults lymph-chaos pause --pid "$VICTIM" --lifetime "$L"
+apply_bg cpu kill9-faults lymph-chaos inject cpu --pid "$VICTIM" workers=1 in_target_cgroup=true --lifetime "$L"
+apply_bg latency kill9-faults lymph-chaos latency --port "$PORT" 0.3 --lifetime "$L"
+apply_bg fill1 kill9-faults lymph-chaos inject disk path=/var/lib/lymph-chaos mib=4 --lifetime "$L"
+apply_bg fill2 kill9-faults lymph-chaos inject disk path=/tmp mib=4 --lifetime "$L"
+wait
+ok=0
+all_applied pause cpu latency fill1 fill2 || ok=1
 st=$(proc_state "$VICTIM")
 w=$(workers)
 c=$(connect_ms)
 f=$(fill_files)
-check kill9-faults-active "applied=$((ok == 0)) paused=$st workers=$w connect_ms=$c fills=$f" \
+check kill9-faults-active "applied=$((ok == 0)) apply_s=$(elapsed "$tp") paused=$st workers=$w connect_ms=$c fills=$f" \
     test "$ok" -eq 0 -a "$st" = T -a "$w" -ge 1 -a "$c" -ge 250 -a "$f" -eq 2
 old=$(main_pid)
 gpid=$(guardian_pid)
-watch pause "$tp" $((L + 2)) running "$VICTIM"
-watch cpu "$tcpu" $((L + 2)) no_workers
-watch latency "$tlat" $((L + 2)) fast
-watch fill "$tfill" $((L + 2)) no_fill_files
+# Each end is timed from the moment its request returned (the latest its lifetime can have started).
+watch pause "$(applied pause)" $((L + 2)) running "$VICTIM"
+watch cpu "$(applied cpu)" $((L + 2)) no_workers
+watch latency "$(applied latency)" $((L + 2)) fast
+watch fill "$(applied fill2)" $((L + 2)) no_fill_files
 kill -9 "$old"
 tk=$(now)
-killed_at=$(awk -v a="$tp" -v b="$tk" 'BEGIN { printf "%.2f", b - a }')
-sleep 0.5
+killed_at=$(secs $((tk - tp)))
+nap 0.5
 check kill9-guardian-survives "agent=$old guardian=$gpid killed_at_s=$killed_at" alive "$gpid"
 restart=$(time_until "$tk" 60 agent_up_since "$old")
-restarted_at=$(awk -v a="$tp" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
+restarted_at=$(elapsed "$tp")
 wait
 check kill9-restarted "restart_s=$restart restarted_at_s=$restarted_at new_pid=$(main_pid)" test "$restart" != never
 for fault in pause cpu latency fill; do
@@ -249,15 +290,16 @@ for _ in 1 2 3; do
     kill -9 "$old"
     if [ "$(time_until "$(now)" 60 agent_up_since "$old")" != never ]; then cycles=$((cycles + 1)); fi
 done
-LB=14
-ok=0
+LB=20
 tp=$(now)
-apply start-limit-faults lymph-chaos pause --pid "$VICTIM" --lifetime "$LB" || ok=1
-tlat=$(now)
-apply start-limit-faults lymph-chaos latency --port "$PORT" 0.3 --lifetime "$LB" || ok=1
+apply_bg pause start-limit-faults lymph-chaos pause --pid "$VICTIM" --lifetime "$LB"
+apply_bg latency start-limit-faults lymph-chaos latency --port "$PORT" 0.3 --lifetime "$LB"
+wait
+ok=0
+all_applied pause latency || ok=1
 gpid=$(guardian_pid)
-watch pause "$tp" $((LB + 2)) running "$VICTIM"
-watch latency "$tlat" $((LB + 2)) fast
+watch pause "$(applied pause)" $((LB + 2)) running "$VICTIM"
+watch latency "$(applied latency)" $((LB + 2)) fast
 kill -9 "$(main_pid)"
 tk=$(now)
 # systemd refuses the restart ("Start request repeated too quickly") and leaves the unit failed.
@@ -266,10 +308,10 @@ given_up() {
         journalctl -u lymph-chaos --no-pager -o cat | grep -q 'Start request repeated too quickly'
 }
 hit=$(time_until "$tk" 30 given_up)
-sleep 3 # well past RestartSec: no new agent
+nap 3 # well past RestartSec: no new agent
 check start-limit-hit "restarts=$cycles given_up_s=$hit state=$(systemctl is-active lymph-chaos) main_pid=$(main_pid)" \
     test "$ok" -eq 0 -a "$cycles" -eq 3 -a "$hit" != never -a "$(main_pid)" = 0
-# Still on shortly before the end of the lifetime: nobody reverted early …
+# Still on 2 s before the earliest the lifetimes can end (they started after tp): nobody reverted early …
 sleep_until "$tp" $((LB - 2))
 early_state=$(proc_state "$VICTIM")
 early_ms=$(connect_ms)
@@ -282,7 +324,7 @@ unslowed=$(cat /tmp/watch.latency)
 check start-limit-pause-ended "resumed_s=$resumed lifetime_s=$LB agent=$(systemctl is-active lymph-chaos)" \
     within "$resumed" $((LB + 2))
 check start-limit-latency-ended "normal_s=$unslowed lifetime_s=$LB" within "$unslowed" $((LB + 2))
-left=$(time_until "$tp" $((LB + 15)) gone "$gpid")
+left=$(time_until "$tp" $((LB + 20)) gone "$gpid")
 objects=$(our_objects)
 check start-limit-guardian-cleans-up "guardian_exit_s=$left objects=$objects" test "$left" != never -a "$objects" -eq 0
 
@@ -290,18 +332,20 @@ check start-limit-guardian-cleans-up "guardian_exit_s=$left objects=$objects" te
 systemctl reset-failed lymph-chaos
 systemctl start lymph-chaos
 check start-after-reset "answered_s=$(time_until "$(now)" 60 agent_ok)" agent_ok
+apply_bg pause stop-faults lymph-chaos pause --pid "$VICTIM" --lifetime 300
+apply_bg cpu stop-faults lymph-chaos inject cpu --pid "$VICTIM" workers=1 in_target_cgroup=true --lifetime 300
+apply_bg latency stop-faults lymph-chaos latency --port "$PORT" 0.3 --lifetime 300
+apply_bg fill stop-faults lymph-chaos inject disk path=/var/lib/lymph-chaos mib=4 --lifetime 300
+wait
 ok=0
-apply stop-faults lymph-chaos pause --pid "$VICTIM" --lifetime 300 || ok=1
-apply stop-faults lymph-chaos inject cpu --pid "$VICTIM" workers=1 in_target_cgroup=true --lifetime 300 || ok=1
-apply stop-faults lymph-chaos latency --port "$PORT" 0.3 --lifetime 300 || ok=1
-apply stop-faults lymph-chaos inject disk path=/var/lib/lymph-chaos mib=4 --lifetime 300 || ok=1
+all_applied pause cpu latency fill || ok=1
 gpid=$(guardian_pid)
-sleep 0.3
+nap 0.3
 before="paused=$(proc_state "$VICTIM") workers=$(workers) objects=$(our_objects)"
 t=$(now)
 systemctl stop lymph-chaos
 stop_s=$(elapsed "$t")
-sleep 0.3
+nap 0.3
 st=$(proc_state "$VICTIM")
 w=$(workers)
 c=$(connect_ms)
