@@ -88,6 +88,23 @@ pub fn run(opts: &TestOptions) -> Result<()> {
     let root = util::is_root();
     let mut env: Vec<(String, String)> = Vec::new();
 
+    // The systemd tier's guest image takes minutes to build, mostly waiting on dpkg: build it in the background
+    // while the workspace compiles (output in target/systemd-guest/build.log).
+    let mut image_job = None;
+    if wanted.contains(&Tier::Systemd) && root && !systemd_guest::is_cached() {
+        step("preparing: the systemd tier's Debian 12 guest image, in the background");
+        match systemd_guest::install_host_packages() {
+            Ok(()) => {
+                let log = systemd_guest::dir().join("build.log");
+                let _ = std::fs::create_dir_all(systemd_guest::dir());
+                let _ = std::fs::remove_file(&log);
+                eprintln!("    mmdebstrap output: {}", log.display());
+                image_job = Some(std::thread::spawn(move || systemd_guest::prepare(Some(&log))));
+            }
+            Err(err) => eprintln!("    (not in the background: {err:#})"),
+        }
+    }
+
     step("preparing: the BPF classifier");
     // Without the object the agent cannot load its classifier; the unit tier still runs.
     if let Err(err) = ebpf::build() {
@@ -139,7 +156,7 @@ pub fn run(opts: &TestOptions) -> Result<()> {
 
     if runnable(Tier::Systemd, &skipped) {
         step("preparing: the Debian 12 guest with systemd, the .deb, lintian");
-        match prepare_systemd(opts.no_install) {
+        match prepare_systemd(opts.no_install, image_job.take()) {
             Ok(vars) => env.extend(vars),
             Err(err) => skipped.push((Tier::Systemd, format!("{err:#}"))),
         }
@@ -192,19 +209,27 @@ pub fn run(opts: &TestOptions) -> Result<()> {
     Ok(())
 }
 
+type ImageJob = std::thread::JoinHandle<Result<PathBuf>>;
+
 /// The systemd tier's inputs: qemu and the kernel (as the VM tier), the guest image, the packages built from the
 /// debug agent (the tier tests packaging and service behaviour, not speed; a release build would add minutes to
 /// a cold CI run), lintian. Returns the `CHAOS_*` variables for the tests.
-fn prepare_systemd(no_install: bool) -> Result<Vec<(String, String)>> {
+fn prepare_systemd(no_install: bool, image_job: Option<ImageJob>) -> Result<Vec<(String, String)>> {
     vm::prepare()?;
     if !no_install {
         util::apt_install(&["lintian"], "the systemd tier (lintian checks the .deb)")?;
     }
-    let image = systemd_guest::prepare()?;
     // The same build as the runner's (`--workspace --bins`): a package-only build would resolve features
     // differently and compile the agent twice.
     step("building the workspace (the debug agent for the .deb)");
     util::run(util::cargo().current_dir(util::root()).args(["build", "--workspace", "--bins"]))?;
+    let image = match image_job {
+        Some(job) => {
+            step("waiting for the systemd guest image (built in the background)");
+            job.join().map_err(|_| anyhow::anyhow!("the image build panicked"))??
+        }
+        None => systemd_guest::prepare(None)?,
+    };
     let debs = tier_packages(&util::target_dir().join("debug").join("lymph-chaos"))?;
     // The xtask binary just built (the workspace build above may have replaced the one running now).
     let xtask = Some(util::target_dir().join("debug").join("xtask"))
