@@ -1,9 +1,9 @@
 //! The agent's lifecycle in one place: start everything, serve, and on shutdown revert every fault and remove
 //! every kernel object before exiting.
 //!
-//! Start order: state directory and pid file → event log → network engine (removes leftovers of earlier runs,
-//! loads the classifier) → RPC node → discovery (registers `Chaos` in ZooKeeper when reachable) → fault manager
-//! (undoes what the journal says an earlier run left) → guardian → unleashed mode → serve.
+//! Start order: state directory and pid file → guardian (stops an earlier run's) → event log → network engine
+//! (removes leftovers of earlier runs, loads the classifier) → RPC node → discovery (registers `Chaos` in ZooKeeper
+//! when reachable) → fault manager (undoes what the journal says an earlier run left) → unleashed mode → serve.
 
 use std::{
     future::Future,
@@ -90,6 +90,10 @@ pub async fn run(
     let started = now_unix();
     let state_dir = config.state_dir.clone();
     claim_state_dir(&state_dir)?;
+    // The guardian before anything else: it stops the guardian of an earlier run (which would otherwise remove
+    // the network objects this run is about to create) and covers the journal from here on — including what
+    // that run left, if this one fails to start.
+    let guardian = crate::guardian::spawn(&config);
     let events = Arc::new(EventLog::open(config.events.clone()));
 
     // Network engine first: it removes what a crashed run left in the kernel before anything else happens.
@@ -137,7 +141,6 @@ pub async fn run(
             ..Event::new(Action::Reconcile).message("undid faults left by an earlier run")
         });
     }
-    let guardian = crate::guardian::spawn(&config);
 
     let unleasher =
         Unleasher::new(config.unleash.clone(), config.dry_run, manager.clone(), discovery.clone(), events.clone());

@@ -178,6 +178,20 @@ pub enum Command {
     /// Exit codes: 0 the hypothesis held, 1 it deviated, 2 could not run (bad file, no agent, not steady before:
     /// nothing applied), 3 aborted (a safeguard, a failed fault, Ctrl-C: everything reverted).
     Run(RunArgs),
+    /// Print the shell completion script for bash, zsh, fish, elvish or powershell (runs locally, no agent).
+    ///
+    /// Example: lymph-chaos completions bash > ~/.local/share/bash-completion/completions/lymph-chaos
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (roff, one per subcommand) generated from these definitions into DIR.
+    #[command(hide = true)]
+    Manpages {
+        /// Output directory (created when missing).
+        dir: PathBuf,
+    },
 }
 
 /// Options of `lymph-chaos run`.
@@ -409,7 +423,9 @@ pub fn request_for(command: &Command) -> Result<(&'static str, Map<String, Json>
         return Err("give one target: SERVICE, --instance, --pid, --port or --process".into());
     }
     let method = match command {
-        Command::Agent(_) => return Err("`agent` is not a client command".into()),
+        Command::Agent(_) | Command::Completions { .. } | Command::Manpages { .. } => {
+            return Err("not a client command".into());
+        }
         Command::Run(_) => return Err("`run` is not a single request".into()),
         Command::Kill { target, signal, deregister, common } => {
             target.apply(&mut m);
@@ -502,6 +518,35 @@ pub fn request_for(command: &Command) -> Result<(&'static str, Map<String, Json>
         Command::Leash => "leash",
     };
     Ok((method, m))
+}
+
+/// `lymph-chaos completions SHELL`: the completion script on stdout.
+pub fn print_completions(shell: clap_complete::Shell) -> i32 {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    // Into a buffer first: clap_complete panics on a write error (`… | head` closes the pipe early).
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "lymph-chaos", &mut script);
+    match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+        Ok(()) => 0,
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(err) => {
+            eprintln!("lymph-chaos: writing the completion script: {err}");
+            EXIT_REMOTE
+        }
+    }
+}
+
+/// `lymph-chaos manpages DIR`: `lymph-chaos.1` and one `lymph-chaos-<subcommand>.1` per visible subcommand.
+pub fn write_manpages(dir: &std::path::Path) -> i32 {
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir));
+    match written {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("lymph-chaos: writing manual pages into {}: {err}", dir.display());
+            EXIT_REMOTE
+        }
+    }
 }
 
 /// Runs a client subcommand; returns the exit code.

@@ -82,6 +82,12 @@ fn main() {
         guardian::guardian_main(&orders);
     }
     let cli = Cli::parse();
+    // Local commands: no runtime, no agent.
+    match &cli.command {
+        Command::Completions { shell } => std::process::exit(cli::print_completions(*shell)),
+        Command::Manpages { dir } => std::process::exit(cli::write_manpages(dir)),
+        _ => {}
+    }
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let code = runtime.block_on(async {

@@ -18,7 +18,9 @@
 //!   9p share or disk image to get results out. Its only advantage — a real init system — buys nothing for tc
 //!   scenarios.
 //!
-//! So: initramfs. Tests that need a full distribution can still add a debootstrap tier later.
+//! So: initramfs. What needs a full distribution — the .deb and the service under systemd — is the systemd tier
+//! (`tests/tests/systemd.rs`): an mmdebstrap image booted through a small initramfs built here
+//! ([`GuestBuilder::qemu_arg`] adds its disks, [`GuestBuilder::command`] `switch_root`s to systemd).
 //!
 //! # Layout
 //! ```text
@@ -161,6 +163,8 @@ pub struct Guest {
     dir: tempfile::TempDir,
     kernel: PathBuf,
     cpus: u8,
+    memory_mib: u32,
+    qemu_args: Vec<String>,
     kernel_args: Vec<String>,
     initrd_bytes: u64,
     build_time: Duration,
@@ -176,6 +180,8 @@ pub struct GuestBuilder {
     modules: Vec<String>,
     command: Option<String>,
     cpus: u8,
+    memory_mib: u32,
+    qemu_args: Vec<String>,
     kernel_args: Vec<String>,
 }
 
@@ -190,6 +196,8 @@ impl Guest {
             modules: DEFAULT_MODULES.iter().map(|m| (*m).to_string()).collect(),
             command: None,
             cpus: DEFAULT_CPUS,
+            memory_mib: 1024,
+            qemu_args: Vec::new(),
             kernel_args: Vec::new(),
         }
     }
@@ -223,9 +231,11 @@ impl Guest {
             .arg(format!("{}", limit.as_secs().max(1)))
             .arg(QEMU)
             // TCG only: /dev/kvm here hangs a Debian kernel in the decompressor; never `-cpu host`.
-            .args(["-accel", "tcg", "-smp", &self.cpus.to_string(), "-m", "1024", "-nographic", "-no-reboot"])
+            .args(["-accel", "tcg", "-smp", &self.cpus.to_string(), "-m", &self.memory_mib.to_string()])
+            .args(["-nographic", "-no-reboot"])
             // No NIC at all: traffic stays inside the guest.
             .args(["-nic", "none"])
+            .args(&self.qemu_args)
             .arg("-kernel")
             .arg(&self.kernel)
             .arg("-initrd")
@@ -314,6 +324,18 @@ impl GuestBuilder {
         self
     }
 
+    /// Guest memory for qemu's `-m` (default 1024 MiB).
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Extra qemu arguments (e.g. `-drive file=…,if=virtio,snapshot=on`; never a NIC).
+    pub fn qemu_arg(mut self, arg: impl Into<String>) -> Self {
+        self.qemu_args.push(arg.into());
+        self
+    }
+
     /// An extra kernel command-line argument (e.g. `idle=poll`), after `console=ttyS0 quiet panic=-1`.
     pub fn kernel_arg(mut self, arg: impl Into<String>) -> Self {
         self.kernel_args.push(arg.into());
@@ -384,6 +406,8 @@ impl GuestBuilder {
             dir,
             kernel: self.assets.kernel.clone(),
             cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            qemu_args: self.qemu_args,
             kernel_args: self.kernel_args,
             initrd_bytes,
             build_time: started.elapsed(),

@@ -6,6 +6,7 @@
 //! - `test`  — every test tier (unit, network namespaces, ZooKeeper + real lymph peers, qemu guests)
 //! - `util`  — running commands loudly, apt installs
 //! - `vm`    — qemu, the pinned Debian kernel and its modules for the VM tier (cached under target/vm/)
+//! - `systemd_guest` — the systemd tier's Debian 12 guest image, built with mmdebstrap (cached under target/)
 //! - `install`, `deb` — the agent as an installed service (files from chaos-agent/dist/), or as a .deb
 //! - `demo`  — the agent against a real lymph Echo and client, in a private network namespace
 
@@ -17,6 +18,7 @@ mod demo;
 mod ebpf;
 mod install;
 mod services;
+mod systemd_guest;
 mod test;
 mod util;
 mod vm;
@@ -47,12 +49,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run every test tier: unit, network namespaces (root), ZooKeeper + real lymph peers, qemu guests. Installs
-    /// and starts what the tiers need (apt packages, bpf-linker, ZooKeeper, the lymph venv, qemu, the guest kernel).
+    /// Run every test tier: unit, network namespaces (root), ZooKeeper + real lymph peers, qemu guests, the .deb
+    /// under systemd in a Debian 12 guest. Installs and starts what the tiers need (apt packages, bpf-linker,
+    /// ZooKeeper, the lymph venv, qemu, the guest kernel, the guest image, lintian).
     ///
     /// Example: `cargo xtask test`, `cargo xtask test --tier unit --tier netns -- kill`
     Test {
-        /// Only these tiers (unit, netns, zk, vm); default all.
+        /// Only these tiers (unit, netns, zk, vm, systemd); default all.
         #[arg(long = "tier")]
         tiers: Vec<String>,
         /// Do not install missing packages.

@@ -6,7 +6,10 @@
 //! 2. `netns` — root, each test in fresh network namespaces (binaries `netns_*`, plus `#[ignore]`d unit tests
 //!    that need root);
 //! 3. `zk` — a private ZooKeeper started here on 127.0.0.1 and real lymph 0.15 peers in a venv (binaries `zk_*`);
-//! 4. `vm` — qemu guests booting the pinned Debian kernel (binaries `vm*`).
+//! 4. `vm` — qemu guests booting the pinned Debian kernel (binaries `vm*`);
+//! 5. `systemd` — the .deb (lintian) and the agent as a systemd service in a Debian 12 guest booted with systemd as
+//!    PID 1 under qemu (binaries `systemd*`): builds the guest image (`systemd_guest`, cached under `target/`) and
+//!    the package from the debug agent, and passes them in `CHAOS_SYSTEMD_*`.
 //!
 //! A tier that cannot run is announced with its reason before anything runs; with `CI=true` that is an error.
 //! The output ends with the test runner's summary (cargo-nextest when installed, else cargo test).
@@ -16,7 +19,7 @@ use std::{path::PathBuf, process::Command};
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    ebpf, services,
+    deb, ebpf, services, systemd_guest,
     util::{self, step},
     vm,
 };
@@ -28,10 +31,11 @@ pub enum Tier {
     Netns,
     Zk,
     Vm,
+    Systemd,
 }
 
 impl Tier {
-    pub const ALL: [Tier; 4] = [Tier::Unit, Tier::Netns, Tier::Zk, Tier::Vm];
+    pub const ALL: [Tier; 5] = [Tier::Unit, Tier::Netns, Tier::Zk, Tier::Vm, Tier::Systemd];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -39,6 +43,7 @@ impl Tier {
             Tier::Netns => "netns",
             Tier::Zk => "zk",
             Tier::Vm => "vm",
+            Tier::Systemd => "systemd",
         }
     }
 
@@ -53,6 +58,7 @@ impl Tier {
             Tier::Netns => "binary(/^netns_/)",
             Tier::Zk => "binary(/^zk_/)",
             Tier::Vm => "binary(/^vm/)",
+            Tier::Systemd => "binary(/^systemd/)",
         }
     }
 }
@@ -74,13 +80,30 @@ pub fn run(opts: &TestOptions) -> Result<()> {
     } else {
         opts.tiers
             .iter()
-            .map(|s| Tier::parse(s).with_context(|| format!("unknown tier `{s}` (unit, netns, zk, vm)")))
+            .map(|s| Tier::parse(s).with_context(|| format!("unknown tier `{s}` (unit, netns, zk, vm, systemd)")))
             .collect::<Result<_>>()?
     };
     let ci = util::in_ci();
     let mut skipped: Vec<(Tier, String)> = Vec::new();
     let root = util::is_root();
     let mut env: Vec<(String, String)> = Vec::new();
+
+    // The systemd tier's guest image takes minutes to build, mostly waiting on dpkg: build it in the background
+    // while the workspace compiles (output in target/systemd-guest/build.log).
+    let mut image_job = None;
+    if wanted.contains(&Tier::Systemd) && root && !systemd_guest::is_cached() {
+        step("preparing: the systemd tier's Debian 12 guest image, in the background");
+        match systemd_guest::install_host_packages() {
+            Ok(()) => {
+                let log = systemd_guest::dir().join("build.log");
+                let _ = std::fs::create_dir_all(systemd_guest::dir());
+                let _ = std::fs::remove_file(&log);
+                eprintln!("    mmdebstrap output: {}", log.display());
+                image_job = Some(std::thread::spawn(move || systemd_guest::prepare(Some(&log))));
+            }
+            Err(err) => eprintln!("    (not in the background: {err:#})"),
+        }
+    }
 
     step("preparing: the BPF classifier");
     // Without the object the agent cannot load its classifier; the unit tier still runs.
@@ -90,7 +113,7 @@ pub fn run(opts: &TestOptions) -> Result<()> {
         }
         eprintln!("    (continuing without the BPF object: {err:#})");
     }
-    for tier in [Tier::Netns, Tier::Zk, Tier::Vm] {
+    for tier in [Tier::Netns, Tier::Zk, Tier::Vm, Tier::Systemd] {
         if wanted.contains(&tier) && !root {
             skipped.push((tier, "needs root (network namespaces, BPF, signals to other processes, apt)".into()));
         }
@@ -131,6 +154,14 @@ pub fn run(opts: &TestOptions) -> Result<()> {
         }
     }
 
+    if runnable(Tier::Systemd, &skipped) {
+        step("preparing: the Debian 12 guest with systemd, the .deb, lintian");
+        match prepare_systemd(opts.no_install, image_job.take()) {
+            Ok(vars) => env.extend(vars),
+            Err(err) => skipped.push((Tier::Systemd, format!("{err:#}"))),
+        }
+    }
+
     // The plan, loudly.
     step("test tiers");
     for tier in Tier::ALL {
@@ -141,21 +172,27 @@ pub fn run(opts: &TestOptions) -> Result<()> {
         } else {
             "runs".to_owned()
         };
-        eprintln!("    {:<6} {state}", tier.name());
+        eprintln!("    {:<7} {state}", tier.name());
     }
     if ci && !skipped.is_empty() {
         let list: Vec<String> = skipped.iter().map(|(t, why)| format!("{}: {why}", t.name())).collect();
         bail!("CI must run every tier, but these cannot run here:\n  {}", list.join("\n  "));
     }
     let run_tiers: Vec<Tier> = Tier::ALL.into_iter().filter(|t| runnable(*t, &skipped)).collect();
-    // The VM tier runs last, on its own: its result table (ours vs raw netem) ends the output, followed by the
-    // runner's summary, and it measures milliseconds with the machine to itself.
-    let (vm, rest): (Vec<Tier>, Vec<Tier>) = run_tiers.iter().partition(|t| **t == Tier::Vm);
+    // The guest tiers run on their own, after the rest: the systemd tier measures fault lifetimes in seconds under
+    // TCG, the VM tier milliseconds; the VM tier's result table (ours vs raw netem) ends the output, followed by
+    // the runner's summary.
+    let (guests, rest): (Vec<Tier>, Vec<Tier>) =
+        run_tiers.iter().partition(|t| matches!(**t, Tier::Vm | Tier::Systemd));
     let mut status = true;
     if !rest.is_empty() {
         status &= run_runner(&rest, &env, &opts.runner_args)?;
     }
     drop(zookeeper);
+    if guests.contains(&Tier::Systemd) {
+        status &= run_runner(&[Tier::Systemd], &env, &opts.runner_args)?;
+    }
+    let vm: Vec<Tier> = guests.into_iter().filter(|t| *t == Tier::Vm).collect();
     if !vm.is_empty() {
         status &= run_runner(&vm, &env, &opts.runner_args)?;
     }
@@ -172,6 +209,85 @@ pub fn run(opts: &TestOptions) -> Result<()> {
     Ok(())
 }
 
+type ImageJob = std::thread::JoinHandle<Result<PathBuf>>;
+
+/// The systemd tier's inputs: qemu and the kernel (as the VM tier), the guest image, the packages built from the
+/// debug agent (the tier tests packaging and service behaviour, not speed; a release build would add minutes to
+/// a cold CI run), lintian. Returns the `CHAOS_*` variables for the tests.
+fn prepare_systemd(no_install: bool, image_job: Option<ImageJob>) -> Result<Vec<(String, String)>> {
+    vm::prepare()?;
+    if !no_install {
+        util::apt_install(&["lintian"], "the systemd tier (lintian checks the .deb)")?;
+    }
+    // The same build as the runner's (`--workspace --bins`): a package-only build would resolve features
+    // differently and compile the agent twice.
+    step("building the workspace (the debug agent for the .deb)");
+    util::run(util::cargo().current_dir(util::root()).args(["build", "--workspace", "--bins"]))?;
+    let image = match image_job {
+        Some(job) => {
+            step("waiting for the systemd guest image (built in the background)");
+            job.join().map_err(|_| anyhow::anyhow!("the image build panicked"))??
+        }
+        None => systemd_guest::prepare(None)?,
+    };
+    let debs = tier_packages(&util::target_dir().join("debug").join("lymph-chaos"))?;
+    // The xtask binary just built (the workspace build above may have replaced the one running now).
+    let xtask = Some(util::target_dir().join("debug").join("xtask"))
+        .filter(|p| p.is_file())
+        .map_or_else(|| std::env::current_exe().context("locating the xtask binary"), Ok)?;
+    let path = |p: &std::path::Path| p.display().to_string();
+    Ok(vec![
+        ("CHAOS_VM_ASSETS".into(), path(&vm::assets_env_path())),
+        ("CHAOS_SYSTEMD_IMAGE".into(), path(&image)),
+        ("CHAOS_SYSTEMD_DEB".into(), path(&debs.deb)),
+        ("CHAOS_SYSTEMD_DBGSYM".into(), path(&debs.dbgsym)),
+        ("CHAOS_SYSTEMD_XTASK".into(), path(&xtask)),
+    ])
+}
+
+/// The packages of the debug agent, rebuilt only when the agent, `chaos-agent/dist/` or xtask itself (the packaging
+/// code) changed since the last build (`target/debian/systemd-tier.stamp`): splitting off 130 MB of debug
+/// information and compressing it takes a minute on 2 cores.
+fn tier_packages(binary: &std::path::Path) -> Result<deb::Debs> {
+    let stamp_path = util::target_dir().join("debian").join("systemd-tier.stamp");
+    let describe = |stamp: &mut String, p: &std::path::Path| {
+        if let Ok(m) = std::fs::metadata(p) {
+            let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            stamp.push_str(&format!("{} {} {:?}\n", p.display(), m.len(), mtime));
+        }
+    };
+    // Inputs: the agent, xtask, the shipped files; outputs: the packages (a `cargo xtask deb` in between replaces
+    // them with release packages).
+    let mut stamp = String::new();
+    describe(&mut stamp, binary);
+    if let Ok(exe) = std::env::current_exe() {
+        describe(&mut stamp, &exe);
+    }
+    let dist = util::root().join("chaos-agent").join("dist");
+    let mut files: Vec<PathBuf> = Vec::new();
+    for dir in [dist.clone(), dist.join("debian")] {
+        files.extend(std::fs::read_dir(&dir)?.flatten().map(|e| e.path()).filter(|p| p.is_file()));
+    }
+    files.sort();
+    for f in &files {
+        describe(&mut stamp, f);
+    }
+    if let Some(debs) = deb::existing(binary) {
+        let mut full = stamp.clone();
+        describe(&mut full, &debs.deb);
+        describe(&mut full, &debs.dbgsym);
+        if std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(full.as_str()) {
+            eprintln!("    packages unchanged since the last run: {} and its -dbgsym", debs.deb.display());
+            return Ok(debs);
+        }
+    }
+    let debs = deb::run(&deb::DebOptions { binary: Some(binary.to_owned()) })?;
+    describe(&mut stamp, &debs.deb);
+    describe(&mut stamp, &debs.dbgsym);
+    std::fs::write(&stamp_path, stamp)?;
+    Ok(debs)
+}
+
 fn netns_works() -> std::result::Result<(), String> {
     let name = format!("xtask-probe-{}", std::process::id());
     let ok = Command::new("ip").args(["netns", "add", &name]).status().map_err(|e| format!("cannot run ip: {e}"))?;
@@ -186,7 +302,7 @@ fn netns_works() -> std::result::Result<(), String> {
 fn filterset(tiers: &[Tier]) -> String {
     if tiers.contains(&Tier::Unit) {
         // Everything, minus the binaries of tiers not running.
-        let excluded: Vec<String> = [Tier::Netns, Tier::Zk, Tier::Vm]
+        let excluded: Vec<String> = [Tier::Netns, Tier::Zk, Tier::Vm, Tier::Systemd]
             .into_iter()
             .filter(|t| !tiers.contains(t))
             .map(|t| format!("not {}", t.binaries()))
@@ -213,7 +329,7 @@ fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Res
     // Build first (agent binary included: tests start it as a process).
     step("building the workspace and its tests");
     util::run(util::cargo().current_dir(util::root()).args(["build", "--workspace", "--bins"]))?;
-    let privileged = tiers.contains(&Tier::Netns) || tiers.contains(&Tier::Zk) || tiers.contains(&Tier::Vm);
+    let privileged = tiers.iter().any(|t| *t != Tier::Unit);
     if have_nextest() {
         let mut cmd = util::cargo();
         cmd.current_dir(util::root()).args(["nextest", "run", "--workspace", "--no-fail-fast"]);
@@ -243,6 +359,8 @@ fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Res
                 Tier::Zk
             } else if name.starts_with("vm") {
                 Tier::Vm
+            } else if name.starts_with("systemd") {
+                Tier::Systemd
             } else {
                 Tier::Netns
             };
@@ -260,7 +378,7 @@ fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Res
         if privileged {
             cmd.arg("--include-ignored");
         }
-        if args.iter().any(|a| a.starts_with("vm")) {
+        if args.iter().any(|a| a.starts_with("vm") || a.starts_with("systemd")) {
             cmd.arg("--nocapture");
         }
         for (k, v) in env {
