@@ -90,6 +90,7 @@ pub async fn run(
     let started = now_unix();
     let state_dir = config.state_dir.clone();
     claim_state_dir(&state_dir)?;
+    prepare_fill_dir(&config);
     // The guardian before anything else: it stops the guardian of an earlier run (which would otherwise remove
     // the network objects this run is about to create) and covers the journal from here on — including what
     // that run left, if this one fails to start.
@@ -131,7 +132,6 @@ pub async fn run(
         journal: Journal::open(&config.state_file(paths::JOURNAL_NAME)),
         protected_ports,
         protected_pids,
-        fill_root: None,
     })
     .map_err(AgentError::Config)?;
     let undone = manager.reconcile().await;
@@ -257,9 +257,27 @@ fn claim_state_dir(dir: &std::path::Path) -> Result<(), AgentError> {
         .map_err(|source| AgentError::StateDir { dir: dir.to_owned(), source })
 }
 
+/// Creates the default disk-fill directory (root-only) when it is configured and missing.
+fn prepare_fill_dir(config: &Config) {
+    use std::os::unix::fs::DirBuilderExt;
+    let default = std::path::Path::new(paths::DISK_FILL_DIR);
+    if config.faults.disk_paths.iter().any(|p| p == default)
+        && !default.exists()
+        && let Err(err) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(default)
+    {
+        warn!(%err, dir = %default.display(), "cannot create the default disk-fill directory");
+    }
+}
+
 /// Ports and pids network/process faults must never touch.
 fn protected(config: &Config) -> (Vec<u16>, Vec<i32>) {
-    let mut ports = vec![config.rpc.port, 22];
+    // The agent's own port, sshd's, DNS, and every configured ZooKeeper endpoint's (local or remote: a blackholed
+    // remote ZooKeeper takes the whole registry away from this host).
+    let mut ports = vec![config.rpc.port, 22, 53];
+    if let Some(m) = config.metrics_listen.as_deref().and_then(|a| a.rsplit_once(':')).and_then(|(_, p)| p.parse().ok())
+    {
+        ports.push(m);
+    }
     let mut pids = Vec::new();
     if let Some(hosts) = &config.zookeeper {
         let hosts = hosts.split('/').next().unwrap_or_default();
@@ -267,9 +285,9 @@ fn protected(config: &Config) -> (Vec<u16>, Vec<i32>) {
         for hp in hosts.split(',') {
             let Some((host, port)) = hp.rsplit_once(':') else { continue };
             let Ok(port) = port.parse::<u16>() else { continue };
+            ports.push(port);
             let is_local = host.parse::<IpAddr>().map(|ip| local.contains(&ip)).unwrap_or(host == "localhost");
             if is_local {
-                ports.push(port);
                 let listeners = crate::discovery::sockets::tcp_listeners().unwrap_or_default();
                 let inodes = listeners.iter().filter(|l| l.port == port).map(|l| l.inode).collect();
                 pids.extend(crate::discovery::sockets::owners_of(&inodes, &[]).into_values());

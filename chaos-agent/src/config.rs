@@ -133,6 +133,17 @@ pub struct FaultsConfig {
     /// Seconds to wait after SIGTERM before SIGKILL for `terminate` faults.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub terminate_grace: Duration,
+    /// Directories disk faults may fill (a request's `path` must be one of them or lie below one; the first is the
+    /// default). Default: `/var/lib/lymph-chaos/fill`, created by the agent (root-only). Empty = no disk faults.
+    pub disk_paths: Vec<PathBuf>,
+    /// Allow disk faults on memory-backed filesystems (tmpfs, ramfs): a fill there takes memory, not disk.
+    pub allow_memory_filesystems: bool,
+    /// Most faults active at once.
+    pub max_active: usize,
+    /// Most memory (% of the machine's total) all memory faults together may hold.
+    pub max_memory_percent: f64,
+    /// Allow network faults on ports no local process listens on (e.g. a remote peer's port).
+    pub allow_unbound_ports: bool,
 }
 
 impl Default for FaultsConfig {
@@ -144,6 +155,11 @@ impl Default for FaultsConfig {
             allowed_processes: Vec::new(),
             protected_processes: Vec::new(),
             terminate_grace: Duration::from_secs(5),
+            disk_paths: vec![PathBuf::from(paths::DISK_FILL_DIR)],
+            allow_memory_filesystems: false,
+            max_active: 64,
+            max_memory_percent: 50.0,
+            allow_unbound_ports: false,
         }
     }
 }

@@ -296,7 +296,7 @@ pub fn guardian_main(orders: &str) -> ! {
                 }
             }
             for f in &e.files {
-                let _ = std::fs::remove_file(f);
+                let _ = crate::faults::fillfs::remove_path(f);
             }
             false
         });

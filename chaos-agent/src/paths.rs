@@ -18,6 +18,8 @@ pub const BPF_PIN_DIR: &str = "/sys/fs/bpf/lymph-chaos";
 pub const EVENTS_FILE: &str = "/var/log/lymph-chaos/events.jsonl";
 /// Name prefix of disk-fill files (`<dir>/.lymph-chaos-fill-<fault id>`).
 pub const FILL_FILE_PREFIX: &str = ".lymph-chaos-fill";
+/// Default directory of disk-fill files (`faults.disk_paths`), created root-only by the agent.
+pub const DISK_FILL_DIR: &str = "/var/lib/lymph-chaos/fill";
 /// Default RPC port of the agent (fixed, so lymph clients and the CLI find a standalone agent).
 pub const DEFAULT_RPC_PORT: u16 = 4575;
 /// The service name the agent registers as.

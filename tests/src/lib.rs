@@ -5,10 +5,12 @@
 //! - [`zk`] — the private ZooKeeper the harness started (`CHAOS_TEST_ZK`) and per-test chroots
 //! - [`measure`] — RTT samples, statistics, TCP echo server, UDP loss probe (used inside the VM guests)
 //! - [`vm`] — the qemu guest tier: initramfs builder, TCG boot, `RESULT` lines from the serial console
+//! - [`hostile`] — attackers for the hostile tier: an unprivileged local user created per test
 //! - [`lymph`] — real lymph 0.15 peers (`CHAOS_LYMPH_VENV`): configs, `Echo` instances, a restart loop, the CLI
 
 pub mod agent;
 pub mod child;
+pub mod hostile;
 pub mod lymph;
 pub mod measure;
 pub mod netns;

@@ -212,6 +212,8 @@ check limits "nofile=$(grep 'Max open files' /proc/"$(main_pid)"/limits | awk '{
 
 # --- The administrator allows a test process as a target, restarts -------------------------------------------
 sed -i 's/^  allowed_processes: \[\]$/  allowed_processes: [chaos-victim]/' /etc/lymph-chaos/config.yml
+# ... and the directories its disk faults fill (the tests fill the state directory's filesystem and /tmp).
+sed -i 's|^  disk_paths: \[/var/lib/lymph-chaos/fill\]$|  disk_paths: [/var/lib/lymph-chaos, /tmp]|' /etc/lymph-chaos/config.yml
 old=$(main_pid)
 t=$(now)
 systemctl restart lymph-chaos

@@ -17,7 +17,15 @@ use chaos_tests::{
 use serde_json::{Value as Json, json};
 
 fn agent(ns: &Netns, state_dir: Option<PathBuf>) -> AgentProcess {
-    let yaml = format!("faults: {{allowed_processes: [\"{}\"]}}\n", EchoProcess::MARKER);
+    agent_filling(ns, state_dir, None)
+}
+
+/// An agent whose disk faults may fill `fill_dir` (a tmpfs the test mounted).
+fn agent_filling(ns: &Netns, state_dir: Option<PathBuf>, fill_dir: Option<&Path>) -> AgentProcess {
+    let disk = fill_dir
+        .map(|d| format!(", disk_paths: [\"{}\"], allow_memory_filesystems: true", d.display()))
+        .unwrap_or_default();
+    let yaml = format!("faults: {{allowed_processes: [\"{}\"]{disk}}}\n", EchoProcess::MARKER);
     AgentProcess::start(
         Some(ns),
         AgentOptions { config_yaml: yaml, state_dir, args: vec!["--no-network-control".into()], ..Default::default() },
@@ -253,7 +261,7 @@ fn disk_fill_reaches_the_level_never_passes_the_floor_and_is_always_removed() {
     let ns = Netns::new("disk");
     let fs = SmallFs::new(64);
     let path = fs.path().display().to_string();
-    let mut agent = agent(&ns, None);
+    let mut agent = agent_filling(&ns, None, Some(fs.path()));
 
     // Reaches the requested level.
     let r = agent.ok("inject", json!({"kind": "disk", "path": path, "mib": 32, "lifetime": 60}));
@@ -290,15 +298,11 @@ fn disk_fill_reaches_the_level_never_passes_the_floor_and_is_always_removed() {
     let state = agent.state_dir.clone();
     agent.kill9();
     assert_eq!(fs.fill_files().len(), 1, "the file should outlive the killed agent until a restart or its expiry");
-    let restarted = chaos_tests_restart(&ns, state);
+    let restarted = agent_filling(&ns, Some(state), Some(fs.path()));
     assert!(fs.fill_files().is_empty(), "fill file survived the restart");
     let reconciled = restarted
         .events()
         .into_iter()
         .any(|e| e["action"] == "reconcile" && e.to_string().contains("lymph-chaos-fill"));
     assert!(reconciled, "no reconcile event names the deleted file");
-}
-
-fn chaos_tests_restart(ns: &Netns, state_dir: PathBuf) -> AgentProcess {
-    agent(ns, Some(state_dir))
 }

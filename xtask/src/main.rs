@@ -55,7 +55,7 @@ enum Task {
     ///
     /// Example: `cargo xtask test`, `cargo xtask test --tier unit --tier netns -- kill`
     Test {
-        /// Only these tiers (unit, netns, zk, vm, systemd); default all.
+        /// Only these tiers (unit, netns, hostile, zk, vm, systemd); default all.
         #[arg(long = "tier")]
         tiers: Vec<String>,
         /// Do not install missing packages.

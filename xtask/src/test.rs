@@ -5,9 +5,12 @@
 //! 1. `unit` — unit tests, no privileges;
 //! 2. `netns` — root, each test in fresh network namespaces (binaries `netns_*`, plus `#[ignore]`d unit tests
 //!    that need root);
-//! 3. `zk` — a private ZooKeeper started here on 127.0.0.1 and real lymph 0.15 peers in a venv (binaries `zk_*`);
-//! 4. `vm` — qemu guests booting the pinned Debian kernel (binaries `vm*`);
-//! 5. `systemd` — the .deb (lintian) and the agent as a systemd service in a Debian 12 guest booted with systemd as
+//! 3. `hostile` — root, the agent attacked as a local unprivileged user, a remote peer in another namespace, or a
+//!    ZooKeeper writer would (binaries `hostile_*`; registry attacks need ZooKeeper and live in the zk tier as
+//!    `zk_hostile_*`);
+//! 4. `zk` — a private ZooKeeper started here on 127.0.0.1 and real lymph 0.15 peers in a venv (binaries `zk_*`);
+//! 5. `vm` — qemu guests booting the pinned Debian kernel (binaries `vm*`);
+//! 6. `systemd` — the .deb (lintian) and the agent as a systemd service in a Debian 12 guest booted with systemd as
 //!    PID 1 under qemu (binaries `systemd*`): builds the guest image (`systemd_guest`, cached under `target/`) and
 //!    the package from the debug agent, and passes them in `CHAOS_SYSTEMD_*`.
 //!
@@ -29,18 +32,20 @@ use crate::{
 pub enum Tier {
     Unit,
     Netns,
+    Hostile,
     Zk,
     Vm,
     Systemd,
 }
 
 impl Tier {
-    pub const ALL: [Tier; 5] = [Tier::Unit, Tier::Netns, Tier::Zk, Tier::Vm, Tier::Systemd];
+    pub const ALL: [Tier; 6] = [Tier::Unit, Tier::Netns, Tier::Hostile, Tier::Zk, Tier::Vm, Tier::Systemd];
 
     pub fn name(self) -> &'static str {
         match self {
             Tier::Unit => "unit",
             Tier::Netns => "netns",
+            Tier::Hostile => "hostile",
             Tier::Zk => "zk",
             Tier::Vm => "vm",
             Tier::Systemd => "systemd",
@@ -56,6 +61,7 @@ impl Tier {
         match self {
             Tier::Unit => "",
             Tier::Netns => "binary(/^netns_/)",
+            Tier::Hostile => "binary(/^hostile_/)",
             Tier::Zk => "binary(/^zk_/)",
             Tier::Vm => "binary(/^vm/)",
             Tier::Systemd => "binary(/^systemd/)",
@@ -80,7 +86,9 @@ pub fn run(opts: &TestOptions) -> Result<()> {
     } else {
         opts.tiers
             .iter()
-            .map(|s| Tier::parse(s).with_context(|| format!("unknown tier `{s}` (unit, netns, zk, vm, systemd)")))
+            .map(|s| {
+                Tier::parse(s).with_context(|| format!("unknown tier `{s}` (unit, netns, hostile, zk, vm, systemd)"))
+            })
             .collect::<Result<_>>()?
     };
     let ci = util::in_ci();
@@ -113,17 +121,19 @@ pub fn run(opts: &TestOptions) -> Result<()> {
         }
         eprintln!("    (continuing without the BPF object: {err:#})");
     }
-    for tier in [Tier::Netns, Tier::Zk, Tier::Vm, Tier::Systemd] {
+    for tier in [Tier::Netns, Tier::Hostile, Tier::Zk, Tier::Vm, Tier::Systemd] {
         if wanted.contains(&tier) && !root {
             skipped.push((tier, "needs root (network namespaces, BPF, signals to other processes, apt)".into()));
         }
     }
     let runnable = |t: Tier, skipped: &[(Tier, String)]| wanted.contains(&t) && !skipped.iter().any(|(s, _)| *s == t);
 
-    if runnable(Tier::Netns, &skipped)
-        && let Err(reason) = netns_works()
-    {
-        skipped.push((Tier::Netns, reason));
+    for tier in [Tier::Netns, Tier::Hostile] {
+        if runnable(tier, &skipped)
+            && let Err(reason) = netns_works()
+        {
+            skipped.push((tier, reason));
+        }
     }
     let mut zookeeper = None;
     if runnable(Tier::Zk, &skipped) {
@@ -302,7 +312,7 @@ fn netns_works() -> std::result::Result<(), String> {
 fn filterset(tiers: &[Tier]) -> String {
     if tiers.contains(&Tier::Unit) {
         // Everything, minus the binaries of tiers not running.
-        let excluded: Vec<String> = [Tier::Netns, Tier::Zk, Tier::Vm, Tier::Systemd]
+        let excluded: Vec<String> = [Tier::Netns, Tier::Hostile, Tier::Zk, Tier::Vm, Tier::Systemd]
             .into_iter()
             .filter(|t| !tiers.contains(t))
             .map(|t| format!("not {}", t.binaries()))
@@ -355,7 +365,9 @@ fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Res
         .flatten()
         .filter_map(|e| e.path().file_stem().and_then(|s| s.to_str()).map(str::to_owned))
         .filter(|name| {
-            let tier = if name.starts_with("zk_") {
+            let tier = if name.starts_with("hostile_") {
+                Tier::Hostile
+            } else if name.starts_with("zk_") {
                 Tier::Zk
             } else if name.starts_with("vm") {
                 Tier::Vm

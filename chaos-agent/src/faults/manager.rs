@@ -155,7 +155,9 @@ pub struct FaultManager {
     journal: Journal,
     guards: StdMutex<Guards>,
     protected_ports: Vec<u16>,
-    fill_root: Option<std::path::PathBuf>,
+    disk: resource::DiskLimits,
+    /// Held while a disk fill is checked and allocated, so concurrent fills cannot each pass the free-space floor.
+    fill_lock: Mutex<()>,
     /// Port → the pid that listened there last time (a hint for the next lookup).
     port_owners: StdMutex<BTreeMap<u16, i32>>,
     inner: Mutex<Inner>,
@@ -188,8 +190,6 @@ pub struct ManagerParts {
     pub protected_ports: Vec<u16>,
     /// Pids never targeted (e.g. the local ZooKeeper).
     pub protected_pids: Vec<i32>,
-    /// Where disk-fill files may be created when a request names no path (none = must name one).
-    pub fill_root: Option<std::path::PathBuf>,
 }
 
 impl FaultManager {
@@ -200,6 +200,8 @@ impl FaultManager {
     pub fn new(parts: ManagerParts) -> Result<Arc<FaultManager>, String> {
         let mut guards = Guards::new(&parts.config.protected_processes, &parts.config.allowed_processes)?;
         guards.protected_pids = parts.protected_pids;
+        let disk_roots = parts.config.disk_paths.clone();
+        let allow_mem = parts.config.allow_memory_filesystems;
         let manager = Arc::new(FaultManager {
             config: parts.config,
             dry_run: parts.dry_run,
@@ -209,7 +211,8 @@ impl FaultManager {
             journal: parts.journal,
             guards: StdMutex::new(guards),
             protected_ports: parts.protected_ports,
-            fill_root: parts.fill_root,
+            disk: resource::DiskLimits { roots: disk_roots, allow_memory_filesystems: allow_mem },
+            fill_lock: Mutex::new(()),
             port_owners: StdMutex::new(BTreeMap::new()),
             inner: Mutex::new(Inner { active: BTreeMap::new(), history: VecDeque::new() }),
             me: StdMutex::new(Weak::new()),
@@ -257,7 +260,7 @@ impl FaultManager {
                 }
             }
             for f in &entry.files {
-                if std::fs::remove_file(f).is_ok() {
+                if super::fillfs::remove_path(f).unwrap_or(false) {
                     done.push(format!("deleted {} (fault {})", f.display(), entry.fault));
                 }
             }
@@ -293,6 +296,9 @@ impl FaultManager {
     }
 
     async fn apply_inner(&self, spec: &mut FaultSpec) -> Result<FaultReport, FaultError> {
+        if let Some(id) = &spec.id {
+            validate_id(id)?;
+        }
         let mut notes = Vec::new();
         let lifetime = match spec.lifetime {
             None => self.config.default_lifetime,
@@ -327,6 +333,14 @@ impl FaultManager {
             drop(inner);
             if !spec.dry_run {
                 let _ = self.revert(id).await;
+            }
+        }
+        if !(spec.dry_run || self.dry_run) {
+            let active = self.inner.lock().await.active.len();
+            if active >= self.config.max_active {
+                return Err(FaultError::Refused(format!(
+                    "{active} faults are active, the most faults.max_active allows; revert one first"
+                )));
             }
         }
         let seed = *spec.seed.get_or_insert_with(rand::random);
@@ -759,6 +773,38 @@ impl FaultManager {
         Ok(())
     }
 
+    /// All memory faults together stay under `faults.max_memory_percent` of the machine's memory.
+    async fn check_memory_budget(&self, spec: &resource::MemorySpec) -> Result<(), FaultError> {
+        let total = resource::mem_total_mib().unwrap_or(0);
+        let cap = (total as f64 * self.config.max_memory_percent / 100.0) as u64;
+        let held: u64 = {
+            let inner = self.inner.lock().await;
+            inner
+                .active
+                .values()
+                .filter_map(|f| match &f.spec.action {
+                    FaultAction::Memory(_) => f.report.usage.as_ref()?["params"]["mib"].as_u64(),
+                    _ => None,
+                })
+                .sum()
+        };
+        let asked = match (spec.mib, spec.percent_available) {
+            (Some(m), _) => m,
+            (None, Some(p)) if p > 0.0 && p <= 100.0 => {
+                (resource::available_mib().unwrap_or(0) as f64 * p / 100.0) as u64
+            }
+            _ => 0,
+        };
+        if held.saturating_add(asked) > cap {
+            return Err(FaultError::Refused(format!(
+                "memory faults would hold {} MiB together, above faults.max_memory_percent = {} % of {total} MiB",
+                held.saturating_add(asked),
+                self.config.max_memory_percent
+            )));
+        }
+        Ok(())
+    }
+
     async fn describe_plan(&self, spec: &FaultSpec, report: &FaultReport, lifetime: Duration) -> String {
         let what = match &spec.action {
             FaultAction::Kill { signal } => {
@@ -906,7 +952,15 @@ impl FaultManager {
             }
             FaultAction::Cpu(_) | FaultAction::Memory(_) | FaultAction::Disk(_) => {
                 let cgroup_pid = chosen.iter().find_map(|c| c.process.as_ref().map(|p| p.pid));
-                let prepared = resource::prepare(&fault.spec.action, &id, cgroup_pid, self.fill_root.as_deref())?;
+                // One fill at a time: the next one's free-space check sees this one's allocation.
+                let _fill = match fault.spec.action {
+                    FaultAction::Disk(_) => Some(self.fill_lock.lock().await),
+                    _ => None,
+                };
+                if let FaultAction::Memory(m) = &fault.spec.action {
+                    self.check_memory_budget(m).await?;
+                }
+                let prepared = resource::prepare(&fault.spec.action, &id, cgroup_pid, Some(&self.disk))?;
                 journal(Entry { files: prepared.files(), ..entry(&fault.spec.action.kind()) })?;
                 let running = match prepared.start(lifetime).await {
                     Ok(r) => r,
@@ -990,6 +1044,22 @@ fn push_history(history: &mut VecDeque<FaultReport>, report: FaultReport) {
     history.push_back(report);
     while history.len() > HISTORY {
         history.pop_front();
+    }
+}
+
+/// Fault ids name files and journal entries: `[A-Za-z0-9._-]{1,64}`, checked once where requests come in.
+///
+/// # Errors
+/// [`FaultError::Invalid`] for anything else.
+pub fn validate_id(id: &str) -> Result<(), FaultError> {
+    let ok = (1..=64).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id != "."
+        && id != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(FaultError::Invalid("a fault id is 1 to 64 characters among A-Z a-z 0-9 . _ - (no `/`, no spaces)".into()))
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`network`] — the per-port network fault engine (eBPF classifier, IFB, netem)
 //! - [`resource`] — CPU burn, memory pressure, disk fill workers
 
+pub mod fillfs;
 pub mod manager;
 pub mod network;
 pub mod process;

@@ -8,6 +8,7 @@
 //! restarted agent (or the guardian of a dead one) removes leftovers.
 
 use std::{
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -110,7 +111,11 @@ pub enum Prepared {
     },
     /// A fill file.
     Disk {
-        /// The file.
+        /// The directory, opened without following symlinks.
+        dir: Arc<OwnedFd>,
+        /// The file's name in it.
+        name: String,
+        /// The file (for reports and the journal).
         file: PathBuf,
         /// Bytes to allocate.
         bytes: u64,
@@ -127,7 +132,7 @@ pub fn prepare(
     action: &FaultAction,
     fault_id: &str,
     target_pid: Option<i32>,
-    fill_root: Option<&Path>,
+    disk: Option<&DiskLimits>,
 ) -> Result<Prepared, ResourceError> {
     match action {
         FaultAction::Cpu(spec) => {
@@ -173,7 +178,7 @@ pub fn prepare(
                     return Err(ResourceError::Invalid("a memory fault needs mib or percent_available".into()));
                 }
             };
-            if mib + MEMORY_MARGIN_MIB > available {
+            if mib.saturating_add(MEMORY_MARGIN_MIB) > available {
                 return Err(ResourceError::Refused(format!(
                     "{mib} MiB would leave less than the {MEMORY_MARGIN_MIB} MiB safety margin: only {available} MiB are available"
                 )));
@@ -182,14 +187,22 @@ pub fn prepare(
             Ok(Prepared::Memory { mib, cgroup })
         }
         FaultAction::Disk(spec) => {
-            let dir = spec.path.clone().or_else(|| fill_root.map(Path::to_path_buf)).ok_or_else(|| {
-                ResourceError::Invalid("a disk fault needs a path (a directory on the filesystem to fill)".into())
-            })?;
-            let st =
-                nix::sys::statvfs::statvfs(&dir).map_err(|e| io(format!("statvfs {}", dir.display()))(e.into()))?;
-            let block = st.fragment_size();
-            let total = st.blocks() * block;
-            let free = st.blocks_available() * block;
+            let limits = disk.ok_or_else(|| ResourceError::Invalid("disk faults are not configured".into()))?;
+            let root = limits
+                .roots
+                .first()
+                .ok_or_else(|| ResourceError::Refused("disk faults are off: faults.disk_paths is empty".into()))?;
+            let dir_path = spec.path.clone().unwrap_or_else(|| root.clone());
+            let (dir, shown) = open_fill_dir(&dir_path, &limits.roots)?;
+            if !limits.allow_memory_filesystems
+                && super::fillfs::is_memory_backed(&dir).map_err(io(format!("statfs {shown}")))?
+            {
+                return Err(ResourceError::Refused(format!(
+                    "{shown} is on a memory-backed filesystem (tmpfs/ramfs): filling it takes memory, not disk \
+                     (set faults.allow_memory_filesystems to allow it)"
+                )));
+            }
+            let (free, total) = super::fillfs::space(&dir).map_err(io(format!("statvfs {shown}")))?;
             let floor_pct = spec.floor_percent.unwrap_or(DISK_FLOOR_PERCENT).max(DISK_FLOOR_PERCENT);
             if floor_pct >= 100.0 {
                 return Err(ResourceError::Invalid("floor_percent must be below 100".into()));
@@ -200,11 +213,10 @@ pub fn prepare(
                 (Some(_), Some(_)) => return Err(ResourceError::Invalid("give mib or percent_free, not both".into())),
                 (Some(0), _) => return Err(ResourceError::Invalid("mib must be at least 1".into())),
                 // An explicit size that would pass the floor is refused: the caller asked for exactly that much.
-                (Some(m), None) if (m << 20) > room => {
+                (Some(m), None) if m.checked_shl(20).is_none_or(|b| b >> 20 != m || b > room) => {
                     return Err(ResourceError::Refused(format!(
-                        "filling {m} MiB of {} would leave {} MiB free, below the floor of {floor_pct} % ({} MiB)",
-                        dir.display(),
-                        free.saturating_sub(m << 20) >> 20,
+                        "filling {m} MiB of {shown} would leave {} MiB free, below the floor of {floor_pct} % ({} MiB)",
+                        free.saturating_sub(m.saturating_mul(1 << 20)) >> 20,
                         floor >> 20
                     )));
                 }
@@ -218,13 +230,13 @@ pub fn prepare(
             };
             if bytes == 0 {
                 return Err(ResourceError::Refused(format!(
-                    "{} has no room above the floor of {floor_pct} % ({} MiB free)",
-                    dir.display(),
+                    "{shown} has no room above the floor of {floor_pct} % ({} MiB free)",
                     free >> 20
                 )));
             }
-            let file = dir.join(format!("{}-{fault_id}", crate::paths::FILL_FILE_PREFIX));
-            Ok(Prepared::Disk { file, bytes, floor })
+            let name = format!("{}-{fault_id}", crate::paths::FILL_FILE_PREFIX);
+            let file = dir_path.join(&name);
+            Ok(Prepared::Disk { dir: Arc::new(dir), name, file, bytes, floor })
         }
         _ => Err(ResourceError::Invalid("not a resource fault".into())),
     }
@@ -272,14 +284,14 @@ impl Prepared {
                     detail: serde_json::json!({"mib": mib, "cgroup": cgroup}),
                 })
             }
-            Prepared::Disk { file, bytes, floor } => {
+            Prepared::Disk { dir, name, file, bytes, floor } => {
                 let written = Arc::new(AtomicU64::new(0));
                 let w = written.clone();
-                let path = file.clone();
-                tokio::task::spawn_blocking(move || fill(&path, bytes, floor, &w))
+                let (d, n, shown) = (dir.clone(), name.clone(), file.display().to_string());
+                let ident = tokio::task::spawn_blocking(move || fill(&d, &n, &shown, bytes, floor, &w))
                     .await
                     .map_err(|e| ResourceError::Invalid(format!("fill task failed: {e}")))??;
-                Ok(ResourceFault::Fill { file, written })
+                Ok(ResourceFault::Fill { dir, name, ident, file, written })
             }
         }
     }
@@ -298,6 +310,12 @@ pub enum ResourceFault {
     },
     /// A fill file.
     Fill {
+        /// Its directory (opened without following symlinks, held until the file is removed).
+        dir: Arc<OwnedFd>,
+        /// Its name there.
+        name: String,
+        /// Device and inode of the file the agent created.
+        ident: (u64, u64),
         /// The file.
         file: PathBuf,
         /// Bytes allocated.
@@ -331,7 +349,7 @@ impl ResourceFault {
                 let pids: Vec<u32> = children.iter().filter_map(Child::id).collect();
                 format!("{kind} workers {pids:?} started ({detail})")
             }
-            ResourceFault::Fill { file, written } => {
+            ResourceFault::Fill { file, written, .. } => {
                 format!("{} filled with {} MiB", file.display(), written.load(Ordering::Relaxed) >> 20)
             }
         }
@@ -351,8 +369,8 @@ impl ResourceFault {
                     .collect();
                 serde_json::json!({"workers": workers, "params": detail})
             }
-            ResourceFault::Fill { file, written } => {
-                let size = std::fs::metadata(file).map_or(0, |m| m.len());
+            ResourceFault::Fill { file, written, .. } => {
+                let size = written.load(Ordering::Relaxed);
                 serde_json::json!({"file": file, "bytes": size, "allocated": written.load(Ordering::Relaxed)})
             }
         }
@@ -368,11 +386,9 @@ impl ResourceFault {
                 kill_all(&mut children).await;
                 Ok(())
             }
-            ResourceFault::Fill { file, .. } => match std::fs::remove_file(&file) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(io(format!("removing {}", file.display()))(e)),
-            },
+            ResourceFault::Fill { dir, name, ident, file, .. } => super::fillfs::remove_file(&dir, &name, Some(ident))
+                .map(|_| ())
+                .map_err(io(format!("removing {}", file.display()))),
         }
     }
 }
@@ -459,6 +475,16 @@ fn target_cgroup(pid: Option<i32>) -> Result<Vec<PathBuf>, ResourceError> {
     Ok(files)
 }
 
+/// The machine's memory (MiB).
+pub fn mem_total_mib() -> Option<u64> {
+    meminfo("MemTotal:")
+}
+
+/// Available memory now (MiB).
+pub fn available_mib() -> Option<u64> {
+    meminfo("MemAvailable:")
+}
+
 fn meminfo(key: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with(key))?;
@@ -486,39 +512,71 @@ pub fn proc_usage(pid: i32) -> (u64, f64) {
     (rss, cpu)
 }
 
-/// Allocates `bytes` in a new file, stopping before free space drops under `floor`.
-fn fill(file: &Path, bytes: u64, floor: u64, written: &AtomicU64) -> Result<(), ResourceError> {
+/// Allocates `bytes` in a new file `name` in `dir`, stopping before free space drops under `floor`. Returns the
+/// file's device and inode.
+fn fill(
+    dir: &OwnedFd,
+    name: &str,
+    shown: &str,
+    bytes: u64,
+    floor: u64,
+    written: &AtomicU64,
+) -> Result<(u64, u64), ResourceError> {
     use std::{io::Write, os::fd::AsRawFd};
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(file)
-        .map_err(io(format!("creating {}", file.display())))?;
+    let f = super::fillfs::create_file(dir, name).map_err(io(format!("creating {shown}")))?;
+    let ident = super::fillfs::identity(&f).map_err(io(format!("fstat {shown}")))?;
     let cleanup = |err: ResourceError| {
-        let _ = std::fs::remove_file(file);
+        let _ = super::fillfs::remove_file(dir, name, Some(ident));
         err
     };
     // SAFETY: fallocate on our own fd with a valid range.
     let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, bytes as libc::off_t) };
     if rc == 0 {
         written.store(bytes, Ordering::Relaxed);
-        return Ok(());
+        return Ok(ident);
     }
     // No fallocate on this filesystem: write zeros in chunks, watching the floor.
     let chunk = vec![0u8; 1 << 20];
     let mut out = std::io::BufWriter::new(f);
-    let dir = file.parent().unwrap_or(Path::new("/"));
     while written.load(Ordering::Relaxed) < bytes {
-        let st = nix::sys::statvfs::statvfs(dir).map_err(|e| cleanup(io("statvfs")(e.into())))?;
-        if st.blocks_available() * st.fragment_size() <= floor + chunk.len() as u64 {
+        let (free, _) = super::fillfs::space(dir).map_err(|e| cleanup(io("statvfs")(e)))?;
+        if free <= floor + chunk.len() as u64 {
             break;
         }
         let n = chunk.len().min((bytes - written.load(Ordering::Relaxed)) as usize);
-        out.write_all(&chunk[..n]).map_err(|e| cleanup(io(format!("writing {}", file.display()))(e)))?;
+        out.write_all(&chunk[..n]).map_err(|e| cleanup(io(format!("writing {shown}"))(e)))?;
         written.fetch_add(n as u64, Ordering::Relaxed);
     }
     out.flush().map_err(|e| cleanup(io("flush")(e)))?;
-    Ok(())
+    Ok(ident)
+}
+
+/// Where disk faults may create files.
+#[derive(Clone, Debug)]
+pub struct DiskLimits {
+    /// Directories under which fills may be created (the first is the default).
+    pub roots: Vec<PathBuf>,
+    /// Allow tmpfs/ramfs.
+    pub allow_memory_filesystems: bool,
+}
+
+/// Opens the directory to fill: it must be one of `roots` or lie below one; every component is opened without
+/// following symlinks, `..` is refused.
+fn open_fill_dir(dir: &Path, roots: &[PathBuf]) -> Result<(OwnedFd, String), ResourceError> {
+    let shown = dir.display().to_string();
+    if !dir.is_absolute() || dir.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(ResourceError::Invalid(format!("disk fault path {shown} must be absolute, without `..`")));
+    }
+    if !roots.iter().any(|r| dir.starts_with(r)) {
+        return Err(ResourceError::Refused(format!(
+            "{shown} is not under faults.disk_paths ({}): disk faults only fill configured directories",
+            roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let fd = super::fillfs::open_dir_nofollow(dir).map_err(|e| {
+        ResourceError::Refused(format!("cannot open {shown} as a directory without following symlinks: {e}"))
+    })?;
+    Ok((fd, shown))
 }
 
 /// Entry point of a worker process (called by `main` when [`WORKER_ENV`] is set). Never returns.
@@ -583,17 +641,27 @@ mod tests {
     }
 
     #[test]
-    fn disk_fill_respects_the_floor_and_cleans_up() {
-        let dir = std::env::temp_dir().join(format!("chaos-fill-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+    fn disk_fill_respects_the_floor_and_roots() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let limits = DiskLimits { roots: vec![dir.clone()], allow_memory_filesystems: true };
         let st = nix::sys::statvfs::statvfs(&dir).unwrap();
         let free = st.blocks_available() * st.fragment_size();
-        let too_much =
-            DiskSpec { path: Some(dir.clone()), mib: Some((free >> 20) + 1), percent_free: None, floor_percent: None };
-        assert!(matches!(prepare(&FaultAction::Disk(too_much), "t", None, None), Err(ResourceError::Refused(_))));
-        let ok = DiskSpec { path: Some(dir.join("f")), mib: Some(1), percent_free: None, floor_percent: None };
-        // A path that does not exist yet cannot be statvfs'ed: a clear error.
-        assert!(prepare(&FaultAction::Disk(ok), "t", None, None).is_err());
-        let _ = std::fs::remove_dir_all(&dir);
+        let spec = |path: Option<PathBuf>, mib: u64| {
+            FaultAction::Disk(DiskSpec { path, mib: Some(mib), percent_free: None, floor_percent: None })
+        };
+        let refused = |r: Result<Prepared, ResourceError>| matches!(r, Err(ResourceError::Refused(_)));
+        assert!(refused(prepare(&spec(Some(dir.clone()), (free >> 20) + 1), "t", None, Some(&limits))));
+        assert!(refused(prepare(&spec(Some(dir.clone()), u64::MAX), "t", None, Some(&limits))));
+        // Outside the roots, through a symlink, or a path that does not exist: refused, nothing created.
+        assert!(refused(prepare(&spec(Some("/etc".into()), 1), "t", None, Some(&limits))));
+        std::os::unix::fs::symlink("/etc", dir.join("link")).unwrap();
+        assert!(refused(prepare(&spec(Some(dir.join("link")), 1), "t", None, Some(&limits))));
+        assert!(prepare(&spec(Some(dir.join("missing")), 1), "t", None, Some(&limits)).is_err());
+        assert!(matches!(
+            prepare(&spec(Some(dir.join("../x")), 1), "t", None, Some(&limits)),
+            Err(ResourceError::Invalid(_))
+        ));
+        assert!(prepare(&spec(None, 1), "t", None, Some(&limits)).is_ok());
     }
 }
