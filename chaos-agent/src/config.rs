@@ -365,12 +365,23 @@ pub fn parse_hhmm(s: &str) -> Option<u32> {
 /// Parses `a.b.c.d`, `a.b.c.d/n`, `::1`, `fe80::/10`.
 pub fn parse_cidr(s: &str) -> Option<(std::net::IpAddr, u8)> {
     let (addr, len) = match s.split_once('/') {
-        Some((a, l)) => (a, Some(l.parse::<u8>().ok()?)),
+        // Digits only (no sign, no spaces), at most 3 of them.
+        Some((a, l)) if !l.is_empty() && l.len() <= 3 && l.bytes().all(|b| b.is_ascii_digit()) => {
+            (a, Some(l.parse::<u8>().ok()?))
+        }
+        Some(_) => return None,
         None => (s, None),
     };
     let ip: std::net::IpAddr = addr.parse().ok()?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let len = len.unwrap_or(max);
+    // An IPv4-mapped IPv6 network must keep its 96-bit prefix (`::ffff:10.0.0.0/104` = 10.0.0.0/8).
+    if let std::net::IpAddr::V6(v6) = ip
+        && v6.to_ipv4_mapped().is_some()
+        && len < 96
+    {
+        return None;
+    }
     (len <= max).then_some((ip, len))
 }
 

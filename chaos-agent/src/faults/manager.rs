@@ -726,9 +726,14 @@ impl FaultManager {
         Ok(resolved)
     }
 
-    fn check_guards(&self, chosen: &[Candidate], action: &FaultAction) -> Result<(), FaultError> {
+    fn guards_now(&self) -> Guards {
         let mut guards = self.guards.lock().expect("poisoned").clone();
         guards.lymph_pids = self.discovery.snapshot().instances().filter_map(|i| i.pid).collect();
+        guards
+    }
+
+    fn check_guards(&self, chosen: &[Candidate], action: &FaultAction) -> Result<(), FaultError> {
+        let guards = self.guards_now();
         for c in chosen {
             if let Some(p) = &c.process {
                 // Network faults on a port do not touch the process, but the port belongs to it: the same guards
@@ -853,12 +858,14 @@ impl FaultManager {
             FaultAction::Kill { signal } => {
                 let signal = *signal;
                 let procs: Vec<ProcInfo> = chosen.iter().filter_map(|c| c.process.clone()).collect();
-                let (sent, exited, errors) =
-                    tokio::task::spawn_blocking(move || signal_all(&procs, signal, signal == libc::SIGKILL))
+                let guards = self.guards_now();
+                let done =
+                    tokio::task::spawn_blocking(move || signal_all(&procs, signal, signal == libc::SIGKILL, &guards))
                         .await
                         .unwrap_or_default();
+                let (sent, exited, errors) = (done.sent.clone(), done.exited.clone(), done.skipped());
                 if sent.is_empty() {
-                    return Err(FaultError::NotFound(format!("no signal delivered: {}", errors.join("; "))));
+                    return Err(done.none_error("no signal delivered"));
                 }
                 fault.report.pids = sent.clone();
                 fault.report.state = Some(State::Expired);
@@ -881,14 +888,16 @@ impl FaultManager {
             FaultAction::Terminate => {
                 let procs: Vec<ProcInfo> = chosen.iter().filter_map(|c| c.process.clone()).collect();
                 let grace = self.config.terminate_grace;
-                let (sent, _, errors) = {
+                let done = {
                     let procs = procs.clone();
-                    tokio::task::spawn_blocking(move || signal_all(&procs, libc::SIGTERM, false))
+                    let guards = self.guards_now();
+                    tokio::task::spawn_blocking(move || signal_all(&procs, libc::SIGTERM, false, &guards))
                         .await
                         .unwrap_or_default()
                 };
+                let sent = done.sent.clone();
                 if sent.is_empty() {
-                    return Err(FaultError::NotFound(format!("no signal delivered: {}", errors.join("; "))));
+                    return Err(done.none_error("no signal delivered"));
                 }
                 let stubborn: Vec<ProcInfo> = procs.into_iter().filter(|p| sent.contains(&p.pid)).collect();
                 tokio::task::spawn_blocking(move || {
@@ -910,15 +919,17 @@ impl FaultManager {
             FaultAction::Pause => {
                 let procs: Vec<ProcInfo> = chosen.iter().filter_map(|c| c.process.clone()).collect();
                 journal(Entry { paused: procs.clone(), ..entry("pause") })?;
-                let (sent, _, errors) = {
+                let done = {
                     let procs = procs.clone();
-                    tokio::task::spawn_blocking(move || signal_all(&procs, libc::SIGSTOP, false))
+                    let guards = self.guards_now();
+                    tokio::task::spawn_blocking(move || signal_all(&procs, libc::SIGSTOP, false, &guards))
                         .await
                         .unwrap_or_default()
                 };
+                let sent = done.sent.clone();
                 if sent.is_empty() {
                     let _ = self.journal.remove(&id);
-                    return Err(FaultError::NotFound(format!("no process stopped: {}", errors.join("; "))));
+                    return Err(done.none_error("no process stopped"));
                 }
                 fault.paused = procs.into_iter().filter(|p| sent.contains(&p.pid)).collect();
                 fault.report.pids = sent.clone();
@@ -1090,13 +1101,35 @@ fn select(mut candidates: Vec<Candidate>, selection: Selection, seed: u64) -> Re
     Ok(candidates)
 }
 
-/// Sends a signal to each process; returns (pids signalled, pids seen exiting, errors).
-fn signal_all(procs: &[ProcInfo], signal: i32, wait_exit: bool) -> (Vec<i32>, Vec<i32>, Vec<String>) {
+/// Sends a signal to each process, judging each again right before: the pidfd pins the process, then its
+/// command line is read again and the guards decide on what it is now (a process that changed its title since
+/// resolution, or a pid reused, is refused). Returns (pids signalled, pids seen exiting, errors, refusals).
+fn signal_all(procs: &[ProcInfo], signal: i32, wait_exit: bool, guards: &Guards) -> Signalled {
     let mut fds = Vec::new();
     let mut errors = Vec::new();
+    let mut refused = Vec::new();
     for p in procs {
-        match PidFd::open(p).and_then(|fd| fd.signal(signal).map(|()| fd)) {
-            Ok(fd) => fds.push(fd),
+        let fd = match PidFd::open(p) {
+            Ok(fd) => fd,
+            Err(err) => {
+                errors.push(err.to_string());
+                continue;
+            }
+        };
+        match process::proc_info(p.pid).filter(|now| now.start_time == p.start_time) {
+            None => {
+                errors.push(format!("pid {} is no longer the process that was targeted", p.pid));
+                continue;
+            }
+            Some(now) => {
+                if let Err(r) = guards.check(&now, Origin::Direct) {
+                    refused.push(r.to_string());
+                    continue;
+                }
+            }
+        }
+        match fd.signal(signal) {
+            Ok(()) => fds.push(fd),
             Err(err) => errors.push(err.to_string()),
         }
     }
@@ -1106,7 +1139,31 @@ fn signal_all(procs: &[ProcInfo], signal: i32, wait_exit: bool) -> (Vec<i32>, Ve
     } else {
         Vec::new()
     };
-    (sent, exited, errors)
+    Signalled { sent, exited, errors, refused }
+}
+
+/// What [`signal_all`] did.
+#[derive(Default)]
+struct Signalled {
+    sent: Vec<i32>,
+    exited: Vec<i32>,
+    errors: Vec<String>,
+    refused: Vec<String>,
+}
+
+impl Signalled {
+    /// The error when nothing was signalled: refused when a guard said no, else not found.
+    fn none_error(&self, what: &str) -> FaultError {
+        if self.refused.is_empty() {
+            FaultError::NotFound(format!("{what}: {}", self.errors.join("; ")))
+        } else {
+            FaultError::Refused(self.refused.iter().chain(&self.errors).cloned().collect::<Vec<_>>().join("; "))
+        }
+    }
+
+    fn skipped(&self) -> Vec<String> {
+        self.refused.iter().chain(&self.errors).cloned().collect()
+    }
 }
 
 /// The pid owning a listening TCP socket on `port` in this namespace. `hints` (the instance registered there, the

@@ -137,7 +137,7 @@ pub struct Guards {
     pub protected: Vec<Pattern>,
     /// Direct targets must match one of these, unless they are lymph instances.
     pub allowed: Vec<Pattern>,
-    /// Pids of known lymph instances (direct targets that are lymph instances are allowed).
+    /// Pids of lymph instances in the registry (informational: a registry entry never makes a process a target).
     pub lymph_pids: Vec<i32>,
 }
 
@@ -187,17 +187,28 @@ impl Guards {
         if let Some(pat) = self.protected.iter().find(|pat| pat.matches(p)) {
             return refuse(&format!("it matches faults.protected_processes ({})", show(pat)));
         }
-        let is_lymph = origin == Origin::LymphInstance
-            || self.lymph_pids.contains(&p.pid)
-            || crate::discovery::local::parse_title(&p.cmdline).is_some();
-        if !is_lymph && !self.allowed.iter().any(|pat| pat.matches(p)) {
+        // What the process is now decides, not how it was found: a registry entry (anyone who can write to
+        // ZooKeeper) or a port only say where to look.
+        let _ = origin;
+        if !is_lymph_instance(p) && !self.allowed.iter().any(|pat| pat.matches(p)) {
             return refuse(
-                "it is not a lymph service instance and matches none of faults.allowed_processes \
-                 (add a pattern there to allow targeting other processes)",
+                "it is not a lymph service instance (its command line is not one lymph starts) and matches none of \
+                 faults.allowed_processes (add a pattern there to allow targeting other processes)",
             );
         }
         Ok(())
     }
+}
+
+/// Whether the process itself says it is a lymph instance: the title `lymph instance` sets
+/// (`lymph-instance (identity: …, endpoint: …, config: …)`), or, before the title is set, the command line lymph
+/// starts it with (`…/lymph instance …`, also under a Python interpreter).
+pub fn is_lymph_instance(p: &ProcInfo) -> bool {
+    if crate::discovery::local::parse_title(&p.cmdline).is_some() {
+        return true;
+    }
+    let args: Vec<&str> = p.cmdline.split_whitespace().take(4).collect();
+    args.windows(2).any(|w| (w[0] == "lymph" || w[0].ends_with("/lymph")) && w[1] == "instance")
 }
 
 /// Whether a process is one of ours (agent, guardian, worker, or the CLI that may be asking right now).

@@ -82,6 +82,16 @@ pub enum AccessError {
         /// The entry.
         entry: String,
     },
+    /// A non-loopback bind with nobody allowed explicitly.
+    #[error(
+        "rpc.bind is {bind}, reachable from other hosts, but rpc.allowed_clients is empty and CURVE is off: anyone \
+         who reaches the port could command this root agent. Set rpc.allowed_clients to your clients' networks \
+         (e.g. [127.0.0.0/8, \"::1\", 10.20.0.0/16]), configure CURVE, or bind 127.0.0.1"
+    )]
+    OpenBind {
+        /// The bind address.
+        bind: String,
+    },
     /// The secret key file cannot be read.
     #[error("rpc.curve_secret_key_file {path}: {source}")]
     KeyFile {
@@ -139,7 +149,14 @@ impl Network {
     /// Parses `a.b.c.d[/n]` or an IPv6 address with an optional prefix length.
     pub fn parse(s: &str) -> Option<Network> {
         let (addr, prefix) = parse_cidr(s.trim())?;
-        Some(Network { addr: addr.to_canonical(), prefix })
+        // `::ffff:a.b.c.d/n` is the IPv4 network `a.b.c.d/(n-96)`: peers are compared as IPv4 addresses.
+        match addr {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+                let v4 = v6.to_ipv4_mapped()?;
+                (prefix >= 96).then(|| Network { addr: IpAddr::V4(v4), prefix: prefix - 96 })
+            }
+            _ => Some(Network { addr, prefix }),
+        }
     }
 
     /// A single host.
@@ -151,12 +168,16 @@ impl Network {
     /// Whether `ip` is in this network (IPv4-mapped IPv6 addresses count as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
+            // A prefix above the family's width never matches anything wider than the host (no wrap, no panic);
+            // prefix 0 is the only way to match everything.
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let bits = u32::from(self.prefix.min(32));
+                let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let bits = u32::from(self.prefix.min(128));
+                let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -212,13 +233,15 @@ pub enum Denied {
     Key(String),
     /// The request did not follow RFC 27.
     Malformed(&'static str),
+    /// The decision itself failed: nobody gets in then.
+    Internal,
 }
 
 impl Denied {
     /// RFC 27 status code: 400 for a refused client, 500 for a request we cannot read.
     fn status(&self) -> &'static str {
         match self {
-            Denied::Malformed(_) => "500",
+            Denied::Malformed(_) | Denied::Internal => "500",
             _ => "400",
         }
     }
@@ -232,6 +255,7 @@ impl std::fmt::Display for Denied {
             Denied::Mechanism(m) => write!(f, "security mechanism {m} is not what the agent requires"),
             Denied::Key(k) => write!(f, "CURVE key {k} is not in rpc.curve_client_keys"),
             Denied::Malformed(why) => write!(f, "malformed ZAP request: {why}"),
+            Denied::Internal => write!(f, "the access check failed; refused"),
         }
     }
 }
@@ -314,8 +338,15 @@ pub fn read_secret_key(path: &Path) -> Result<[u8; KEY_LEN], AccessError> {
     decode_key(&key_text, what)
 }
 
+/// Whether a bind address only accepts connections from this host.
+fn is_loopback_bind(bind: &str) -> bool {
+    let b = bind.trim().trim_start_matches('[').trim_end_matches(']');
+    b == "localhost" || b.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 impl Policy {
-    /// The policy `rpc` asks for, or `None` when there is nothing to enforce (no `allowed_clients`, no CURVE).
+    /// The policy `rpc` asks for: with neither `allowed_clients` nor CURVE, loopback clients only, and a
+    /// non-loopback bind is refused ([`AccessError::OpenBind`]). Always `Some`.
     /// `advertised` is the address the agent advertises (always allowed, see the module docs).
     ///
     /// # Errors
@@ -342,8 +373,13 @@ impl Policy {
                 Some(Curve { secret_key, clients })
             }
         };
+        let mut networks = networks;
         if networks.is_empty() && curve.is_none() {
-            return Ok(None);
+            // Secure by default: nothing configured = this host only, and only on a loopback bind.
+            if !is_loopback_bind(&rpc.bind) {
+                return Err(AccessError::OpenBind { bind: rpc.bind.clone() });
+            }
+            networks = vec![Network::parse("127.0.0.0/8").expect("net"), Network::parse("::1/128").expect("net")];
         }
         let own = [rpc.bind.as_str(), advertised]
             .into_iter()
@@ -410,6 +446,7 @@ pub struct AccessControl {
     policy: Arc<Policy>,
     stats: Arc<AccessStats>,
     stop: Arc<AtomicBool>,
+    alive: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -431,7 +468,14 @@ impl AccessControl {
         let policy = Arc::new(policy);
         let stats = Arc::new(AccessStats::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let handler = Handler { socket, policy: policy.clone(), stats: stats.clone(), logged: HashMap::new() };
+        let alive = Arc::new(AtomicBool::new(true));
+        let handler = Handler {
+            socket,
+            policy: policy.clone(),
+            stats: stats.clone(),
+            logged: HashMap::new(),
+            _alive: Alive(alive.clone()),
+        };
         let thread = std::thread::Builder::new()
             .name("lymph-rpc-zap".into())
             .spawn({
@@ -440,7 +484,13 @@ impl AccessControl {
             })
             .map_err(AccessError::Thread)?;
         info!(policy = ?policy, "RPC access control on (ZAP)");
-        Ok(AccessControl { policy, stats, stop, thread: Some(thread) })
+        Ok(AccessControl { policy, stats, stop, alive, thread: Some(thread) })
+    }
+
+    /// Whether the handler still runs. When it is gone libzmq would let every connection in unchecked, so the
+    /// node drops every request while this is false (fail closed).
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
     }
 
     /// Configures a socket before it binds: the ZAP domain (which makes libzmq consult the handler even for
@@ -483,6 +533,16 @@ struct Handler {
     stats: Arc<AccessStats>,
     /// When each rejected address was last logged.
     logged: HashMap<String, Instant>,
+    /// Cleared when the handler stops, however it stops (a panic included).
+    _alive: Alive,
+}
+
+struct Alive(Arc<AtomicBool>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Handler {
@@ -512,7 +572,9 @@ impl Handler {
             };
             let (id, verdict) = match ZapRequest::parse(&frames) {
                 Ok(req) => {
-                    let verdict = self.policy.decide(&req);
+                    // A decision that panics is a refusal, and the handler lives on (fail closed).
+                    let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.policy.decide(&req)))
+                        .unwrap_or(Err(Denied::Internal));
                     (req.request_id, verdict.map_err(|d| (d, req.address)))
                 }
                 Err((id, denied)) => (id, Err((denied, String::new()))),
@@ -611,12 +673,38 @@ mod tests {
     }
 
     #[test]
-    fn nothing_to_enforce_without_allowlist_or_curve() {
-        assert!(Policy::from_config(&rpc(&[]), "127.0.0.1").unwrap().is_none());
-        assert!(matches!(
-            Policy::from_config(&rpc(&["10.0.0.0/40"]), "127.0.0.1"),
-            Err(AccessError::InvalidNetwork { .. })
-        ));
+    fn without_allowlist_or_curve_only_loopback_and_only_on_a_loopback_bind() {
+        let policy = Policy::from_config(&rpc(&[]), "127.0.0.1").unwrap().unwrap();
+        assert_eq!(policy.decide(&req("127.0.0.1", "NULL", None)), Ok(()));
+        assert_eq!(policy.decide(&req("::1", "NULL", None)), Ok(()));
+        assert!(policy.decide(&req("10.0.0.2", "NULL", None)).is_err());
+        for bind in ["0.0.0.0", "::", "10.0.0.1", "node.example"] {
+            let config = RpcConfig { bind: bind.into(), ..rpc(&[]) };
+            let err = Policy::from_config(&config, "10.0.0.1").unwrap_err();
+            assert!(matches!(err, AccessError::OpenBind { .. }), "{bind}: {err}");
+        }
+        for bad in ["10.0.0.0/40", "10.0.0.0/+8", "10.0.0.0/", "::ffff:10.0.0.0/64", "10.0.0.0/ 8"] {
+            assert!(
+                matches!(Policy::from_config(&rpc(&[bad]), "127.0.0.1"), Err(AccessError::InvalidNetwork { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn ipv4_mapped_entries_keep_their_prefix() {
+        let host = Network::parse("::ffff:10.0.0.5").unwrap();
+        assert_eq!(host.to_string(), "10.0.0.5/32");
+        assert!(host.contains("10.0.0.5".parse().unwrap()));
+        assert!(host.contains("::ffff:10.0.0.5".parse().unwrap()));
+        assert!(!host.contains("10.0.0.6".parse().unwrap()));
+        assert!(!host.contains("192.168.1.1".parse().unwrap()));
+        let net = Network::parse("::ffff:10.0.0.0/104").unwrap();
+        assert_eq!(net.to_string(), "10.0.0.0/8");
+        assert!(net.contains("10.200.0.1".parse().unwrap()) && !net.contains("11.0.0.1".parse().unwrap()));
+        // Out-of-range prefixes built by hand never widen to everything nor panic.
+        let odd = Network { addr: "10.0.0.5".parse().unwrap(), prefix: 128 };
+        assert!(odd.contains("10.0.0.5".parse().unwrap()) && !odd.contains("10.0.0.6".parse().unwrap()));
     }
 
     #[test]
