@@ -6,6 +6,7 @@ use std::{
     collections::VecDeque,
     fs::{File, OpenOptions},
     io::Write,
+    os::unix::fs::OpenOptionsExt,
     path::PathBuf,
     sync::Mutex,
     time::{SystemTime, UNIX_EPOCH},
@@ -104,10 +105,55 @@ impl Event {
     }
 }
 
+/// Largest event kept (serialized); a larger one keeps its summary fields and loses the client-supplied rest.
+pub const MAX_EVENT_BYTES: usize = 8 << 10;
+/// Most bytes the in-memory log holds (serialized), whatever `events.memory` says.
+pub const MAX_MEMORY_BYTES: usize = 16 << 20;
+
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str(" …(truncated)");
+    }
+}
+
+/// Bounds an event's size: strings clients choose (targets, messages, details) cannot grow the log.
+fn bound(event: &mut Event, line_len: usize) -> bool {
+    if line_len <= MAX_EVENT_BYTES {
+        return false;
+    }
+    cut(&mut event.message, 1024);
+    for v in [&mut event.target, &mut event.detail] {
+        if let Some(json) = v.as_ref() {
+            let text = json.to_string();
+            if text.len() > 1024 {
+                let mut short = text;
+                cut(&mut short, 1024);
+                *v = Some(serde_json::json!({"truncated": short}));
+            }
+        }
+    }
+    if let Some(f) = event.fault.as_mut() {
+        cut(f, 128);
+    }
+    if let Some(k) = event.kind.as_mut() {
+        cut(k, 128);
+    }
+    event.interfaces.truncate(16);
+    event.pids.truncate(256);
+    event.ports.truncate(256);
+    true
+}
+
 struct Inner {
     counts: std::collections::BTreeMap<(String, String), u64>,
     next_seq: u64,
-    memory: VecDeque<Event>,
+    memory: VecDeque<(Event, usize)>,
+    memory_bytes: usize,
     file: Option<File>,
     written: u64,
 }
@@ -127,7 +173,7 @@ impl EventLog {
                     let _ = std::fs::create_dir_all(dir);
                 }
                 let last_seq = last_seq(path);
-                match OpenOptions::new().create(true).append(true).open(path) {
+                match OpenOptions::new().create(true).append(true).mode(0o600).open(path) {
                     Ok(f) => {
                         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
                         (Some(f), len, last_seq + 1)
@@ -141,7 +187,14 @@ impl EventLog {
             None => (None, 0, 1),
         };
         EventLog {
-            inner: Mutex::new(Inner { counts: Default::default(), next_seq, memory: VecDeque::new(), file, written }),
+            inner: Mutex::new(Inner {
+                counts: Default::default(),
+                next_seq,
+                memory: VecDeque::new(),
+                memory_bytes: 0,
+                file,
+                written,
+            }),
             config,
         }
     }
@@ -153,6 +206,9 @@ impl EventLog {
         inner.next_seq += 1;
         event.time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         let mut line = serde_json::to_vec(&event).expect("plain data");
+        if bound(&mut event, line.len()) {
+            line = serde_json::to_vec(&event).expect("plain data");
+        }
         line.push(b'\n');
         tracing::info!(target: "lymph_chaos::events", event = %String::from_utf8_lossy(&line[..line.len() - 1]), "event");
         if inner.file.is_some() {
@@ -173,9 +229,11 @@ impl EventLog {
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
         *inner.counts.entry((action, event.kind.clone().unwrap_or_default())).or_insert(0) += 1;
-        inner.memory.push_back(event.clone());
-        while inner.memory.len() > self.config.memory.max(1) {
-            inner.memory.pop_front();
+        inner.memory.push_back((event.clone(), line.len()));
+        inner.memory_bytes += line.len();
+        while inner.memory.len() > self.config.memory.max(1) || inner.memory_bytes > MAX_MEMORY_BYTES {
+            let Some((_, n)) = inner.memory.pop_front() else { break };
+            inner.memory_bytes -= n;
         }
         event
     }
@@ -193,14 +251,14 @@ impl EventLog {
             }
             let _ = std::fs::rename(path, name(1));
         }
-        inner.file = OpenOptions::new().create(true).append(true).open(path).ok();
+        inner.file = OpenOptions::new().create(true).append(true).mode(0o600).open(path).ok();
         inner.written = 0;
     }
 
     /// Events with `seq > since`, oldest first, at most `limit` (the newest ones when more match).
     pub fn query(&self, since: u64, limit: usize) -> Vec<Event> {
         let inner = self.inner.lock().expect("poisoned");
-        let matching: Vec<&Event> = inner.memory.iter().filter(|e| e.seq > since).collect();
+        let matching: Vec<&Event> = inner.memory.iter().map(|(e, _)| e).filter(|e| e.seq > since).collect();
         let skip = matching.len().saturating_sub(limit);
         matching.into_iter().skip(skip).cloned().collect()
     }

@@ -105,7 +105,12 @@ fn write(path: &Path, entries: &[Entry]) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(entries).expect("plain data"))?;
+    {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        // Root's eyes only: it names processes and files the agent acts on.
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(entries).expect("plain data"))?;
+    }
     std::fs::rename(&tmp, path)
 }
 

@@ -88,6 +88,12 @@ fn main() {
         Command::Manpages { dir } => std::process::exit(cli::write_manpages(dir)),
         _ => {}
     }
+    if matches!(cli.command, Command::Agent(_)) {
+        // Before any thread exists: the node's shared sockets are closed while nothing else can be handed their
+        // numbers, and the descriptor limit is raised for every thread the runtime starts.
+        chaos_agent::lymph_config::release_shared_sockets();
+        raise_nofile_limit();
+    }
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let code = runtime.block_on(async {
@@ -101,8 +107,18 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: idle connections must not starve the agent of the
+/// descriptors it needs to end faults.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
 async fn run_agent(args: &cli::AgentArgs) -> i32 {
-    chaos_agent::lymph_config::release_shared_sockets();
     let log = init_logging(args.log_format, &args.log_level);
     let path = args.config.clone().or_else(|| {
         let default = std::path::PathBuf::from(chaos_agent::paths::CONFIG_FILE);

@@ -136,6 +136,9 @@ struct Fault {
     spec: FaultSpec,
     net: Option<NetHandle>,
     paused: Vec<ProcInfo>,
+    /// pidfds of the paused processes, held from the stop to the resume: resuming needs neither `/proc` nor a
+    /// free descriptor, and cannot hit a process that reused the pid.
+    held: Vec<PidFd>,
     resource: Option<ResourceFault>,
     timer: Option<AbortHandle>,
 }
@@ -299,6 +302,14 @@ impl FaultManager {
         if let Some(id) = &spec.id {
             validate_id(id)?;
         }
+        if let FaultAction::Kill { signal } = spec.action
+            && [libc::SIGSTOP, libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU].contains(&signal)
+        {
+            return Err(FaultError::Refused(format!(
+                "{} stops a process with no end: use a pause fault, which resumes it at the end of its lifetime",
+                process::signal_name(signal)
+            )));
+        }
         let mut notes = Vec::new();
         let lifetime = match spec.lifetime {
             None => self.config.default_lifetime,
@@ -400,6 +411,7 @@ impl FaultManager {
             spec: spec.clone(),
             net: None,
             paused: Vec::new(),
+            held: Vec::new(),
             resource: None,
             timer: None,
         };
@@ -546,12 +558,10 @@ impl FaultManager {
             }
         }
         let mut resumed = Vec::new();
-        for p in &fault.paused {
-            if !process::still_running(p) {
-                continue;
-            }
-            match PidFd::open(p).and_then(|fd| fd.signal(libc::SIGCONT)) {
-                Ok(()) => resumed.push(p.pid),
+        for fd in &fault.held {
+            match fd.signal(libc::SIGCONT) {
+                Ok(()) => resumed.push(fd.info.pid),
+                Err(process::SignalError::Gone(_)) => {}
                 Err(err) => errors.push(err.to_string()),
             }
         }
@@ -602,7 +612,8 @@ impl FaultManager {
         }
         let instance_candidate = |inst: &Instance| -> Candidate {
             Candidate {
-                process: inst.pid.and_then(process::proc_info),
+                // A zombie (killed, not yet reaped) is no process to act on.
+                process: inst.pid.and_then(process::proc_info).filter(|p| p.state != 'Z' && p.state != 'X'),
                 ports: inst.port.into_iter().collect(),
                 instance: Some(inst.clone()),
                 origin: Origin::LymphInstance,
@@ -666,6 +677,14 @@ impl FaultManager {
                 let process = owner.and_then(process::proc_info);
                 if action.needs_pids() && process.is_none() {
                     return Err(FaultError::NotFound(format!("no process listens on TCP port {port} here")));
+                }
+                // A port nobody here listens on is someone else's (a remote ZooKeeper, DNS, an overlay network):
+                // the guards could not look at its owner.
+                if process.is_none() && !self.config.allow_unbound_ports {
+                    return Err(FaultError::Refused(format!(
+                        "no process of this host listens on TCP port {port}, so no guard can check whose it is \
+                         (set faults.allow_unbound_ports to allow faults on such ports)"
+                    )));
                 }
                 Resolved {
                     service: instance.as_ref().map(|i| i.service.clone()),
@@ -746,7 +765,7 @@ impl FaultManager {
                 && let Some(port) = c.ports.iter().find(|p| self.protected_ports.contains(p))
             {
                 return Err(FaultError::Refused(format!(
-                    "port {port} is protected (the agent's own RPC port, ZooKeeper's or sshd's)"
+                    "port {port} is protected (the agent's own ports, ZooKeeper's, sshd's or DNS)"
                 )));
             }
         }
@@ -779,7 +798,7 @@ impl FaultManager {
     }
 
     /// All memory faults together stay under `faults.max_memory_percent` of the machine's memory.
-    async fn check_memory_budget(&self, spec: &resource::MemorySpec) -> Result<(), FaultError> {
+    async fn check_memory_budget(&self, asked: u64) -> Result<(), FaultError> {
         let total = resource::mem_total_mib().unwrap_or(0);
         let cap = (total as f64 * self.config.max_memory_percent / 100.0) as u64;
         let held: u64 = {
@@ -792,13 +811,6 @@ impl FaultManager {
                     _ => None,
                 })
                 .sum()
-        };
-        let asked = match (spec.mib, spec.percent_available) {
-            (Some(m), _) => m,
-            (None, Some(p)) if p > 0.0 && p <= 100.0 => {
-                (resource::available_mib().unwrap_or(0) as f64 * p / 100.0) as u64
-            }
-            _ => 0,
         };
         if held.saturating_add(asked) > cap {
             return Err(FaultError::Refused(format!(
@@ -931,6 +943,7 @@ impl FaultManager {
                     let _ = self.journal.remove(&id);
                     return Err(done.none_error("no process stopped"));
                 }
+                fault.held = done.fds;
                 fault.paused = procs.into_iter().filter(|p| sent.contains(&p.pid)).collect();
                 fault.report.pids = sent.clone();
                 fault.report.state = Some(State::Active);
@@ -968,10 +981,10 @@ impl FaultManager {
                     FaultAction::Disk(_) => Some(self.fill_lock.lock().await),
                     _ => None,
                 };
-                if let FaultAction::Memory(m) = &fault.spec.action {
-                    self.check_memory_budget(m).await?;
-                }
                 let prepared = resource::prepare(&fault.spec.action, &id, cgroup_pid, Some(&self.disk))?;
+                if let resource::Prepared::Memory { mib, .. } = &prepared {
+                    self.check_memory_budget(*mib).await?;
+                }
                 journal(Entry { files: prepared.files(), ..entry(&fault.spec.action.kind()) })?;
                 let running = match prepared.start(lifetime).await {
                     Ok(r) => r,
@@ -1116,7 +1129,7 @@ fn signal_all(procs: &[ProcInfo], signal: i32, wait_exit: bool, guards: &Guards)
                 continue;
             }
         };
-        match process::proc_info(p.pid).filter(|now| now.start_time == p.start_time) {
+        match process::proc_info(p.pid).filter(|now| now.start_time == p.start_time && now.state != 'Z') {
             None => {
                 errors.push(format!("pid {} is no longer the process that was targeted", p.pid));
                 continue;
@@ -1133,13 +1146,13 @@ fn signal_all(procs: &[ProcInfo], signal: i32, wait_exit: bool, guards: &Guards)
             Err(err) => errors.push(err.to_string()),
         }
     }
-    let sent: Vec<i32> = fds.iter().map(|f| f.info.pid).collect();
+    let sent: Vec<i32> = fds.iter().map(|f: &PidFd| f.info.pid).collect();
     let exited = if wait_exit {
         fds.iter().filter(|f| f.wait_exit(KILL_WAIT)).map(|f| f.info.pid).collect()
     } else {
         Vec::new()
     };
-    Signalled { sent, exited, errors, refused }
+    Signalled { sent, exited, errors, refused, fds }
 }
 
 /// What [`signal_all`] did.
@@ -1149,6 +1162,8 @@ struct Signalled {
     exited: Vec<i32>,
     errors: Vec<String>,
     refused: Vec<String>,
+    /// The pidfds of the processes signalled.
+    fds: Vec<PidFd>,
 }
 
 impl Signalled {

@@ -191,10 +191,11 @@ impl Guards {
         // ZooKeeper) or a port only say where to look.
         let _ = origin;
         if !is_lymph_instance(p) && !self.allowed.iter().any(|pat| pat.matches(p)) {
-            return refuse(
-                "it is not a lymph service instance (its command line is not one lymph starts) and matches none of \
-                 faults.allowed_processes (add a pattern there to allow targeting other processes)",
-            );
+            let shown: String = p.cmdline.chars().take(120).collect();
+            return refuse(&format!(
+                "it is not a lymph service instance (its command line `{shown}` is not one lymph starts) and matches \
+                 none of faults.allowed_processes (add a pattern there to allow targeting other processes)"
+            ));
         }
         Ok(())
     }

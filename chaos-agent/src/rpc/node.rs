@@ -368,6 +368,9 @@ impl RpcNode {
     }
 }
 
+/// Longest ZeroMQ handshake accepted on the bound socket (ms).
+const HANDSHAKE_IVL_MS: i32 = 5000;
+
 fn bind_recv(
     ctx: &zmq::Context,
     bind_ip: &str,
@@ -388,6 +391,8 @@ fn bind_recv(
         recv.set_identity(endpoint.as_bytes()).map_err(zmq_err("set_identity"))?;
         recv.set_linger(0).map_err(zmq_err("set_linger"))?;
         recv.set_maxmsgsize(ZMQ_MAX_MESSAGE).map_err(zmq_err("set_maxmsgsize"))?;
+        // A peer that connects and never completes the handshake is dropped after this long.
+        recv.set_handshake_ivl(HANDSHAKE_IVL_MS).map_err(zmq_err("set_handshake_ivl"))?;
         if bind_ip.contains(':') {
             recv.set_ipv6(true).map_err(zmq_err("set_ipv6"))?;
         }
