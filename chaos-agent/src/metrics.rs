@@ -8,13 +8,16 @@ use tokio::{
     net::TcpListener,
     task::JoinHandle,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     events::EventLog,
     faults::FaultManager,
     rpc::server::{LATENCY_BUCKETS, Server},
 };
+
+/// Scrapes served at once.
+const MAX_CONNECTIONS: usize = 16;
 
 /// Starts serving on `addr`.
 ///
@@ -29,10 +32,22 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await?;
     info!(addr = %listener.local_addr()?, "Prometheus metrics at /metrics");
     Ok(tokio::spawn(async move {
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            // At most MAX_CONNECTIONS scrapes at once: the next connection waits in the kernel's backlog.
+            let Ok(permit) = slots.clone().acquire_owned().await else { return };
+            let mut sock = match listener.accept().await {
+                Ok((sock, _)) => sock,
+                Err(err) => {
+                    // Out of descriptors or a transient error: back off instead of spinning on it.
+                    warn!(%err, "metrics endpoint: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let (server, manager, events) = (server.clone(), manager.clone(), events.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 // Read the request head (it may arrive in pieces), bounded in size and time.
                 let mut buf = [0u8; 2048];
                 let mut n = 0;

@@ -324,7 +324,8 @@ fn a_sigkilled_agent_loses_its_faults_on_time_and_a_restart_leaves_nothing_behin
     let a = 7601u16;
     // The service is a process of its own: the agent never targets its own parent (this test).
     let _server = EchoProcess::start(&srv, a);
-    let config = format!("faults: {{allowed_processes: [\"{}\"]}}\n", EchoProcess::MARKER);
+    // 7602 has no listener: the administrator allows faults on such ports.
+    let config = format!("faults: {{allowed_processes: [\"{}\"], allow_unbound_ports: true}}\n", EchoProcess::MARKER);
     let mut agent =
         AgentProcess::start(Some(&srv), AgentOptions { config_yaml: config.clone(), ..Default::default() }).unwrap();
     let pin_dir = agent.pin_dir.clone();

@@ -91,7 +91,7 @@ pub struct Instance {
 impl Instance {
     /// Builds an instance from a registration (local fields unresolved).
     pub fn from_registration(service: &str, node_name: &str, reg: Registration) -> Instance {
-        let port = parse_endpoint(&reg.endpoint).map(|(_, p)| p);
+        let port = endpoint_port(&reg.endpoint);
         Instance {
             service: service.to_owned(),
             id: if reg.id.is_empty() { node_name.to_owned() } else { reg.id },
@@ -110,15 +110,32 @@ impl Instance {
     }
 }
 
-/// Splits `tcp://host:port` into an address and a port (`[v6]` brackets allowed; names are resolved).
-pub fn parse_endpoint(endpoint: &str) -> Option<(IpAddr, u16)> {
+/// Splits `tcp://host:port` into a host and a port (`[v6]` brackets removed).
+fn split_endpoint(endpoint: &str) -> Option<(&str, u16)> {
     let rest = endpoint.strip_prefix("tcp://")?;
     let (host, port) = rest.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Some((ip, port));
+    Some((host.trim_start_matches('[').trim_end_matches(']'), port))
+}
+
+/// Splits `tcp://ip:port` into an address and a port (`[v6]` brackets allowed). Never touches DNS: a host
+/// name gives `None` (see [`resolve_endpoint`]).
+pub fn parse_endpoint(endpoint: &str) -> Option<(IpAddr, u16)> {
+    let (host, port) = split_endpoint(endpoint)?;
+    Some((host.parse::<IpAddr>().ok()?, port))
+}
+
+/// The port of `tcp://host:port`, whatever the host.
+pub fn endpoint_port(endpoint: &str) -> Option<u16> {
+    split_endpoint(endpoint).map(|(_, p)| p)
+}
+
+/// Like [`parse_endpoint`], resolving a host name. Blocking (DNS): call it off the async runtime's workers.
+pub fn resolve_endpoint(endpoint: &str) -> Option<(IpAddr, u16)> {
+    if let Some(parsed) = parse_endpoint(endpoint) {
+        return Some(parsed);
     }
+    let (host, port) = split_endpoint(endpoint)?;
     (host, port).to_socket_addrs().ok()?.next().map(|a| (a.ip(), port))
 }
 

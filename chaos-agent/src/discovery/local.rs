@@ -13,7 +13,7 @@ use std::{
 };
 
 use super::{
-    instance::{Instance, parse_endpoint},
+    instance::{Instance, resolve_endpoint},
     sockets::{self, Listener},
 };
 
@@ -129,13 +129,14 @@ impl HostView {
         Some(pid)
     }
 
-    /// Fills `local`, `pid`, `listening` and `process` of an instance.
+    /// Fills `local`, `pid`, `listening` and `process` of an instance. Blocking (host names in endpoints are
+    /// resolved): call it off the async runtime's workers.
     pub fn resolve(&mut self, inst: &mut Instance) {
         inst.local = false;
         inst.pid = None;
         inst.listening = false;
         inst.process = None;
-        let Some((ip, port)) = parse_endpoint(&inst.endpoint) else { return };
+        let Some((ip, port)) = resolve_endpoint(&inst.endpoint) else { return };
         inst.port = Some(port);
         // An endpoint on an address this host does not have cannot be here.
         if !ip.is_unspecified() && !self.addresses.contains(&ip) {

@@ -349,18 +349,35 @@ impl Discovery {
     /// lymph processes of this host that are not registered in it (another deployment's, `--isolated` ones) are
     /// not its services and are left out.
     async fn merge_local(&self, mut services: BTreeMap<String, Vec<Instance>>) -> BTreeMap<String, Vec<Instance>> {
-        let mut view = tokio::task::spawn_blocking(local::HostView::capture).await.unwrap_or_default();
-        for inst in services.values_mut().flatten() {
-            view.resolve(inst);
-        }
-        services
+        // Off the runtime's workers: reading /proc and resolving host names block.
+        let copy = services.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut view = local::HostView::capture();
+            for inst in services.values_mut().flatten() {
+                view.resolve(inst);
+            }
+            services
+        })
+        .await
+        .unwrap_or(copy)
     }
 
     async fn standalone_services(&self) -> BTreeMap<String, Vec<Instance>> {
-        let mut view = tokio::task::spawn_blocking(local::HostView::capture).await.unwrap_or_default();
+        let view = tokio::task::spawn_blocking(local::HostView::capture).await.unwrap_or_default();
         let processes = view.processes().to_vec();
+        let found = self.local_instances(&processes).await;
+        let resolved = tokio::task::spawn_blocking(move || {
+            let mut view = view;
+            let mut found = found;
+            for inst in &mut found {
+                view.resolve(inst);
+            }
+            found
+        })
+        .await
+        .unwrap_or_default();
         let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
-        for inst in self.local_instances(&processes, &mut view).await {
+        for inst in resolved {
             services.entry(inst.service.clone()).or_default().push(inst);
         }
         services
@@ -368,12 +385,12 @@ impl Discovery {
 
     /// Instances for lymph processes found by title: their interfaces come from `lymph.inspect` (cached per
     /// identity).
-    async fn local_instances(&self, processes: &[local::LymphProcess], view: &mut local::HostView) -> Vec<Instance> {
+    async fn local_instances(&self, processes: &[local::LymphProcess]) -> Vec<Instance> {
         let mut out = Vec::new();
         let names = futures::future::join_all(processes.iter().map(|p| self.interfaces_of(p))).await;
         for (p, services) in processes.iter().zip(names) {
             for service in services {
-                let mut inst = Instance {
+                let inst = Instance {
                     service: service.clone(),
                     id: crate::rpc::node::hash_id(&[Some(&p.identity), Some(&service), None]),
                     identity: p.identity.clone(),
@@ -388,7 +405,6 @@ impl Discovery {
                     listening: false,
                     process: Some(p.title.clone()),
                 };
-                view.resolve(&mut inst);
                 out.push(inst);
             }
         }

@@ -1110,7 +1110,7 @@ impl Agent {
         // The services are not lymph instances: allow them by command line.
         std::fs::write(
             Path::new(AGENT_DIR).join("config.yml"),
-            "# written by chaos-vm-guest\nfaults: {allowed_processes: [\"chaos-vm-guest serve\"]}\n",
+            "# written by chaos-vm-guest\nfaults: {allowed_processes: [\"chaos-vm-guest serve\"], allow_unbound_ports: true}\n",
         )?;
         let _ = std::fs::remove_file(Path::new(AGENT_DIR).join("agent.log"));
         let mut agent = Self { bin: bin.to_owned(), child: None, starts: 0 };

@@ -765,8 +765,11 @@ pub fn netem_limit_for(max_packets_per_sec: u64, delay: Duration, jitter: Durati
         .saturating_mul(hold_ns)
         .saturating_mul(NETEM_LIMIT_HEADROOM_NUM)
         .div_ceil(NETEM_LIMIT_HEADROOM_DEN * NANOS_PER_SEC);
-    u32::try_from(needed).unwrap_or(u32::MAX).max(NETEM_DEFAULT_LIMIT)
+    u32::try_from(needed).unwrap_or(u32::MAX).clamp(NETEM_DEFAULT_LIMIT, NETEM_MAX_LIMIT)
 }
+
+/// Most packets one netem queue may hold, whatever the rate and delay (every queued packet is kernel memory).
+pub const NETEM_MAX_LIMIT: u32 = 1_000_000;
 
 // ---------------------------------------------------------------------------------------------
 // htb
@@ -1418,8 +1421,10 @@ mod tests {
         assert_eq!(netem_limit_for(100_000, ms(80), ms(20)), 15_000);
         // ceil(333 × 0.01 × 1.5) = ceil(4.995) = 5 → floor 1000; 1 000 001 pps × 1 s × 1.5
         assert_eq!(netem_limit_for(333, ms(10), ms(0)), NETEM_DEFAULT_LIMIT);
-        assert_eq!(netem_limit_for(1_000_001, Duration::from_secs(1), ms(0)), 1_500_002);
-        assert_eq!(netem_limit_for(u64::MAX, Duration::MAX, Duration::MAX), u32::MAX);
+        assert_eq!(netem_limit_for(500_001, Duration::from_secs(1), ms(0)), 750_002);
+        // Bounded: 1 M pps held 120 s would be 180 M packets.
+        assert_eq!(netem_limit_for(1_000_000, Duration::from_secs(60), Duration::from_secs(60)), NETEM_MAX_LIMIT);
+        assert_eq!(netem_limit_for(u64::MAX, Duration::MAX, Duration::MAX), NETEM_MAX_LIMIT);
     }
 
     // ---- distribution tables -----------------------------------------------------------------

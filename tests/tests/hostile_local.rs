@@ -1,0 +1,157 @@
+//! Hostile tier, local clients: any local user can reach an agent bound to loopback, so every request it can make
+//! must stay bounded. Each test drives the real agent as that user would: stop signals as a "kill" (a pause with
+//! no end), idle connections exhausting the agent's descriptors while a pause is due to end, huge strings in
+//! refused requests growing the event log, and the files the agent writes being readable by everyone.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    time::{Duration, Instant},
+};
+
+use chaos_agent::faults::process::proc_info;
+use chaos_tests::{
+    agent::{AgentOptions, AgentProcess, EchoProcess, free_port},
+    hostile::{LocalUser, show},
+    netns::Netns,
+};
+use serde_json::json;
+
+fn agent(ns: &Netns) -> AgentProcess {
+    let yaml = format!("faults: {{allowed_processes: [\"{}\"]}}\n", EchoProcess::MARKER);
+    AgentProcess::start(
+        Some(ns),
+        AgentOptions { config_yaml: yaml, args: vec!["--no-network-control".into()], ..Default::default() },
+    )
+    .expect("agent")
+}
+
+fn state(pid: i32) -> char {
+    proc_info(pid).map_or('?', |p| p.state)
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn a_stop_signal_sent_as_a_kill_is_refused() {
+    let ns = Netns::new("hstop");
+    let user = LocalUser::new();
+    let agent = agent(&ns);
+    let victim = EchoProcess::start(&ns, ns.run(free_port));
+    let pid = victim.pid().to_string();
+    for signal in ["SIGSTOP", "20", "21", "22"] {
+        let out = user.cli(Some(&ns), &agent, &["kill", "--pid", &pid, "--signal", signal]);
+        std::thread::sleep(Duration::from_millis(200));
+        let st = state(victim.pid());
+        if st == 'T' {
+            // Leave the victim running for the next attempt (and for cleanup).
+            // SAFETY: our own child.
+            unsafe { libc::kill(victim.pid(), libc::SIGCONT) };
+        }
+        assert_ne!(st, 'T', "kill --signal {signal} stopped the process with no end: {}", show(&out));
+        assert!(!out.status.success(), "kill --signal {signal} was accepted: {}", show(&out));
+    }
+    let refused = agent.events().into_iter().filter(|e| e["action"] == "refused" && e["kind"] == "kill").count();
+    assert_eq!(refused, 4, "{:?}", agent.events());
+}
+
+/// Sets this process's soft descriptor limit (the agent inherits it).
+fn set_nofile_soft(soft: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, soft.min(hard), hard).unwrap();
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn idle_connections_do_not_keep_a_paused_process_stopped() {
+    let ns = Netns::new("hfd");
+    // The agent starts with the soft limit a shell gives (1024), as when started by hand.
+    set_nofile_soft(1024);
+    let metrics_port = ns.run(free_port);
+    let yaml = format!(
+        "faults: {{allowed_processes: [\"{}\"]}}\nmetrics_listen: 127.0.0.1:{metrics_port}\n",
+        EchoProcess::MARKER
+    );
+    let agent = AgentProcess::start(
+        Some(&ns),
+        AgentOptions { config_yaml: yaml, args: vec!["--no-network-control".into()], ..Default::default() },
+    )
+    .expect("agent");
+    set_nofile_soft(u64::MAX);
+    let victim = EchoProcess::start(&ns, ns.run(free_port));
+    agent.ok("inject", json!({"kind": "pause", "pid": victim.pid(), "lifetime": 3}));
+    assert_eq!(state(victim.pid()), 'T', "the pause did not stop the victim");
+    // The attacker: 1,100 idle connections to the RPC port and 1,100 to the metrics port.
+    let port: u16 = agent.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let conns: Vec<std::net::TcpStream> = ns.run(|| {
+        let mut v = Vec::new();
+        for p in [port, metrics_port] {
+            let (mut n, mut failures) = (0, 0);
+            // A full backlog drops the handshake: retry a while, then go on with what is open.
+            while n < 1100 && failures < 20 {
+                match std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], p).into(), Duration::from_millis(200)) {
+                    Ok(s) => {
+                        v.push(s);
+                        n += 1;
+                    }
+                    Err(_) => failures += 1,
+                }
+            }
+        }
+        v
+    });
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.pid())).map_or(0, |d| d.count());
+    println!("{} connections open; the agent holds {fds} descriptors", conns.len());
+    // The pause ends on time although the connections are still open.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while state(victim.pid()) == 'T' && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = state(victim.pid());
+    if st == 'T' {
+        // SAFETY: our own child; resume it so cleanup is clean.
+        unsafe { libc::kill(victim.pid(), libc::SIGCONT) };
+    }
+    assert_ne!(st, 'T', "the paused process stayed stopped after its lifetime; agent log:\n{}", agent.log_tail(20));
+    // And the agent still answers.
+    assert!(agent.call("status", json!({})).is_ok(), "the agent stopped answering; log:\n{}", agent.log_tail(20));
+    drop(conns);
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn refused_requests_with_huge_strings_do_not_grow_the_event_log() {
+    let ns = Netns::new("hevents");
+    let agent = agent(&ns);
+    // 24 requests, each naming a 600 kB service (under the 1 MiB body limit): all refused, all recorded.
+    let name = "S".repeat(600 << 10);
+    for _ in 0..24 {
+        assert!(agent.call("inject", json!({"kind": "kill", "name": name})).is_err());
+    }
+    let events = agent.ok("events", json!({"limit": 10000}));
+    let list = events.as_array().expect("a list");
+    assert!(list.iter().filter(|e| e["action"] == "refused").count() >= 24, "refusals not all recorded");
+    let bytes = events.to_string().len();
+    assert!(bytes < 1 << 20, "24 refused requests hold {bytes} bytes of the event log");
+    let file = std::fs::metadata(agent.dir.path().join("events.jsonl")).unwrap().len();
+    assert!(file < 1 << 20, "24 refused requests wrote {file} bytes to the event file");
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn the_journal_and_event_files_are_readable_by_root_only() {
+    let ns = Netns::new("hfiles");
+    let agent = agent(&ns);
+    let victim = EchoProcess::start(&ns, ns.run(free_port));
+    agent.ok("inject", json!({"kind": "pause", "pid": victim.pid(), "lifetime": 30}));
+    for file in [agent.dir.path().join("events.jsonl"), agent.state_dir.join("journal.json")] {
+        let mode = std::fs::metadata(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display())).permissions().mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "{} has mode {:o}: others can read what the agent did",
+            file.display(),
+            mode & 0o777
+        );
+    }
+    agent.ok("clear", json!({}));
+}
