@@ -281,6 +281,7 @@ impl RpcNode {
             requests,
             peers: HashMap::new(),
             retry: Vec::new(),
+            local_addresses: crate::discovery::local::local_addresses(),
             _access: access,
         };
         let thread = std::thread::Builder::new()
@@ -422,6 +423,8 @@ struct IoThread {
     /// Endpoints our send socket is connected to, with when we last sent there.
     peers: HashMap<String, Instant>,
     retry: Vec<Outgoing>,
+    /// This host's addresses (refreshed with each idle sweep), for [`reply_endpoint_allowed`].
+    local_addresses: std::collections::HashSet<std::net::IpAddr>,
     /// The ZAP handler: dropped with the rest of `self` at the end of [`IoThread::run`], after the sockets it
     /// protects are closed (libzmq skips authentication when no handler is bound).
     _access: Option<AccessControl>,
@@ -475,13 +478,28 @@ impl IoThread {
     fn receive_all(&mut self) {
         // Bounded so a flood cannot starve the outgoing queue.
         for _ in 0..1024 {
-            match self.recv.recv_multipart(zmq::DONTWAIT) {
+            match self.recv_with_peer() {
                 // The access check is gone: libzmq would let anyone in unchecked, so nobody's request is handled.
                 Ok(_) if self._access.as_ref().is_some_and(|a| !a.alive()) => {
                     self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
                     tracing::error!("RPC access control stopped: request dropped (restart the agent)");
                 }
-                Ok(frames) => self.handle(frames),
+                Ok((frames, peer)) => {
+                    // Replies go to the routing id the peer chose: only to the peer's own address, over tcp.
+                    let is_request = frames.get(2).is_some_and(|k| k.as_slice() == Kind::Req.as_bytes());
+                    if is_request
+                        && let Err(why) = reply_endpoint_allowed(
+                            frames.first().map_or(&[][..], Vec::as_slice),
+                            peer.as_deref(),
+                            &self.local_addresses,
+                        )
+                    {
+                        self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                        warn!(peer = ?peer, %why, "request dropped: its reply endpoint is not the peer's");
+                        continue;
+                    }
+                    self.handle(frames)
+                }
                 Err(zmq::Error::EAGAIN) => return,
                 Err(err) => {
                     warn!(%err, "zmq recv failed");
@@ -489,6 +507,23 @@ impl IoThread {
                 }
             }
         }
+    }
+
+    /// One message and the peer's address (`Peer-Address` metadata).
+    fn recv_with_peer(&mut self) -> Result<(Vec<Vec<u8>>, Option<String>), zmq::Error> {
+        // The first frame is the routing id the ROUTER socket prepends (no metadata): the peer's address comes
+        // with the frames it sent.
+        let first = self.recv.recv_bytes(zmq::DONTWAIT)?;
+        let mut frames = vec![first];
+        let mut peer = None;
+        while self.recv.get_rcvmore()? {
+            let mut part = self.recv.recv_msg(0)?;
+            if peer.is_none() {
+                peer = part.gets("Peer-Address").map(str::to_owned);
+            }
+            frames.push(part.to_vec());
+        }
+        Ok((frames, peer))
     }
 
     fn handle(&mut self, frames: Vec<Vec<u8>>) {
@@ -544,6 +579,21 @@ impl IoThread {
     /// slow handler can never delay a heartbeat.
     fn answer_ping(&mut self, msg: &Incoming) {
         self.shared.stats.pings.fetch_add(1, Ordering::Relaxed);
+        // The echo is as large as the request: bounded like every other body.
+        if msg.body.len() > super::server::MAX_BODY {
+            self.shared.reply(
+                msg,
+                Outcome::Failed(RpcError::error(
+                    "BadRequest",
+                    format!(
+                        "request body is {} bytes; the agent accepts at most {}",
+                        msg.body.len(),
+                        super::server::MAX_BODY
+                    ),
+                )),
+            );
+            return;
+        }
         let payload = match value::decode(&msg.body) {
             Ok(Value::Map(entries)) => {
                 entries.into_iter().find(|(k, _)| k.as_str() == Some("payload")).map(|(_, v)| v).unwrap_or(Value::Nil)
@@ -580,6 +630,7 @@ impl IoThread {
     }
 
     fn close_idle_peers(&mut self) {
+        self.local_addresses = crate::discovery::local::local_addresses();
         let now = Instant::now();
         let waiting: Vec<&str> = self.retry.iter().map(|o| o.dest.as_str()).collect();
         let idle: Vec<String> = self
@@ -592,6 +643,36 @@ impl IoThread {
             let _ = self.send.disconnect(&dest);
             self.peers.remove(&dest);
         }
+    }
+}
+
+/// Whether the agent may connect to `source` (the routing id a peer chose, where its replies go): a `tcp://`
+/// endpoint on the peer's own address, or, for a peer on this host (loopback), on any address of this host.
+fn reply_endpoint_allowed(
+    source: &[u8],
+    peer: Option<&str>,
+    local: &std::collections::HashSet<std::net::IpAddr>,
+) -> Result<(), String> {
+    let source = std::str::from_utf8(source).map_err(|_| "not UTF-8".to_owned())?;
+    let rest = source.strip_prefix("tcp://").ok_or_else(|| format!("{source:.64} is not a tcp:// endpoint"))?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("{source:.64} has no port"))?;
+    port.parse::<u16>().map_err(|_| format!("{source:.64} has no valid port"))?;
+    let host: std::net::IpAddr = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| format!("{source:.64} names no IP address"))?;
+    let peer: std::net::IpAddr = peer
+        .map(|p| p.trim_start_matches('[').trim_end_matches(']'))
+        .and_then(|p| p.split('%').next())
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| "the peer's address is unknown".to_owned())?;
+    let (host, peer) = (host.to_canonical(), peer.to_canonical());
+    // A peer on this host (loopback) may name any address of this host.
+    if host == peer || (peer.is_loopback() && (host.is_loopback() || local.contains(&host))) {
+        Ok(())
+    } else {
+        Err(format!("{source:.64} is not on the peer's address {peer}"))
     }
 }
 

@@ -66,7 +66,15 @@ pub enum FrameError {
     /// The type frame is none of REQ/REP/ACK/NACK/ERROR.
     #[error("unknown message type {0:?}")]
     UnknownType(String),
+    /// A frame is larger than any lymph peer sends.
+    #[error("frame `{0}` is {1} bytes, above its limit")]
+    TooLarge(&'static str, usize),
 }
+
+/// Largest source (routing id = reply endpoint), id, type and subject frames accepted.
+pub const MAX_TEXT_FRAME: usize = 512;
+/// Largest headers frame accepted.
+pub const MAX_HEADERS: usize = 64 << 10;
 
 /// Headers of a message. Unknown keys are ignored, as lymph does.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -127,6 +135,12 @@ impl Incoming {
     pub fn from_frames(mut frames: Vec<Vec<u8>>) -> Result<Incoming, FrameError> {
         if frames.len() != 6 {
             return Err(FrameError::FrameCount(frames.len()));
+        }
+        for (i, name) in ["source", "id", "type", "subject", "headers"].into_iter().enumerate() {
+            let max = if name == "headers" { MAX_HEADERS } else { MAX_TEXT_FRAME };
+            if frames[i].len() > max {
+                return Err(FrameError::TooLarge(name, frames[i].len()));
+            }
         }
         let body = frames.pop().expect("6 frames");
         let headers = frames.pop().expect("6 frames");
