@@ -90,7 +90,6 @@ pub async fn run(
     let started = now_unix();
     let state_dir = config.state_dir.clone();
     claim_state_dir(&state_dir)?;
-    prepare_fill_dir(&config);
     // The guardian before anything else: it stops the guardian of an earlier run (which would otherwise remove
     // the network objects this run is about to create) and covers the journal from here on — including what
     // that run left, if this one fails to start.
@@ -255,18 +254,6 @@ fn claim_state_dir(dir: &std::path::Path) -> Result<(), AgentError> {
     }
     std::fs::write(&pid_file, std::process::id().to_string())
         .map_err(|source| AgentError::StateDir { dir: dir.to_owned(), source })
-}
-
-/// Creates the default disk-fill directory (root-only) when it is configured and missing.
-fn prepare_fill_dir(config: &Config) {
-    use std::os::unix::fs::DirBuilderExt;
-    let default = std::path::Path::new(paths::DISK_FILL_DIR);
-    if config.faults.disk_paths.iter().any(|p| p == default)
-        && !default.exists()
-        && let Err(err) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(default)
-    {
-        warn!(%err, dir = %default.display(), "cannot create the default disk-fill directory");
-    }
 }
 
 /// Ports and pids network/process faults must never touch.

@@ -290,10 +290,18 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::from_yaml(&text, path)
+    }
+
+    /// Parses and validates configuration text (`path` names it in errors).
+    ///
+    /// # Errors
+    /// Invalid YAML, unknown keys, out-of-range values.
+    pub fn from_yaml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = if text.trim().is_empty() {
             Config::default()
         } else {
-            serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?
+            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?
         };
         // `zookeeper: ""` means standalone, like null.
         config.zookeeper = config.zookeeper.filter(|z| !z.trim().is_empty());
@@ -315,6 +323,23 @@ impl Config {
             && (!(0.0..=100.0).contains(&share) || share == 0.0)
         {
             return Err(ConfigError::Invalid("faults.max_instance_share is a percentage in (0, 100]".into()));
+        }
+        if self.faults.max_active == 0 {
+            return Err(ConfigError::Invalid("faults.max_active must be at least 1".into()));
+        }
+        if !(self.faults.max_memory_percent > 0.0 && self.faults.max_memory_percent <= 100.0) {
+            return Err(ConfigError::Invalid("faults.max_memory_percent is a percentage in (0, 100]".into()));
+        }
+        if let Some(p) = self
+            .faults
+            .disk_paths
+            .iter()
+            .find(|p| !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "faults.disk_paths: {} must be an absolute path without `..`",
+                p.display()
+            )));
         }
         if self.unleash.mean_interval.is_zero() {
             return Err(ConfigError::Invalid("unleash.mean_interval must be above 0".into()));

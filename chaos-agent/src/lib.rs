@@ -21,6 +21,8 @@ pub mod discovery;
 pub mod events;
 pub mod experiment;
 pub mod faults;
+#[cfg(test)]
+mod fuzz;
 pub mod guardian;
 pub mod journal;
 pub mod lymph_config;

@@ -82,6 +82,14 @@ pub async fn connect(hosts: &str, session_timeout: Duration, timeout: Duration) 
     })
 }
 
+/// One instance from the JSON of its registration node (anyone who can write to ZooKeeper writes these).
+///
+/// # Errors
+/// When the data is not a lymph registration.
+pub fn parse_registration(service: &str, id: &str, data: &[u8]) -> Result<Instance, serde_json::Error> {
+    serde_json::from_slice::<Registration>(data).map(|reg| Instance::from_registration(service, id, reg))
+}
+
 /// Reads every service and instance under `/services`.
 ///
 /// Nodes that vanish while being read are skipped (instances come and go); unparsable registrations are logged
@@ -104,8 +112,8 @@ pub async fn scan(client: &zk::Client) -> Result<BTreeMap<String, Vec<Instance>>
         ids.iter().map(move |id| async move {
             let path = format!("{SERVICES}/{service}/{id}");
             let data = client.get_data(&path).await.ok()?.0;
-            match serde_json::from_slice::<Registration>(&data) {
-                Ok(reg) => Some(Instance::from_registration(service, id, reg)),
+            match parse_registration(service, id, &data) {
+                Ok(inst) => Some(inst),
                 Err(err) => {
                     warn!(%path, %err, "ignoring a registration that is not lymph's JSON");
                     None

@@ -573,6 +573,16 @@ fn open_fill_dir(dir: &Path, roots: &[PathBuf]) -> Result<(OwnedFd, String), Res
             roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
         )));
     }
+    // The default directory is created on first use, root-only (nothing is created before a disk fault is asked).
+    let default = Path::new(crate::paths::DISK_FILL_DIR);
+    if dir == default && roots.iter().any(|r| r == default) && !default.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(default)
+            .map_err(io(format!("creating {}", default.display())))?;
+    }
     let fd = super::fillfs::open_dir_nofollow(dir).map_err(|e| {
         ResourceError::Refused(format!("cannot open {shown} as a directory without following symlinks: {e}"))
     })?;
