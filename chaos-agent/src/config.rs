@@ -92,7 +92,8 @@ pub struct RpcConfig {
     /// Address to advertise in ZooKeeper (defaults to `$LYMPH_NODE_IP`, then the bind address; `0.0.0.0` is
     /// replaced by the host's primary address).
     pub advertise: Option<String>,
-    /// Client networks allowed to connect (CIDR); empty = anyone who can reach the bind address.
+    /// Client networks allowed to connect (CIDR); empty = loopback only, and then `bind` must be a loopback address
+    /// (an agent bound elsewhere with neither this nor CURVE refuses to start).
     pub allowed_clients: Vec<String>,
     /// CURVE: path of a file holding the agent's secret key (Z85). When set, clients must use CURVE.
     pub curve_secret_key_file: Option<PathBuf>,

@@ -25,7 +25,12 @@
 //! draft option, absent from the libzmq zmq-sys vendors). So the handler must live at least as long as the
 //! protected socket: keep the [`AccessControl`] next to the socket and drop it after the socket (e.g. as a field
 //! of the struct owning the socket, declared after it). The handler thread never exits on its own; a request it
-//! cannot parse gets status 500 (rejected).
+//! cannot parse, or a decision that panics, gets status 500 (rejected). Should the thread end anyway,
+//! [`AccessControl::alive`] turns false and the RPC node drops every request from then on: nobody is let in.
+//!
+//! # Defaults
+//! Without `rpc.allowed_clients` and without CURVE, only loopback clients are let in, and a non-loopback bind is
+//! refused at start ([`AccessError::OpenBind`]): access control is never off.
 //!
 //! # CURVE
 //! CURVE needs a libzmq built with libsodium. zmq-sys 0.12 builds its vendored libzmq 4.3.4 *without* it, so

@@ -61,7 +61,8 @@ pub struct NodeConfig {
     pub port: Option<u16>,
     /// Address peers use to reach us (goes into the endpoint and routing id); defaults to `bind_ip`.
     pub advertise_ip: Option<String>,
-    /// Who may connect to the bound socket (`rpc.allowed_clients`, CURVE keys); `None` = anyone who can reach it.
+    /// Who may connect to the bound socket (`rpc.allowed_clients`, CURVE keys); `None` = anyone who can reach it
+    /// (client-only nodes; the agent always sets a policy).
     pub access: Option<access::Policy>,
 }
 
