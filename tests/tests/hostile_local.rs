@@ -155,3 +155,26 @@ fn the_journal_and_event_files_are_readable_by_root_only() {
     }
     agent.ok("clear", json!({}));
 }
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn a_local_user_cannot_stack_faults_without_bound() {
+    let ns = Netns::new("hstack");
+    let user = LocalUser::new();
+    let agent = agent(&ns);
+    // 70 light CPU faults (one worker at 1 % each), as the local user.
+    let mut accepted = 0;
+    let mut refusal = String::new();
+    for _ in 0..70 {
+        let out = user.cli(Some(&ns), &agent, &["inject", "cpu", "workers=1", "load=1", "--lifetime", "30"]);
+        if out.status.success() {
+            accepted += 1;
+        } else {
+            refusal = String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+    }
+    let active = agent.ok("faults", json!({})).as_array().map_or(0, Vec::len);
+    agent.ok("clear", json!({}));
+    assert!(accepted <= 64 && active <= 64, "{accepted} faults accepted, {active} active at once");
+    assert!(refusal.contains("max_active"), "the refusal does not say why: {refusal}");
+}
