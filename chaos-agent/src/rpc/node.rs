@@ -253,6 +253,16 @@ impl RpcNode {
         // Before the recv socket binds: the ZAP handler must answer the first handshake, and outlive the socket.
         let access = config.access.clone().map(|policy| AccessControl::start(&ctx, policy)).transpose()?;
         let (recv, endpoint) = bind_recv(&ctx, &config.bind_ip, &advertise, config.port, access.as_ref())?;
+        // Connections are counted through the socket's monitor, and the ones above the bound are shut down.
+        static MONITORS: AtomicU64 = AtomicU64::new(0);
+        let monitor_endpoint = format!("inproc://lymph-rpc-monitor-{}", MONITORS.fetch_add(1, Ordering::Relaxed));
+        let events = zmq::SocketEvent::ACCEPTED.to_raw()
+            | zmq::SocketEvent::DISCONNECTED.to_raw()
+            | zmq::SocketEvent::CLOSED.to_raw();
+        recv.monitor(&monitor_endpoint, i32::from(events)).map_err(zmq_err("monitor"))?;
+        let monitor = ctx.socket(zmq::PAIR).map_err(zmq_err("socket(PAIR)"))?;
+        monitor.set_linger(0).map_err(zmq_err("set_linger"))?;
+        monitor.connect(&monitor_endpoint).map_err(zmq_err("connect monitor"))?;
         let send = ctx.socket(zmq::ROUTER).map_err(zmq_err("socket(ROUTER)"))?;
         send.set_identity(endpoint.as_bytes()).map_err(zmq_err("set_identity"))?;
         send.set_router_mandatory(true).map_err(zmq_err("set_router_mandatory"))?;
@@ -282,6 +292,8 @@ impl RpcNode {
             requests,
             peers: HashMap::new(),
             retry: Vec::new(),
+            monitor,
+            connections: std::collections::HashSet::new(),
             local_addresses: crate::discovery::local::local_addresses(),
             _access: access,
         };
@@ -370,6 +382,8 @@ impl RpcNode {
     }
 }
 
+/// Most connections the bound socket holds at once.
+const MAX_CONNECTIONS: usize = 1000;
 /// Longest ZeroMQ handshake accepted on the bound socket (ms).
 const HANDSHAKE_IVL_MS: i32 = 5000;
 
@@ -424,6 +438,10 @@ struct IoThread {
     /// Endpoints our send socket is connected to, with when we last sent there.
     peers: HashMap<String, Instant>,
     retry: Vec<Outgoing>,
+    /// Events of `recv` (connections accepted and closed).
+    monitor: zmq::Socket,
+    /// Descriptors of the connections `recv` holds now.
+    connections: std::collections::HashSet<i32>,
     /// This host's addresses (refreshed with each idle sweep), for [`reply_endpoint_allowed`].
     local_addresses: std::collections::HashSet<std::net::IpAddr>,
     /// The ZAP handler: dropped with the rest of `self` at the end of [`IoThread::run`], after the sockets it
@@ -436,10 +454,11 @@ impl IoThread {
         let mut last_sweep = Instant::now();
         while !self.shared.stop.load(Ordering::SeqCst) {
             let timeout = if self.retry.is_empty() { IDLE_POLL_MS } else { RETRY_POLL_MS };
-            let (readable, woken) = {
+            let (readable, woken, monitored) = {
                 let mut items = [
                     self.recv.as_poll_item(zmq::POLLIN),
                     zmq::PollItem::from_fd(self.shared.wake.as_raw_fd(), zmq::POLLIN),
+                    self.monitor.as_poll_item(zmq::POLLIN),
                 ];
                 if let Err(err) = zmq::poll(&mut items, timeout) {
                     if err != zmq::Error::EINTR {
@@ -447,8 +466,11 @@ impl IoThread {
                     }
                     continue;
                 }
-                (items[0].is_readable(), items[1].is_readable())
+                (items[0].is_readable(), items[1].is_readable(), items[2].is_readable())
             };
+            if monitored {
+                self.count_connections();
+            }
             if readable {
                 self.receive_all();
             }
@@ -470,6 +492,7 @@ impl IoThread {
                 last_sweep = Instant::now();
             }
         }
+        drop(self.monitor);
         drop(self.recv);
         drop(self.send);
         drop(ctx);
@@ -506,6 +529,29 @@ impl IoThread {
                     warn!(%err, "zmq recv failed");
                     return;
                 }
+            }
+        }
+    }
+
+    /// Follows the monitor: connections above [`MAX_CONNECTIONS`] are shut down as they come (zmq then closes
+    /// them), so idle or slow peers cannot take every descriptor.
+    fn count_connections(&mut self) {
+        for _ in 0..4096 {
+            let Ok(frames) = self.monitor.recv_multipart(zmq::DONTWAIT) else { return };
+            let Some(head) = frames.first().filter(|f| f.len() >= 6) else { continue };
+            let event = u16::from_ne_bytes([head[0], head[1]]);
+            let fd = i32::from_ne_bytes([head[2], head[3], head[4], head[5]]);
+            if event == zmq::SocketEvent::ACCEPTED.to_raw() {
+                if self.connections.len() >= MAX_CONNECTIONS {
+                    // SAFETY: shutting down (not closing) a socket zmq owns: zmq sees the end and closes it itself.
+                    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                    self.shared.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                    debug!(fd, "RPC connection refused: {MAX_CONNECTIONS} connections open");
+                } else {
+                    self.connections.insert(fd);
+                }
+            } else {
+                self.connections.remove(&fd);
             }
         }
     }
