@@ -326,7 +326,7 @@ impl Args {
             label: label.to_owned(),
             impairment: imp,
             direction: self.opt::<Direction>("direction")?.unwrap_or_default(),
-            protocol: self.opt::<Protocol>("protocol")?.unwrap_or_default(),
+            protocol: self.opt::<Protocol>("protocol")?,
         })
     }
 }

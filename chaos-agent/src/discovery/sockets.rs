@@ -55,6 +55,27 @@ pub fn tcp_listeners() -> io::Result<Vec<Listener>> {
     }
 }
 
+/// Ports of the UDP sockets of this network namespace that receive from anyone (bound, not connected).
+pub fn udp_bound_ports() -> std::collections::BTreeSet<u16> {
+    let mut out = std::collections::BTreeSet::new();
+    for file in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = fs::read_to_string(file) else { continue };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // `sl local_address rem_address st …`: unconnected sockets have remote port 0 (state 07 = CLOSE).
+            let (Some(local), Some(remote)) = (fields.get(1), fields.get(2)) else { continue };
+            let port = local.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            let rport = remote.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if let (Some(port), Some(0)) = (port, rport)
+                && port != 0
+            {
+                out.insert(port);
+            }
+        }
+    }
+    out
+}
+
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const TCP_LISTEN: u32 = 10;
 const NLMSG_DONE: u16 = 3;

@@ -516,7 +516,7 @@ impl Drop for NsEngine<'_> {
 const ATTACH_PORT: u16 = 19_998;
 
 fn to_port(port: u16) -> PortMatch {
-    PortMatch { port, protocol: Protocol::Tcp, direction: Direction::To }
+    PortMatch::new(port, Protocol::Tcp, Direction::To)
 }
 
 fn blackhole() -> Impairment {
