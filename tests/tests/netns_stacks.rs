@@ -338,3 +338,71 @@ fn a_thousand_interfaces_that_come_and_go_leave_nothing_behind_and_the_next_one_
     let status = agent.ok("status", json!({}));
     eprintln!("status network: {}", status["network"]);
 }
+
+/// Sends `count` datagrams from `from_port` to `to` on loopback inside `ns`; returns how many arrived.
+fn udp_between_ports(ns: &Netns, from_port: u16, to: SocketAddr, count: u32) -> u32 {
+    ns.run(|| {
+        let sink = UdpSocket::bind(to).unwrap();
+        sink.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let sender = UdpSocket::bind(SocketAddr::new(to.ip(), from_port)).unwrap();
+        for i in 0..count {
+            sender.send_to(&i.to_be_bytes(), to).unwrap();
+        }
+        let mut n = 0;
+        let mut buf = [0u8; 8];
+        while sink.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    })
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn an_expired_rule_for_the_destination_does_not_shadow_a_live_rule_for_the_source() {
+    let ns = Netns::new("shadow");
+    let (p, q) = (17011u16, 17012u16);
+    let mut agent = agent_in(&ns);
+    // A: observe packets to P for 2 s; B: blackhole packets from Q for a minute. A packet from Q to P is A's while
+    // A lives (the destination rule is looked up first) and B's once A has expired.
+    inject(&agent, json!({"kind": "observe", "port": p, "protocol": "udp", "lifetime": 2}));
+    inject(&agent, json!({"kind": "blackhole", "port": q, "protocol": "udp", "direction": "from", "lifetime": 60}));
+    let applied = Instant::now();
+    // The kernel alone enforces lifetimes once the agent is gone (no removal of A's rules by the agent).
+    agent.kill9();
+    let to = addr(&format!("127.0.0.1:{p}"));
+    assert_eq!(udp_between_ports(&ns, q, to, 20), 20, "A (observe) should take the packets while it lives");
+    thread::sleep(Duration::from_secs(2).saturating_sub(applied.elapsed()) + Duration::from_millis(300));
+    assert_eq!(udp_between_ports(&ns, q, to, 20), 0, "A's expired rule shadowed B's blackhole on the source port");
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn protocol_defaults_to_what_the_port_listens_on_and_a_mismatch_is_reported() {
+    let srv = Netns::new("protos");
+    let cli = Netns::new("protoc");
+    srv.veth_to(&cli, 67).unwrap();
+    let agent = agent_in(&srv);
+    let port = 17013;
+    // A UDP service on the port (nothing on TCP): a loss fault without `protocol` must hit its datagrams.
+    let service = srv.run(|| UdpSocket::bind(format!("0.0.0.0:{port}"))).unwrap();
+    let fault = agent.ok("inject", json!({"kind": "loss", "port": port, "loss": 30, "lifetime": 60}));
+    let message = fault["message"].as_str().unwrap_or_default().to_owned();
+    let id = fault["id"].as_str().unwrap().to_owned();
+    drop(service);
+    let run = udp_run(&srv, addr(&format!("10.67.0.1:{port}")), &cli, 1000);
+    let (packets, drops) = counters(&agent, &id);
+    assert_eq!(packets, 1000, "a loss fault on a UDP-only port did not match its datagrams ({message})");
+    assert_eq!(drops, u64::from(run.sent - run.received));
+    assert!(message.contains("udp"), "the reply does not say which protocol it matched: {message}");
+    agent.ok("clear", json!({}));
+    // An explicit protocol that nothing listens on is applied, and the reply says so.
+    let _service = srv.run(|| UdpSocket::bind(format!("0.0.0.0:{port}"))).unwrap();
+    let fault =
+        agent.ok("inject", json!({"kind": "loss", "port": port, "loss": 30, "protocol": "tcp", "lifetime": 60}));
+    let message = fault["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("nothing listens on tcp port 17013") && message.contains("use protocol=udp"),
+        "no warning for a tcp fault on a udp-only port: {message}"
+    );
+}
