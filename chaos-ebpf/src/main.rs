@@ -6,7 +6,8 @@
 //!   out) of this host — a bridge after its port, a macvlan or VLAN after its lower device — then parse
 //!   Ethernet/loopback or bare L3, up to two 802.1Q/802.1ad tags, IPv4 (non-first fragments skipped) or IPv6 (up
 //!   to four extension headers, non-first fragments skipped), TCP/UDP addresses and ports; look up the
-//!   destination (address, port), then the source (address, port) in `CHAOS_RULES`, each first with the exact
+//!   destination (address, port) at loopback and ingress hooks, then the source (address, port) at loopback and
+//!   egress hooks in `CHAOS_RULES`, each first with the exact
 //!   address and then with "any address of this host" when the address is one of `CHAOS_LOCAL_ADDRS`; an expired
 //!   rule is skipped and the next candidate tried; count (in wire segments); drop for blackhole or random loss;
 //!   mark packets to shape in `tc_index`. Anything that is not ours returns `TC_ACT_UNSPEC` so the next filter
@@ -27,7 +28,7 @@ use aya_ebpf::{
 use chaos_common::{
     ANY_LOCAL_ADDR, Counters, Iface, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULE_KEYS, MAX_RULES, Rule, RuleKey, action,
     proto,
-    scope::{self, HOOK_LOCAL, HOOK_NONE},
+    scope::{self, HOOK_EGRESS, HOOK_INGRESS, HOOK_LOCAL, HOOK_NONE},
     tc_index::{EGRESS_ORIGIN, JUDGED, JUDGED_IN, JUDGED_OUT, MINOR_MASK, RETURN as RETURN_MARK, SHAPE as SHAPE_MARK},
 };
 
@@ -143,7 +144,13 @@ fn try_classify(ctx: &TcContext, at_ingress: bool) -> Option<i32> {
 
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let rule = find_rule(&flow, hook, scope::SIDE_DST, now).or_else(|| find_rule(&flow, hook, scope::SIDE_SRC, now))?;
+    // Rules for packets *to* a port live at loopback and ingress hooks, rules for packets *from* a port at
+    // loopback and egress hooks (see `PortMatch::keys` in the agent): look up only the sides this hook can have.
+    let rule = match hook {
+        HOOK_INGRESS => find_rule(&flow, hook, scope::SIDE_DST, now),
+        HOOK_EGRESS => find_rule(&flow, hook, scope::SIDE_SRC, now),
+        _ => find_rule(&flow, hook, scope::SIDE_DST, now).or_else(|| find_rule(&flow, hook, scope::SIDE_SRC, now)),
+    }?;
 
     // A GSO/GRO super-packet stands for `gso_segs` wire segments: count those.
     // SAFETY: reading a plain field of the context.

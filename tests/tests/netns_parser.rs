@@ -6,7 +6,7 @@
 use chaos_agent::faults::network::{classifier::Classifier, expiry_after, key_addr};
 use chaos_common::{
     ANY_LOCAL_ADDR, Iface, PROG_INGRESS, Rule, RuleKey, action, proto,
-    scope::{self, HOOK_EGRESS, HOOK_INGRESS, SIDE_DST, SIDE_SRC},
+    scope::{self, HOOK_EGRESS, HOOK_INGRESS, HOOK_LOCAL, HOOK_NONE, SIDE_DST, SIDE_SRC},
 };
 use chaos_tests::netns::Netns;
 use std::{collections::BTreeSet, net::IpAddr, time::Duration};
@@ -205,7 +205,8 @@ fn parser_verdicts() {
     let mut wrong = Vec::new();
     let mut shot = 0;
     for (name, frame, want) in cases() {
-        let got = c.test_run(PROG_INGRESS, &frame, 1).unwrap_or_else(|e| panic!("{name}: BPF_PROG_TEST_RUN: {e}")).retval;
+        let got =
+            c.test_run(PROG_INGRESS, &frame, 1).unwrap_or_else(|e| panic!("{name}: BPF_PROG_TEST_RUN: {e}")).retval;
         if got != want {
             wrong.push(format!("{name}: got {got}, want {want}"));
         }
@@ -224,7 +225,10 @@ fn an_expired_destination_rule_falls_through_to_the_live_source_rule_in_the_kern
 
 fn expiry_fall_through() {
     let mut c = load();
-    // Destination port PORT: expired observe rule. Source port 40000 on this host: a live blackhole (egress).
+    // Loopback (the hook that has both kinds of rules): destination port PORT has an expired observe rule, source
+    // port 40000 a live blackhole.
+    let lo = Iface { l3_offset: 14, ingress_hook: HOOK_NONE, egress_hook: HOOK_LOCAL, _pad: [0; 2] };
+    c.set_iface(1, lo).unwrap();
     let expired = Rule { expires_at_ns: 1, action: action::COUNT, slot: 1, ..Default::default() };
     let live = Rule {
         expires_at_ns: expiry_after(Duration::from_secs(600)),
@@ -233,18 +237,25 @@ fn expiry_fall_through() {
         ..Default::default()
     };
     let dst =
-        RuleKey { addr: ANY_LOCAL_ADDR, port: PORT, proto: proto::UDP, scope: scope::encode(HOOK_EGRESS, SIDE_DST) };
+        RuleKey { addr: ANY_LOCAL_ADDR, port: PORT, proto: proto::UDP, scope: scope::encode(HOOK_LOCAL, SIDE_DST) };
     let src =
-        RuleKey { addr: ANY_LOCAL_ADDR, port: 40000, proto: proto::UDP, scope: scope::encode(HOOK_EGRESS, SIDE_SRC) };
+        RuleKey { addr: ANY_LOCAL_ADDR, port: 40000, proto: proto::UDP, scope: scope::encode(HOOK_LOCAL, SIDE_SRC) };
     c.set_rule(dst, expired).unwrap();
     c.set_rule(src, live).unwrap();
-    // A packet from this host's port 40000 to a remote PORT, seen at egress.
+    // A packet from port 40000 to PORT, seen at loopback egress.
     let mut f = eth(0x0800);
     ipv4(&mut f, IPPROTO_UDP, LOCAL4, REMOTE4, 0, 0, &l4(IPPROTO_UDP, 40000, PORT));
     let got = c.test_run(chaos_common::PROG_EGRESS, &f, 1).unwrap().retval;
     assert_eq!(got, SHOT, "the expired destination rule shadowed the live source rule");
-    // The same from a source address that is not this host's: forwarded, left alone.
-    let mut f = eth(0x0800);
-    ipv4(&mut f, IPPROTO_UDP, [10, 0, 0, 9], REMOTE4, 0, 0, &l4(IPPROTO_UDP, 40000, PORT));
-    assert_eq!(c.test_run(chaos_common::PROG_EGRESS, &f, 1).unwrap().retval, UNSPEC);
+    // At a NIC's egress, the same packet from a source address that is not this host's is forwarded: left alone;
+    // from this host's address it is ours.
+    let nic = Iface { l3_offset: 14, ingress_hook: HOOK_INGRESS, egress_hook: HOOK_EGRESS, _pad: [0; 2] };
+    c.set_iface(1, nic).unwrap();
+    let src = RuleKey { scope: scope::encode(HOOK_EGRESS, SIDE_SRC), ..src };
+    c.set_rule(src, live).unwrap();
+    for (from, want) in [([10, 0, 0, 9], UNSPEC), (LOCAL4, SHOT)] {
+        let mut f = eth(0x0800);
+        ipv4(&mut f, IPPROTO_UDP, from, REMOTE4, 0, 0, &l4(IPPROTO_UDP, 40000, PORT));
+        assert_eq!(c.test_run(chaos_common::PROG_EGRESS, &f, 1).unwrap().retval, want, "from {from:?}");
+    }
 }

@@ -76,6 +76,11 @@ pub enum ClassifierError {
     },
 }
 
+/// The embedded BPF object (empty when it was not built).
+pub fn embedded_object() -> &'static [u8] {
+    OBJECT
+}
+
 /// Whether the agent carries a BPF object.
 pub fn object_available() -> bool {
     !OBJECT.is_empty()
