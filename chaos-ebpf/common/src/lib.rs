@@ -11,7 +11,7 @@
 //!   ┌──────────────────────────────┐  mirred redirect ┌───────────────────────────┐
 //!   │ prio A: chaos_ingress/egress │ ───────────────▶ │ chaos_ifb: class = tc_idx │
 //!   │   (direct action)            │  (prio B filter) │  HTB class ─▶ netem/fifo  │
-//!   │   RULES lookup by port       │                  └───────────────────────────┘
+//!   │   RULES: address + port      │                  └───────────────────────────┘
 //!   │   drop / loss / mark shape   │
 //!   │ prio B: chaos_steer          │
 //!   │   (classic, + act_mirred)    │

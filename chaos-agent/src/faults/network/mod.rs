@@ -8,12 +8,17 @@
 //!
 //! ```text
 //!  lo / eth0 / veth…             clsact (created if absent; the root qdisc is never touched)
-//!    ├─ prio 3146  bpf da  chaos_ingress / chaos_egress ── RULES[(port, proto, scope)] → drop | loss | mark
+//!    ├─ prio 3146  bpf da  chaos_ingress / chaos_egress ── RULES[(addr, port, proto, scope)] → drop | loss | mark
 //!    └─ prio 3147  bpf     chaos_steer + mirred egress redirect dev lchaos0   (marked packets only)
 //!  lchaos0 (ifb, ours)           root htb c4a0: (unclassified → direct)
 //!    ├─ filter bpf da chaos_ifb (tc_index → class)
 //!    └─ class c4a0:<n> (rate) ── leaf netem (delay, jitter, dup, corrupt, reorder) or pfifo
 //! ```
+//!
+//! Each packet is judged once per direction per host however many of our hooks it crosses (a bridge and its port,
+//! a VLAN and its parent …: judged bits in `tc_index`, see `chaos_common::tc_index`), and only packets to or from
+//! the target's own addresses match (`LOCAL_ADDRS`, kept current by [`NetworkEngine::follow_links`] together with
+//! the attached interfaces).
 //!
 //! Adding or removing a fault is a map update, plus at most one class and leaf on our IFB; traffic on other
 //! ports never notices. Rules carry their expiry and the classifier ignores expired rules itself, so faults lapse
@@ -707,7 +712,8 @@ impl NetworkEngine {
         Ok(self.attached_names(inner))
     }
 
-    /// Re-reads links and addresses once a fault has attached the classifier (see [`Self::attach_all`]).
+    /// Re-reads links and addresses once a fault has attached the classifier: attaches to new interfaces, forgets
+    /// deleted ones (and their map entries), refreshes this host's addresses.
     ///
     /// # Errors
     /// Netlink or map failures.
