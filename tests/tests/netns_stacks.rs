@@ -470,3 +470,47 @@ fn tcp_loss_is_counted_per_wire_segment_and_the_transfer_recovers() {
     assert!(re1 - re0 >= drops / 2, "the sender retransmitted {} segments for {drops} dropped", re1 - re0);
     assert!(packets >= (out1 - out0) * 9 / 10, "counted {packets} segments, the sender sent {}", out1 - out0);
 }
+
+/// Packets the agent's IFB classes sent, summed (`tc -s class show dev lchaos0`).
+fn ifb_class_packets(ns: &Netns) -> u64 {
+    let text = ns.tc(&["-s", "class", "show", "dev", "lchaos0"]);
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let rest = l.strip_prefix("Sent ")?;
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            words.get(2).and_then(|w| w.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn a_shaping_fault_behind_a_bridge_shapes_each_packet_once() {
+    // The IFB path (latency, rate) behind a bridge: each datagram must pass the fault's HTB class once, not once
+    // at the bridge port and again at the bridge (which would add a delay twice or halve a rate).
+    let srv = Netns::new("shbrs");
+    let cli = Netns::new("shbrc");
+    srv.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    srv.ip(&["link", "add", "vp0", "type", "veth", "peer", "name", "veth1", "netns", cli.name()]).unwrap();
+    srv.ip(&["link", "set", "vp0", "master", "br0"]).unwrap();
+    both_up(&srv, &["br0", "vp0"]);
+    address(&srv, "br0", "10.69.0.1/24", "fd00:69::1/64");
+    address(&cli, "veth1", "10.69.0.2/24", "fd00:69::2/64");
+    both_up(&cli, &["veth1"]);
+    let agent = agent_in(&srv);
+    let port = 17015;
+    let id =
+        inject(&agent, json!({"kind": "rate", "port": port, "rate": "100mbit", "protocol": "udp", "lifetime": 120}));
+    let before = ifb_class_packets(&srv);
+    let run = udp_run(&srv, addr(&format!("10.69.0.1:{port}")), &cli, 500);
+    let shaped = ifb_class_packets(&srv) - before;
+    let (packets, _) = counters(&agent, &id);
+    eprintln!(
+        "bridge + rate: sent {} received {} counted {packets} through the IFB class {shaped}",
+        run.sent, run.received
+    );
+    assert_eq!(run.received, run.sent, "a 100mbit rate limit lost datagrams: {run:?}");
+    assert_eq!(packets, 500, "the fault counted {packets} packets for 500 sent");
+    assert_eq!(shaped, 500, "the IFB class shaped {shaped} packets for 500 sent");
+}
