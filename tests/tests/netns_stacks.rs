@@ -514,3 +514,23 @@ fn a_shaping_fault_behind_a_bridge_shapes_each_packet_once() {
     assert_eq!(packets, 500, "the fault counted {packets} packets for 500 sent");
     assert_eq!(shaped, 500, "the IFB class shaped {shaped} packets for 500 sent");
 }
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn a_socket_bound_to_one_address_gets_rules_on_that_address_only() {
+    let srv = Netns::new("bounds");
+    let cli = Netns::new("boundc");
+    srv.veth_to(&cli, 70).unwrap();
+    srv.ip(&["addr", "add", "10.70.0.5/24", "dev", "veth0"]).unwrap();
+    let agent = agent_in(&srv);
+    let port = 17016;
+    // The service listens on 10.70.0.1 only; the host's other address 10.70.0.5 is not the service's.
+    let service = srv.run(|| UdpSocket::bind(format!("10.70.0.1:{port}"))).unwrap();
+    let id = inject(&agent, json!({"kind": "observe", "port": port, "lifetime": 60}));
+    drop(service);
+    let run = udp_run(&srv, addr(&format!("10.70.0.1:{port}")), &cli, 200);
+    assert_eq!(counters(&agent, &id).0, u64::from(run.sent), "traffic to the service's address was not counted");
+    let other = udp_run(&srv, addr(&format!("10.70.0.5:{port}")), &cli, 200);
+    assert_eq!(other.received, 200);
+    assert_eq!(counters(&agent, &id).0, u64::from(run.sent), "traffic to another address of the host was counted");
+}

@@ -55,21 +55,29 @@ pub fn tcp_listeners() -> io::Result<Vec<Listener>> {
     }
 }
 
-/// Ports of the UDP sockets of this network namespace that receive from anyone (bound, not connected).
-pub fn udp_bound_ports() -> std::collections::BTreeSet<u16> {
-    let mut out = std::collections::BTreeSet::new();
-    for file in ["/proc/net/udp", "/proc/net/udp6"] {
+/// The UDP sockets of this network namespace that receive from anyone (bound, not connected): (address, port).
+pub fn udp_bound() -> Vec<(IpAddr, u16)> {
+    let mut out = Vec::new();
+    for (file, v6) in [("/proc/net/udp", false), ("/proc/net/udp6", true)] {
         let Ok(text) = fs::read_to_string(file) else { continue };
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             // `sl local_address rem_address st …`: unconnected sockets have remote port 0 (state 07 = CLOSE).
-            let (Some(local), Some(remote)) = (fields.get(1), fields.get(2)) else { continue };
-            let port = local.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            let Some(remote) = fields.get(2) else { continue };
             let rport = remote.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if let (Some(port), Some(0)) = (port, rport)
-                && port != 0
+            if rport != Some(0) {
+                continue;
+            }
+            // The local address has the layout of a TCP listener's line; reuse its parser with a fake state.
+            let mut as_listen = fields.clone();
+            if as_listen.len() < 10 {
+                continue;
+            }
+            as_listen[3] = "0A";
+            if let Some(l) = parse_proc_net_line(&as_listen.join(" "), v6)
+                && l.port != 0
             {
-                out.insert(port);
+                out.push((l.addr, l.port));
             }
         }
     }

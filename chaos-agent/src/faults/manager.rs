@@ -12,6 +12,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
+    net::IpAddr,
     sync::{Arc, Mutex as StdMutex, Weak},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -1077,46 +1078,58 @@ fn port_matches(
     protocol: Option<Protocol>,
     direction: Direction,
 ) -> (Vec<PortMatch>, Vec<String>) {
-    let tcp: BTreeSet<u16> = sockets::tcp_listeners().unwrap_or_default().iter().map(|l| l.port).collect();
-    let udp = sockets::udp_bound_ports();
+    let tcp: Vec<(IpAddr, u16)> =
+        sockets::tcp_listeners().unwrap_or_default().iter().map(|l| (l.addr, l.port)).collect();
+    let udp = sockets::udp_bound();
     let mut notes = Vec::new();
-    let matches = ports
-        .iter()
-        .map(|&port| {
-            let listens = match (tcp.contains(&port), udp.contains(&port)) {
-                (true, true) => Some(Protocol::Both),
-                (true, false) => Some(Protocol::Tcp),
-                (false, true) => Some(Protocol::Udp),
-                (false, false) => None,
-            };
-            let chosen = match (protocol, listens) {
-                (Some(p), Some(l)) => {
-                    let meets = p == l || p == Protocol::Both || l == Protocol::Both;
-                    if !meets {
-                        notes.push(format!(
-                            "nothing listens on {} port {port} on this host (it listens on {}): this fault will                              not touch the service's traffic; use protocol={}",
-                            protocol_name(p),
-                            protocol_name(l),
-                            protocol_name(l)
-                        ));
-                    }
-                    p
-                }
-                (Some(p), None) => {
-                    notes.push(format!("nothing listens on port {port} on this host yet ({} assumed)", protocol_name(p)));
-                    p
-                }
-                (None, Some(l)) => l,
-                (None, None) => {
+    let mut matches = Vec::new();
+    for &port in ports {
+        let on = |socks: &[(IpAddr, u16)]| socks.iter().any(|&(_, p)| p == port);
+        let listens = match (on(&tcp), on(&udp)) {
+            (true, true) => Some(Protocol::Both),
+            (true, false) => Some(Protocol::Tcp),
+            (false, true) => Some(Protocol::Udp),
+            (false, false) => None,
+        };
+        let chosen = match (protocol, listens) {
+            (Some(p), Some(l)) => {
+                let meets = p == l || p == Protocol::Both || l == Protocol::Both;
+                if !meets {
                     notes.push(format!(
-                        "nothing listens on port {port} on this host yet: the fault matches tcp (give protocol=udp                          or both for other traffic)"
+                        "nothing listens on {} port {port} on this host (it listens on {}): this fault will not \
+                         touch the service's traffic; use protocol={}",
+                        protocol_name(p),
+                        protocol_name(l),
+                        protocol_name(l)
                     ));
-                    Protocol::Tcp
                 }
-            };
-            PortMatch::new(port, chosen, direction)
-        })
-        .collect();
+                p
+            }
+            (Some(p), None) => {
+                notes.push(format!("nothing listens on port {port} on this host yet ({} assumed)", protocol_name(p)));
+                p
+            }
+            (None, Some(l)) => l,
+            (None, None) => {
+                notes.push(format!(
+                    "nothing listens on port {port} on this host yet: the fault matches tcp (give protocol=udp or \
+                     both for other traffic)"
+                ));
+                Protocol::Tcp
+            }
+        };
+        // The sockets' addresses: bound to one address each → rules on those addresses; any wildcard socket (or
+        // none yet) → any address of this host.
+        let addrs: BTreeSet<IpAddr> =
+            tcp.iter().chain(udp.iter()).filter(|&&(_, p)| p == port).map(|&(a, _)| a.to_canonical()).collect();
+        if addrs.is_empty() || addrs.iter().any(IpAddr::is_unspecified) {
+            matches.push(PortMatch::new(port, chosen, direction));
+        } else {
+            matches.extend(
+                addrs.into_iter().map(|a| PortMatch { addr: Some(a), ..PortMatch::new(port, chosen, direction) }),
+            );
+        }
+    }
     (matches, notes)
 }
 
