@@ -1,8 +1,10 @@
 //! The network engine on the device stacks of real hosts, each test in fresh network namespaces and against a
-//! real agent process: a fault's loss and counters apply once per packet behind a bridge, a macvlan and a
-//! container-style veth-into-bridge layout; traffic the host forwards (routed or bridged) to another machine's
-//! port is never touched by a fault on the same local port; the classifier follows 1,000 interfaces that come and
-//! go, leaves nothing of them behind and covers the next one.
+//! real agent process (`CHAOS_AGENT_BIN` runs them against another build): a fault's loss, shaping and counters
+//! apply once per packet behind a bridge, a macvlan and a container-style veth-into-bridge layout; traffic the
+//! host forwards (routed, bridged, or handed to a container's macvlan) to another machine's port is never touched
+//! by a fault on the same local port; the classifier follows 1,000 interfaces that come and go, leaves nothing of
+//! them behind and covers the next one; an expired rule does not shadow a live one; `protocol` and the rule's
+//! address follow the target's sockets; TCP loss is counted per wire segment.
 //!
 //! Loss is measured with numbered UDP datagrams from a client namespace to a sink in the agent's namespace
 //! (2,000 per run: at 30 % the standard deviation is about one point, so 30 ± 5 % is five of them).
