@@ -142,14 +142,12 @@ fn try_classify(ctx: &TcContext, at_ingress: bool) -> Option<i32> {
     // SAFETY: `tc_index` is writable for tc programs.
     unsafe { (*ctx.skb.skb).tc_index = u32::from(tc_index) };
 
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     // Rules for packets *to* a port live at loopback and ingress hooks, rules for packets *from* a port at
     // loopback and egress hooks (see `PortMatch::keys` in the agent): look up only the sides this hook can have.
     let rule = match hook {
-        HOOK_INGRESS => find_rule(&flow, hook, scope::SIDE_DST, now),
-        HOOK_EGRESS => find_rule(&flow, hook, scope::SIDE_SRC, now),
-        _ => find_rule(&flow, hook, scope::SIDE_DST, now).or_else(|| find_rule(&flow, hook, scope::SIDE_SRC, now)),
+        HOOK_INGRESS => find_rule(&flow, hook, scope::SIDE_DST),
+        HOOK_EGRESS => find_rule(&flow, hook, scope::SIDE_SRC),
+        _ => find_rule(&flow, hook, scope::SIDE_DST).or_else(|| find_rule(&flow, hook, scope::SIDE_SRC)),
     }?;
 
     // A GSO/GRO super-packet stands for `gso_segs` wire segments: count those.
@@ -185,25 +183,27 @@ fn try_classify(ctx: &TcContext, at_ingress: bool) -> Option<i32> {
 }
 
 /// The live rule for one side of the packet: first keyed on the exact address, then on "any address of this
-/// host" when the address is one of ours (on loopback every address is). Expired rules are skipped.
+/// host". Rules are only ever keyed on this host's addresses, so an address that is not one of them (traffic the
+/// host forwards) needs no rule lookup at all; on loopback every address is the host's. Expired rules are
+/// skipped (the clock is read only when a rule is found).
 #[inline(always)]
-fn find_rule(flow: &Flow, hook: u8, side: u8, now: u64) -> Option<Rule> {
+fn find_rule(flow: &Flow, hook: u8, side: u8) -> Option<Rule> {
     let (addr, port) = if side == scope::SIDE_DST { (flow.daddr, flow.dport) } else { (flow.saddr, flow.sport) };
-    let mut key = RuleKey { addr, port, proto: flow.proto, scope: scope::encode(hook, side) };
-    // SAFETY: copied out of the map value right away.
-    if let Some(rule) = unsafe { RULES.get(key) }
-        && now < rule.expires_at_ns
-    {
-        return Some(*rule);
-    }
     // SAFETY: only tested for presence.
     if hook != HOOK_LOCAL && unsafe { LOCAL_ADDRS.get(addr) }.is_none() {
         return None;
     }
+    let mut key = RuleKey { addr, port, proto: flow.proto, scope: scope::encode(hook, side) };
+    // SAFETY: copied out of the map value right away; the helper has no arguments.
+    if let Some(rule) = unsafe { RULES.get(key) }
+        && unsafe { bpf_ktime_get_ns() } < rule.expires_at_ns
+    {
+        return Some(*rule);
+    }
     key.addr = ANY_LOCAL_ADDR;
     // SAFETY: as above.
     match unsafe { RULES.get(key) } {
-        Some(rule) if now < rule.expires_at_ns => Some(*rule),
+        Some(rule) if unsafe { bpf_ktime_get_ns() } < rule.expires_at_ns => Some(*rule),
         _ => None,
     }
 }
@@ -234,24 +234,26 @@ fn parse(ctx: &TcContext, l3_offset: usize) -> Option<Flow> {
     }
     let (proto, l4, saddr, daddr) = match ethertype {
         ETH_P_IP => {
-            let ver_ihl: u8 = ctx.load(off).ok()?;
-            let ihl = usize::from(ver_ihl & 0x0f) * 4;
-            if ver_ihl >> 4 != 4 || ihl < 20 {
+            // The fixed header in one load (each load is a helper call).
+            let h: [u8; 20] = ctx.load(off).ok()?;
+            let ihl = usize::from(h[0] & 0x0f) * 4;
+            if h[0] >> 4 != 4 || ihl < 20 {
                 return None;
             }
-            let frag: u16 = u16::from_be(ctx.load(off + 6).ok()?);
-            if frag & 0x1fff != 0 {
+            if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
                 return None; // not the first fragment: no L4 header
             }
-            let proto: u8 = ctx.load(off + 9).ok()?;
-            let saddr: [u8; 4] = ctx.load(off + 12).ok()?;
-            let daddr: [u8; 4] = ctx.load(off + 16).ok()?;
-            (proto, off + ihl, v4_mapped(saddr), v4_mapped(daddr))
+            let saddr = v4_mapped([h[12], h[13], h[14], h[15]]);
+            let daddr = v4_mapped([h[16], h[17], h[18], h[19]]);
+            (h[9], off + ihl, saddr, daddr)
         }
         ETH_P_IPV6 => {
-            let mut next: u8 = ctx.load(off + 6).ok()?;
-            let saddr: [u8; 16] = ctx.load(off + 8).ok()?;
-            let daddr: [u8; 16] = ctx.load(off + 24).ok()?;
+            let h: [u8; IPV6_HDR_LEN] = ctx.load(off).ok()?;
+            let mut next = h[6];
+            let mut saddr = [0u8; 16];
+            let mut daddr = [0u8; 16];
+            saddr.copy_from_slice(&h[8..24]);
+            daddr.copy_from_slice(&h[24..40]);
             let mut l4 = off + IPV6_HDR_LEN;
             for _ in 0..IPV6_MAX_EXT_HEADERS {
                 match next {

@@ -1596,10 +1596,11 @@ fn cls_load(object: &[u8], new_layout: bool) -> Result<ClsObject> {
     let scope = encode(HOOK_INGRESS, SIDE_DST);
     let ports = std::iter::once(CLS_PORT).chain((0..CLS_OTHER_RULES).map(|i| 20000 + i));
     if new_layout {
-        let local = chaos_agent::faults::network::key_addr("10.0.0.1".parse()?);
         let mut addrs: BpfMap<_, [u8; 16], u8> =
             BpfMap::try_from(ebpf.map_mut(chaos_common::MAP_LOCAL_ADDRS).context("no address map")?)?;
-        addrs.insert(local, 1, 0)?;
+        for local in ["10.0.0.1", "fd00::1"] {
+            addrs.insert(chaos_agent::faults::network::key_addr(local.parse()?), 1, 0)?;
+        }
         let mut rules: BpfMap<_, [u8; 20], [u8; 24]> =
             BpfMap::try_from(ebpf.map_mut(chaos_common::MAP_RULES).context("no rule map")?)?;
         for (slot, port) in ports.enumerate() {
@@ -1620,8 +1621,9 @@ fn cls_load(object: &[u8], new_layout: bool) -> Result<ClsObject> {
     Ok(ClsObject { _ebpf: ebpf, ingress_fd })
 }
 
-/// An Ethernet + IPv4 (or IPv6) + UDP frame from 10.0.0.2:40000 to 10.0.0.1:`dport` (fd00::2 → fd00::1).
-fn cls_frame(v6: bool, dport: u16) -> Vec<u8> {
+/// An Ethernet + IPv4 (or IPv6) + UDP frame from 10.0.0.2:40000 to 10.0.0.`dst`:`dport` (fd00::2 → fd00::`dst`);
+/// 10.0.0.1 and fd00::1 are this host's addresses.
+fn cls_frame(v6: bool, dst: u8, dport: u16) -> Vec<u8> {
     let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
     let mut udp = Vec::new();
     udp.extend_from_slice(&40000u16.to_be_bytes());
@@ -1633,11 +1635,11 @@ fn cls_frame(v6: bool, dport: u16) -> Vec<u8> {
         f.extend_from_slice(&(udp.len() as u16).to_be_bytes());
         f.extend_from_slice(&[17, 64]);
         f.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
-        f.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        f.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, dst]);
     } else {
         f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
         f.extend_from_slice(&((20 + udp.len()) as u16).to_be_bytes());
-        f.extend_from_slice(&[0, 1, 0, 0, 64, 17, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1]);
+        f.extend_from_slice(&[0, 1, 0, 0, 64, 17, 0, 0, 10, 0, 0, 2, 10, 0, 0, dst]);
     }
     f.extend_from_slice(&udp);
     f
@@ -1650,10 +1652,12 @@ fn bench_classifier() -> Result<()> {
     let new = chaos_agent::faults::network::classifier::embedded_object();
     ensure!(!new.is_empty(), "this build carries no BPF object (cargo xtask build-ebpf)");
     let ns = Netns::new("bench-cls");
-    let cases: [(&str, Vec<u8>); 3] = [
-        ("IPv4 UDP, a port no rule names", cls_frame(false, 9999)),
-        ("IPv4 UDP, the observed port", cls_frame(false, CLS_PORT)),
-        ("IPv6 UDP, a port no rule names", cls_frame(true, 9999)),
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("IPv4 UDP to this host, a port no rule names", cls_frame(false, 1, 9999)),
+        ("IPv4 UDP to this host, the observed port", cls_frame(false, 1, CLS_PORT)),
+        ("IPv6 UDP to this host, a port no rule names", cls_frame(true, 1, 9999)),
+        ("IPv6 UDP to this host, the observed port", cls_frame(true, 1, CLS_PORT)),
+        ("IPv4 UDP forwarded to another machine, the observed port", cls_frame(false, 9, CLS_PORT)),
     ];
     let results = ns.run(|| -> Result<Vec<(Vec<f64>, Vec<f64>)>> {
         let ours = cls_load(new, true)?;
