@@ -2,8 +2,8 @@
 //!
 //! Four programs share the maps defined in `chaos-common` (see its module docs for the data path):
 //!
-//! - `chaos_ingress` / `chaos_egress` (clsact, direct action): skip packets already judged on their way in (or
-//!   out) of this host — a bridge after its port, a macvlan or VLAN after its lower device — then parse
+//! - `chaos_ingress` / `chaos_egress` (clsact, direct action): skip packets a rule already judged on their way in
+//!   (or out) of this host — a bridge after its port, a macvlan or VLAN after its lower device — then parse
 //!   Ethernet/loopback or bare L3, up to two 802.1Q/802.1ad tags, IPv4 (non-first fragments skipped) or IPv6 (up
 //!   to four extension headers, non-first fragments skipped), TCP/UDP addresses and ports; look up the
 //!   destination (address, port) at loopback and ingress hooks, then the source (address, port) at loopback and
@@ -137,11 +137,6 @@ fn try_classify(ctx: &TcContext, at_ingress: bool) -> Option<i32> {
         return None;
     }
     let flow = parse(ctx, iface.l3_offset as usize)?;
-    // From here on the packet is judged in this direction, whatever the verdict.
-    let mut tc_index = (tc_index & !other) | judged;
-    // SAFETY: `tc_index` is writable for tc programs.
-    unsafe { (*ctx.skb.skb).tc_index = u32::from(tc_index) };
-
     // Rules for packets *to* a port live at loopback and ingress hooks, rules for packets *from* a port at
     // loopback and egress hooks (see `PortMatch::keys` in the agent): look up only the sides this hook can have.
     let rule = match hook {
@@ -149,6 +144,12 @@ fn try_classify(ctx: &TcContext, at_ingress: bool) -> Option<i32> {
         HOOK_EGRESS => find_rule(&flow, hook, scope::SIDE_SRC),
         _ => find_rule(&flow, hook, scope::SIDE_DST).or_else(|| find_rule(&flow, hook, scope::SIDE_SRC)),
     }?;
+    // A live rule matched: the packet is judged in this direction, and the devices it crosses next on the same
+    // way leave it alone. (A packet no rule matched is not marked: a device above may see a different packet in
+    // the same skb — the inner packet of a tunnel after decapsulation — and must judge that one.)
+    let mut tc_index = (tc_index & !other) | judged;
+    // SAFETY: `tc_index` is writable for tc programs.
+    unsafe { (*ctx.skb.skb).tc_index = u32::from(tc_index) };
 
     // A GSO/GRO super-packet stands for `gso_segs` wire segments: count those.
     // SAFETY: reading a plain field of the context.

@@ -1,10 +1,10 @@
 //! The network engine on the device stacks of real hosts, each test in fresh network namespaces and against a
 //! real agent process (`CHAOS_AGENT_BIN` runs them against another build): a fault's loss, shaping and counters
-//! apply once per packet behind a bridge, a macvlan and a container-style veth-into-bridge layout; traffic the
-//! host forwards (routed, bridged, or handed to a container's macvlan) to another machine's port is never touched
-//! by a fault on the same local port; the classifier follows 1,000 interfaces that come and go, leaves nothing of
-//! them behind and covers the next one; an expired rule does not shadow a live one; `protocol` and the rule's
-//! address follow the target's sockets; TCP loss is counted per wire segment.
+//! apply once per packet behind a bridge, a macvlan, a container-style veth-into-bridge layout and inside a VXLAN
+//! tunnel; traffic the host forwards (routed, bridged, or handed to a container's macvlan) to another machine's
+//! port is never touched by a fault on the same local port; the classifier follows 1,000 interfaces that come and
+//! go, leaves nothing of them behind and covers the next one; an expired rule does not shadow a live one;
+//! `protocol` and the rule's address follow the target's sockets; TCP loss is counted per wire segment.
 //!
 //! Loss is measured with numbered UDP datagrams from a client namespace to a sink in the agent's namespace
 //! (2,000 per run: at 30 % the standard deviation is about one point, so 30 ± 5 % is five of them).
@@ -535,4 +535,28 @@ fn a_socket_bound_to_one_address_gets_rules_on_that_address_only() {
     let other = udp_run(&srv, addr(&format!("10.70.0.5:{port}")), &cli, 200);
     assert_eq!(other.received, 200);
     assert_eq!(counters(&agent, &id).0, u64::from(run.sent), "traffic to another address of the host was counted");
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn loss_inside_a_vxlan_tunnel_is_applied_once_to_the_inner_packets() {
+    // srv and cli joined by a veth (the underlay, 10.71.0.x) and a VXLAN over it (10.72.0.x). The skb that
+    // carried the outer packet through the underlay carries the inner one through vx0: the inner packet must be
+    // judged at vx0 (the outer one matched nothing), once.
+    let srv = Netns::new("vxs");
+    let cli = Netns::new("vxc");
+    srv.veth_to(&cli, 71).unwrap();
+    for (ns, dev, local, remote, inner) in [
+        (&srv, "veth0", "10.71.0.1", "10.71.0.2", "10.72.0.1/24"),
+        (&cli, "veth1", "10.71.0.2", "10.71.0.1", "10.72.0.2/24"),
+    ] {
+        ns.ip(&[
+            "link", "add", "vx0", "type", "vxlan", "id", "42", "dstport", "4789", "local", local, "remote", remote,
+            "dev", dev,
+        ])
+        .unwrap();
+        ns.ip(&["addr", "add", inner, "dev", "vx0"]).unwrap();
+        both_up(ns, &["vx0"]);
+    }
+    let _agent = assert_loss_once(&srv, &cli, addr("10.72.0.1:17017"), "vxlan");
 }

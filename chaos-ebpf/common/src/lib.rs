@@ -195,10 +195,11 @@ mod user {
 ///   program (redirect) and the IFB program (class);
 /// - [`tc_index::RETURN`]: set by the IFB program on packets that came from an egress hook and go back into the
 ///   device's egress path;
-/// - [`tc_index::JUDGED_IN`] / [`tc_index::JUDGED_OUT`]: the packet was judged on its way in / out of this host.
-///   An ingress hook that finds `JUDGED_IN` (a bridge after its port, a macvlan or VLAN after its lower device)
-///   leaves the packet alone; judging at ingress clears `JUDGED_OUT` (what leaves next is forwarded: a new
-///   departure), and the other way round, so each packet is judged once per direction per host.
+/// - [`tc_index::JUDGED_IN`] / [`tc_index::JUDGED_OUT`]: a live rule judged the packet on its way in / out of
+///   this host. An ingress hook that finds `JUDGED_IN` (a bridge after its port, a macvlan or VLAN after its lower
+///   device) leaves the packet alone; judging at ingress clears `JUDGED_OUT`, and the other way round, so each
+///   packet is judged once per direction per host. Packets no rule matched are not marked: after a tunnel's
+///   decapsulation the same skb carries another packet, which the tunnel device's hook must judge.
 pub mod tc_index {
     /// Packet to shape: redirect to the IFB.
     pub const SHAPE: u16 = 0x8000;
