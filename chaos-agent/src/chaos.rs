@@ -81,7 +81,7 @@ static METHODS: std::sync::LazyLock<Vec<MethodInfo>> = std::sync::LazyLock::new(
             params: leak(params!(TARGETING, COMMON, NETWORK, RESOURCE; "kind", "signal", "deregister")),
             help: "Inject a fault of `kind`: latency, loss, duplicate, corrupt, reorder, rate, blackhole (network, on the \
                    target's ports: latency/delay/jitter in seconds, percentages 0-100, rate like \"1mbit\" or bytes/s, \
-                   direction to|from|both, protocol tcp|udp|both), observe (count packets only), cpu (workers|percent_cores, load), memory \
+                   direction to|from|both, protocol tcp|udp|both, default: what the port listens on), observe (count packets only), cpu (workers|percent_cores, load), memory \
                    (mib|percent_available), disk (path, mib|percent_free, floor_percent), kill, terminate, pause. Target \
                    with name (lymph service), instance, pid, port or process (text or /regex/); lifetime in seconds.",
         },
@@ -326,7 +326,7 @@ impl Args {
             label: label.to_owned(),
             impairment: imp,
             direction: self.opt::<Direction>("direction")?.unwrap_or_default(),
-            protocol: self.opt::<Protocol>("protocol")?.unwrap_or_default(),
+            protocol: self.opt::<Protocol>("protocol")?,
         })
     }
 }

@@ -2,11 +2,16 @@
 //!
 //! Four programs share the maps defined in `chaos-common` (see its module docs for the data path):
 //!
-//! - `chaos_ingress` / `chaos_egress` (clsact, direct action): parse Ethernet/loopback or bare L3, optional
-//!   802.1Q tag, IPv4 (non-first fragments skipped) or IPv6 (up to four extension headers), TCP/UDP ports; look
-//!   the destination port, then the source port, up in `CHAOS_RULES`; ignore expired rules; count; drop for
-//!   blackhole or random loss; mark packets to shape in `tc_index`. Anything that is not ours returns
-//!   `TC_ACT_UNSPEC` so the next filter (ours or the operator's) still runs.
+//! - `chaos_ingress` / `chaos_egress` (clsact, direct action): skip packets a rule already judged on their way in
+//!   (or out) of this host — a bridge after its port, a macvlan or VLAN after its lower device — then parse
+//!   Ethernet/loopback or bare L3, up to two 802.1Q/802.1ad tags, IPv4 (non-first fragments skipped) or IPv6 (up
+//!   to four extension headers, non-first fragments skipped), TCP/UDP addresses and ports; look up the
+//!   destination (address, port) at loopback and ingress hooks, then the source (address, port) at loopback and
+//!   egress hooks in `CHAOS_RULES`, each first with the exact
+//!   address and then with "any address of this host" when the address is one of `CHAOS_LOCAL_ADDRS`; an expired
+//!   rule is skipped and the next candidate tried; count (in wire segments); drop for blackhole or random loss;
+//!   mark packets to shape in `tc_index`. Anything that is not ours returns `TC_ACT_UNSPEC` so the next filter
+//!   (ours or the operator's) still runs.
 //! - `chaos_steer` (clsact, classic mode with an `act_mirred` redirect to the agent's IFB): matches marked packets.
 //! - `chaos_ifb` (on the IFB's root HTB, direct action): turns the mark into the HTB class and clears it.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -21,27 +26,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use chaos_common::{
-    Counters, Iface, MAX_IFACES, MAX_RULE_KEYS, MAX_RULES, Rule, RuleKey, action, proto,
-    scope::{self, HOOK_NONE},
+    ANY_LOCAL_ADDR, Counters, Iface, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULE_KEYS, MAX_RULES, Rule, RuleKey, action,
+    proto,
+    scope::{self, HOOK_EGRESS, HOOK_INGRESS, HOOK_LOCAL, HOOK_NONE},
+    tc_index::{EGRESS_ORIGIN, JUDGED, JUDGED_IN, JUDGED_OUT, MINOR_MASK, RETURN as RETURN_MARK, SHAPE as SHAPE_MARK},
 };
 
-/// `tc_index` bits. The kernel leaves `tc_index` alone on the way through mirred and the IFB (it is only used by
-/// the long-gone dsmark/tcindex qdiscs), which makes it the one field that can carry our decision from the device
-/// hook to the IFB and back:
-/// - [`SHAPE_MARK`] | [`EGRESS_ORIGIN`]? | class minor: set by `chaos_ingress`/`chaos_egress`, read by `chaos_steer`
-///   (redirect) and `chaos_ifb` (class);
-/// - [`RETURN_MARK`]: set by `chaos_ifb` on packets that came from an egress hook. The IFB sends those back into
-///   the device's egress path, where our filters see them a second time; the mark makes `chaos_egress` leave them
-///   alone and `chaos_steer` match them without redirecting (the IFB's `tc_skip_classify` makes mirred a no-op for
-///   exactly that one pass), like the u32 + mirred setups every IFB user relies on.
-const SHAPE_MARK: u16 = 0x8000;
-const RETURN_MARK: u16 = 0x4000;
-const EGRESS_ORIGIN: u16 = 0x2000;
-const MINOR_MASK: u16 = 0x1fff;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
+const MAX_VLAN_TAGS: usize = 2;
 const IPV6_HDR_LEN: usize = 40;
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
@@ -52,11 +47,15 @@ const IPV6_MAX_EXT_HEADERS: usize = 4;
 #[map(name = "CHAOS_RULES")]
 static RULES: HashMap<RuleKey, Rule> = HashMap::with_max_entries(MAX_RULE_KEYS, 0);
 
+/// Sized at load time by the agent (see `chaos_common::counter_slots`).
 #[map(name = "CHAOS_COUNTERS")]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_RULES, 0);
 
 #[map(name = "CHAOS_IFACES")]
 static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_IFACES, 0);
+
+#[map(name = "CHAOS_LOCAL_ADDRS")]
+static LOCAL_ADDRS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
 #[classifier]
 pub fn chaos_ingress(ctx: TcContext) -> i32 {
@@ -74,9 +73,10 @@ pub fn chaos_steer(ctx: TcContext) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel handed us.
     let tc_index = unsafe { (*ctx.skb.skb).tc_index } as u16;
     if tc_index & RETURN_MARK != 0 {
-        // Back from the IFB: match so mirred's action runs and consumes the IFB's skip flag (no redirect).
+        // Back from the IFB: match so mirred's action runs and consumes the IFB's skip flag (no redirect). The
+        // judged bits stay: the devices below this one must not judge the packet again.
         // SAFETY: `tc_index` is writable for tc programs.
-        unsafe { (*ctx.skb.skb).tc_index = 0 };
+        unsafe { (*ctx.skb.skb).tc_index = u32::from(tc_index & JUDGED) };
         -1
     } else if tc_index & SHAPE_MARK != 0 {
         -1 // match: redirect to the IFB, keep the filter's own classid
@@ -94,7 +94,8 @@ pub fn chaos_ifb(ctx: TcContext) -> i32 {
         let tc_index = (*skb).tc_index as u16;
         if tc_index & SHAPE_MARK != 0 {
             (*skb).tc_classid = u32::from(tc_index & MINOR_MASK);
-            (*skb).tc_index = if tc_index & EGRESS_ORIGIN != 0 { u32::from(RETURN_MARK) } else { 0 };
+            let back = if tc_index & EGRESS_ORIGIN != 0 { RETURN_MARK } else { 0 };
+            (*skb).tc_index = u32::from(back | (tc_index & JUDGED));
         }
     }
     TC_ACT_OK
@@ -108,7 +109,16 @@ fn classify(ctx: &TcContext, at_ingress: bool) -> i32 {
     }
 }
 
-/// Returns `None` for packets that are not ours (parse failure, no rule, expired rule).
+/// What the parser found: IP protocol, addresses (IPv4 as `::ffff:a.b.c.d`) and ports in host byte order.
+struct Flow {
+    proto: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+}
+
+/// Returns `None` for packets that are not ours (already judged, parse failure, no live rule).
 #[inline(always)]
 fn try_classify(ctx: &TcContext, at_ingress: bool) -> Option<i32> {
     // SAFETY: reading plain fields of the context.
@@ -116,55 +126,98 @@ fn try_classify(ctx: &TcContext, at_ingress: bool) -> Option<i32> {
     if tc_index & RETURN_MARK != 0 {
         return None; // already shaped on its way out; `chaos_steer` finishes the return trip
     }
+    let (judged, other) = if at_ingress { (JUDGED_IN, JUDGED_OUT) } else { (JUDGED_OUT, JUDGED_IN) };
+    if tc_index & judged != 0 {
+        return None; // judged by a device below (ingress) or above (egress) this one
+    }
     // SAFETY: the value is only read, and copied out immediately.
     let iface = *unsafe { IFACES.get(ifindex) }?;
     let hook = if at_ingress { iface.ingress_hook } else { iface.egress_hook };
     if hook == HOOK_NONE {
         return None;
     }
-    let (proto, sport, dport) = parse_ports(ctx, iface.l3_offset as usize)?;
+    let flow = parse(ctx, iface.l3_offset as usize)?;
+    // Rules for packets *to* a port live at loopback and ingress hooks, rules for packets *from* a port at
+    // loopback and egress hooks (see `PortMatch::keys` in the agent): look up only the sides this hook can have.
+    let rule = match hook {
+        HOOK_INGRESS => find_rule(&flow, hook, scope::SIDE_DST),
+        HOOK_EGRESS => find_rule(&flow, hook, scope::SIDE_SRC),
+        _ => find_rule(&flow, hook, scope::SIDE_DST).or_else(|| find_rule(&flow, hook, scope::SIDE_SRC)),
+    }?;
+    // A live rule matched: the packet is judged in this direction, and the devices it crosses next on the same
+    // way leave it alone. (A packet no rule matched is not marked: a device above may see a different packet in
+    // the same skb — the inner packet of a tunnel after decapsulation — and must judge that one.)
+    let mut tc_index = (tc_index & !other) | judged;
+    // SAFETY: `tc_index` is writable for tc programs.
+    unsafe { (*ctx.skb.skb).tc_index = u32::from(tc_index) };
 
-    let dst_key = RuleKey { port: dport, proto, scope: scope::encode(hook, scope::SIDE_DST) };
-    let src_key = RuleKey { port: sport, proto, scope: scope::encode(hook, scope::SIDE_SRC) };
-    // SAFETY: copied out of the map value right away.
-    let rule = match unsafe { RULES.get(dst_key) } {
-        Some(rule) => *rule,
-        None => *unsafe { RULES.get(src_key) }?,
-    };
-    // SAFETY: helper without arguments.
-    if unsafe { bpf_ktime_get_ns() } >= rule.expires_at_ns {
-        return None;
-    }
+    // A GSO/GRO super-packet stands for `gso_segs` wire segments: count those.
+    // SAFETY: reading a plain field of the context.
+    let segs = u64::from(unsafe { (*ctx.skb.skb).gso_segs }.max(1));
     let counters = COUNTERS.get_ptr_mut(rule.slot);
     if let Some(c) = counters {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe {
-            (*c).packets += 1;
+            (*c).packets += segs;
             (*c).bytes += u64::from(ctx.len());
         }
     }
+    // Loss is decided once per skb with the rule's probability: every wire segment is lost with that
+    // probability, segments of one super-packet together.
     // SAFETY: helper without arguments.
     let lost = rule.loss_threshold != 0 && unsafe { bpf_get_prandom_u32() } < rule.loss_threshold;
     if lost || rule.action == action::DROP {
         if let Some(c) = counters {
             // SAFETY: as above.
-            unsafe { (*c).drops += 1 };
+            unsafe { (*c).drops += segs };
         }
         return Some(TC_ACT_SHOT);
     }
     if rule.action == action::SHAPE {
         let origin = if at_ingress { 0 } else { EGRESS_ORIGIN };
-        let mark = SHAPE_MARK | origin | ((rule.class_minor as u16) & MINOR_MASK);
+        tc_index = (tc_index & JUDGED) | SHAPE_MARK | origin | ((rule.class_minor as u16) & MINOR_MASK);
         // SAFETY: `tc_index` is writable for tc programs.
-        unsafe { (*ctx.skb.skb).tc_index = u32::from(mark) };
+        unsafe { (*ctx.skb.skb).tc_index = u32::from(tc_index) };
     }
     // Fall through to the next filter: `chaos_steer` redirects marked packets, others pass untouched.
     None
 }
 
-/// Returns (IP protocol, source port, destination port) in host byte order for TCP and UDP packets.
+/// The live rule for one side of the packet: first keyed on the exact address, then on "any address of this
+/// host". Rules are only ever keyed on this host's addresses, so an address that is not one of them (traffic the
+/// host forwards) needs no rule lookup at all; on loopback every address is the host's. Expired rules are
+/// skipped (the clock is read only when a rule is found).
 #[inline(always)]
-fn parse_ports(ctx: &TcContext, l3_offset: usize) -> Option<(u8, u16, u16)> {
+fn find_rule(flow: &Flow, hook: u8, side: u8) -> Option<Rule> {
+    let (addr, port) = if side == scope::SIDE_DST { (flow.daddr, flow.dport) } else { (flow.saddr, flow.sport) };
+    // SAFETY: only tested for presence.
+    if hook != HOOK_LOCAL && unsafe { LOCAL_ADDRS.get(addr) }.is_none() {
+        return None;
+    }
+    let mut key = RuleKey { addr, port, proto: flow.proto, scope: scope::encode(hook, side) };
+    // SAFETY: copied out of the map value right away; the helper has no arguments.
+    if let Some(rule) = unsafe { RULES.get(key) }
+        && unsafe { bpf_ktime_get_ns() } < rule.expires_at_ns
+    {
+        return Some(*rule);
+    }
+    key.addr = ANY_LOCAL_ADDR;
+    // SAFETY: as above.
+    match unsafe { RULES.get(key) } {
+        Some(rule) if unsafe { bpf_ktime_get_ns() } < rule.expires_at_ns => Some(*rule),
+        _ => None,
+    }
+}
+
+/// IPv4 address as `::ffff:a.b.c.d`.
+#[inline(always)]
+fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+/// Parses a TCP or UDP packet whose network header starts at `l3_offset` (after up to two VLAN tags).
+#[inline(always)]
+fn parse(ctx: &TcContext, l3_offset: usize) -> Option<Flow> {
     let mut off = l3_offset;
     let mut ethertype = if l3_offset >= 2 {
         u16::from_be(ctx.load::<u16>(l3_offset - 2).ok()?)
@@ -173,22 +226,35 @@ fn parse_ports(ctx: &TcContext, l3_offset: usize) -> Option<(u8, u16, u16)> {
         // SAFETY: reading a plain field of the context.
         u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16)
     };
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
         ethertype = u16::from_be(ctx.load::<u16>(off + 2).ok()?);
         off += 4;
     }
-    let (proto, l4) = match ethertype {
+    let (proto, l4, saddr, daddr) = match ethertype {
         ETH_P_IP => {
-            let ver_ihl: u8 = ctx.load(off).ok()?;
-            let frag: u16 = u16::from_be(ctx.load(off + 6).ok()?);
-            if frag & 0x1fff != 0 {
+            // The fixed header in one load (each load is a helper call).
+            let h: [u8; 20] = ctx.load(off).ok()?;
+            let ihl = usize::from(h[0] & 0x0f) * 4;
+            if h[0] >> 4 != 4 || ihl < 20 {
+                return None;
+            }
+            if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
                 return None; // not the first fragment: no L4 header
             }
-            let proto: u8 = ctx.load(off + 9).ok()?;
-            (proto, off + usize::from(ver_ihl & 0x0f) * 4)
+            let saddr = v4_mapped([h[12], h[13], h[14], h[15]]);
+            let daddr = v4_mapped([h[16], h[17], h[18], h[19]]);
+            (h[9], off + ihl, saddr, daddr)
         }
         ETH_P_IPV6 => {
-            let mut next: u8 = ctx.load(off + 6).ok()?;
+            let h: [u8; IPV6_HDR_LEN] = ctx.load(off).ok()?;
+            let mut next = h[6];
+            let mut saddr = [0u8; 16];
+            let mut daddr = [0u8; 16];
+            saddr.copy_from_slice(&h[8..24]);
+            daddr.copy_from_slice(&h[24..40]);
             let mut l4 = off + IPV6_HDR_LEN;
             for _ in 0..IPV6_MAX_EXT_HEADERS {
                 match next {
@@ -200,7 +266,7 @@ fn parse_ports(ctx: &TcContext, l3_offset: usize) -> Option<(u8, u16, u16)> {
                     IPPROTO_FRAGMENT => {
                         let hdr: [u8; 4] = ctx.load(l4).ok()?;
                         if (u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8) != 0 {
-                            return None;
+                            return None; // not the first fragment
                         }
                         next = hdr[0];
                         l4 += 8;
@@ -208,7 +274,7 @@ fn parse_ports(ctx: &TcContext, l3_offset: usize) -> Option<(u8, u16, u16)> {
                     _ => break,
                 }
             }
-            (next, l4)
+            (next, l4, saddr, daddr)
         }
         _ => return None,
     };
@@ -216,7 +282,7 @@ fn parse_ports(ctx: &TcContext, l3_offset: usize) -> Option<(u8, u16, u16)> {
         return None;
     }
     let ports: [u16; 2] = ctx.load(l4).ok()?;
-    Some((proto, u16::from_be(ports[0]), u16::from_be(ports[1])))
+    Some(Flow { proto, saddr, daddr, sport: u16::from_be(ports[0]), dport: u16::from_be(ports[1]) })
 }
 
 #[cfg(target_arch = "bpf")]

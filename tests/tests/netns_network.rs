@@ -38,7 +38,7 @@ fn net_config(dir: &std::path::Path) -> NetConfig {
 }
 
 fn to(port: u16) -> PortMatch {
-    PortMatch { port, protocol: Protocol::Tcp, direction: Direction::To }
+    PortMatch::new(port, Protocol::Tcp, Direction::To)
 }
 
 fn observe() -> Impairment {
@@ -239,12 +239,7 @@ fn the_operators_root_qdisc_is_never_replaced_or_deleted() {
         let h1 = engine.apply("r", &[to(a)], &rate, Duration::from_secs(60)).await.unwrap();
         let bh = Impairment { blackhole: true, ..Default::default() };
         let h2 = engine
-            .apply(
-                "b",
-                &[PortMatch { port: 7402, protocol: Protocol::Both, direction: Direction::Both }],
-                &bh,
-                Duration::from_secs(60),
-            )
+            .apply("b", &[PortMatch::new(7402, Protocol::Both, Direction::Both)], &bh, Duration::from_secs(60))
             .await
             .unwrap();
         let during = srv.tc(&["qdisc", "show", "dev", "veth0", "root"]);
@@ -399,7 +394,7 @@ fn serial_ten_thousand_rule_changes_never_disturb_another_port() {
                 n if n % 2 == 0 => Impairment { blackhole: true, ..Default::default() },
                 _ => Impairment { loss_percent: 50.0, ..Default::default() },
             };
-            let m = PortMatch { port, protocol: Protocol::Both, direction: Direction::Both };
+            let m = PortMatch::new(port, Protocol::Both, Direction::Both);
             let h = engine.apply(&format!("c{i}"), &[m], &imp, Duration::from_secs(60)).await.unwrap();
             engine.revert(&h).await.unwrap();
             cycles += 1;

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [rpc|network|changes|kill|all]`: the performance claims, each measured side by side with the
+//! `cargo xtask bench [rpc|network|changes|kill|classifier|all]`: the performance claims, each measured side by side with the
 //! baseline it beats, in one run of the release benchmark binary `chaos-bench` (`tests/src/bin/chaos-bench.rs`).
 //!
 //! Layout:
@@ -21,9 +21,12 @@ use crate::{
 };
 
 /// The benchmarks `chaos-bench` knows (`all` runs them in this order).
-pub const BENCHMARKS: [&str; 4] = ["rpc", "network", "changes", "kill"];
+pub const BENCHMARKS: [&str; 5] = ["rpc", "network", "changes", "kill", "classifier"];
 
-/// Runs `which` (`rpc`, `network`, `changes`, `kill` or `all`).
+/// The git revision whose classifier the `classifier` benchmark compares against (port-only rule keys).
+pub const CLASSIFIER_BASELINE_REV: &str = "a401fe4";
+
+/// Runs `which` (`rpc`, `network`, `changes`, `kill`, `classifier` or `all`).
 ///
 /// # Errors
 /// An unknown benchmark, a failed preparation or build, or a benchmark that could not run.
@@ -43,6 +46,10 @@ pub fn run(which: &str) -> Result<()> {
     ebpf::build()?;
 
     let mut env: Vec<(&str, String)> = Vec::new();
+    if wants("classifier") {
+        let old = ebpf::build_revision(CLASSIFIER_BASELINE_REV)?;
+        env.push(("CHAOS_OLD_EBPF_OBJECT", old.display().to_string()));
+    }
     let mut zookeeper = None;
     if wants("rpc") {
         step("preparing: ZooKeeper and the lymph 0.15 venv (the Python service the rpc benchmark races)");

@@ -28,14 +28,59 @@ pub fn object_path() -> PathBuf {
 pub fn build() -> Result<PathBuf> {
     ensure_toolchain()?;
     step("building the eBPF classifier (chaos-ebpf) for bpfel-unknown-none");
-    let build_dir = util::target_dir().join("bpf-build");
+    let built = build_in(&util::root(), &util::target_dir().join("bpf-build"))?;
+    let dest = object_path();
+    std::fs::create_dir_all(dest.parent().expect("has a parent"))?;
+    let fresh = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    // Copy only when it changed, so cargo does not rebuild the agent for nothing.
+    if std::fs::read(&dest).ok().as_deref() != Some(&fresh[..]) {
+        std::fs::write(&dest, &fresh).with_context(|| format!("writing {}", dest.display()))?;
+    }
+    eprintln!("    BPF object: {} ({} bytes)", dest.display(), fresh.len());
+    Ok(dest)
+}
+
+/// Builds the classifier of git revision `rev` (for benchmarks against an earlier object): its tree is exported
+/// with `git archive` under the target directory and built there. Returns the object's path.
+pub fn build_revision(rev: &str) -> Result<PathBuf> {
+    ensure_toolchain()?;
+    step(format!("building the eBPF classifier of git {rev} (the baseline of the classifier benchmark)"));
+    let base = util::target_dir().join(format!("bpf-{rev}"));
+    let src = base.join("src");
+    if !src.join("chaos-ebpf").is_dir() {
+        std::fs::create_dir_all(&src)?;
+        let archive = Command::new("git")
+            .current_dir(util::root())
+            .args(["archive", "--format=tar", rev])
+            .output()
+            .context("running git archive")?;
+        if !archive.status.success() {
+            bail!("git archive {rev}: {}", String::from_utf8_lossy(&archive.stderr).trim());
+        }
+        let mut tar = Command::new("tar")
+            .args(["-x", "-C"])
+            .arg(&src)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .context("running tar")?;
+        std::io::Write::write_all(tar.stdin.as_mut().expect("piped"), &archive.stdout)?;
+        drop(tar.stdin.take());
+        if !tar.wait()?.success() {
+            bail!("unpacking git {rev} into {}", src.display());
+        }
+    }
+    build_in(&src, &base.join("build"))
+}
+
+/// Builds `chaos-ebpf` of the workspace at `root` into `build_dir`; returns the built object.
+fn build_in(root: &std::path::Path, build_dir: &std::path::Path) -> Result<PathBuf> {
     let mut path = std::env::var_os("PATH").unwrap_or_default();
     // bpf-linker lives in $CARGO_HOME/bin; put it first so cargo finds it.
     path = std::env::join_paths(std::iter::once(cargo_bin_dir()).chain(std::env::split_paths(&path)))?;
     let mut cmd = Command::new(DEBIAN_CARGO);
-    cmd.current_dir(util::root())
+    cmd.current_dir(root)
         .args(["build", "--release", "--package", "chaos-ebpf", "--target", BPF_TARGET, "--target-dir"])
-        .arg(&build_dir)
+        .arg(build_dir)
         .env("PATH", path)
         .env("RUSTC", DEBIAN_RUSTC)
         // core for bpfel is prebuilt by Debian; aya-ebpf uses a few unstable features.
@@ -48,16 +93,7 @@ pub fn build() -> Result<PathBuf> {
         .env_remove("CARGO_BUILD_TARGET")
         .env_remove("RUSTUP_TOOLCHAIN");
     run(&mut cmd)?;
-    let built = build_dir.join(BPF_TARGET).join("release").join("chaos-ebpf");
-    let dest = object_path();
-    std::fs::create_dir_all(dest.parent().expect("has a parent"))?;
-    let fresh = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
-    // Copy only when it changed, so cargo does not rebuild the agent for nothing.
-    if std::fs::read(&dest).ok().as_deref() != Some(&fresh[..]) {
-        std::fs::write(&dest, &fresh).with_context(|| format!("writing {}", dest.display()))?;
-    }
-    eprintln!("    BPF object: {} ({} bytes)", dest.display(), fresh.len());
-    Ok(dest)
+    Ok(build_dir.join(BPF_TARGET).join("release").join("chaos-ebpf"))
 }
 
 fn ensure_toolchain() -> Result<()> {

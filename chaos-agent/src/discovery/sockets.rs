@@ -55,6 +55,35 @@ pub fn tcp_listeners() -> io::Result<Vec<Listener>> {
     }
 }
 
+/// The UDP sockets of this network namespace that receive from anyone (bound, not connected): (address, port).
+pub fn udp_bound() -> Vec<(IpAddr, u16)> {
+    let mut out = Vec::new();
+    for (file, v6) in [("/proc/net/udp", false), ("/proc/net/udp6", true)] {
+        let Ok(text) = fs::read_to_string(file) else { continue };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // `sl local_address rem_address st …`: unconnected sockets have remote port 0 (state 07 = CLOSE).
+            let Some(remote) = fields.get(2) else { continue };
+            let rport = remote.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if rport != Some(0) {
+                continue;
+            }
+            // The local address has the layout of a TCP listener's line; reuse its parser with a fake state.
+            let mut as_listen = fields.clone();
+            if as_listen.len() < 10 {
+                continue;
+            }
+            as_listen[3] = "0A";
+            if let Some(l) = parse_proc_net_line(&as_listen.join(" "), v6)
+                && l.port != 0
+            {
+                out.push((l.addr, l.port));
+            }
+        }
+    }
+    out
+}
+
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const TCP_LISTEN: u32 = 10;
 const NLMSG_DONE: u16 = 3;

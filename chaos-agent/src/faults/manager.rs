@@ -12,6 +12,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
+    net::IpAddr,
     sync::{Arc, Mutex as StdMutex, Weak},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -22,7 +23,7 @@ use tracing::{info, warn};
 
 use super::{
     FaultAction, FaultReport, FaultSpec, Selection, State, Target,
-    network::{NetError, NetHandle, NetworkEngine, PortMatch},
+    network::{Direction, NetError, NetHandle, NetworkEngine, PortMatch, Protocol},
     process::{self, Guards, Origin, PidFd, ProcInfo},
     resource::{self, ResourceFault},
 };
@@ -953,8 +954,10 @@ impl FaultManager {
                 let engine =
                     self.network().ok_or_else(|| FaultError::NetworkDisabled("network control is off".into()))?;
                 let ports: BTreeSet<u16> = chosen.iter().flat_map(|c| c.ports.clone()).collect();
-                let matches: Vec<PortMatch> =
-                    ports.iter().map(|&port| PortMatch { port, protocol: *protocol, direction: *direction }).collect();
+                let (matches, notes) = port_matches(&ports, *protocol, *direction);
+                for note in &notes {
+                    warn!(fault = %id, "{note}");
+                }
                 journal(Entry { network: true, ..entry(label) })?;
                 let handle = match engine.apply(&id, &matches, impairment, lifetime).await {
                     Ok(h) => h,
@@ -967,12 +970,19 @@ impl FaultManager {
                 fault.report.ports = ports.iter().copied().collect();
                 fault.net = Some(handle);
                 fault.report.state = Some(State::Active);
-                Ok(format!(
-                    "{label} on port(s) {:?} ({direction:?}) via {} for {:.1} s",
+                let protocols: BTreeSet<&str> = matches.iter().map(|m| protocol_name(m.protocol)).collect();
+                let mut msg = format!(
+                    "{label} on port(s) {:?} ({direction:?}, {}) via {} for {:.1} s",
                     fault.report.ports,
+                    protocols.into_iter().collect::<Vec<_>>().join("+"),
                     fault.report.interfaces.join(", "),
                     lifetime.as_secs_f64()
-                ))
+                );
+                for note in notes {
+                    msg.push_str("; warning: ");
+                    msg.push_str(&note);
+                }
+                Ok(msg)
             }
             FaultAction::Cpu(_) | FaultAction::Memory(_) | FaultAction::Disk(_) => {
                 let cgroup_pid = chosen.iter().find_map(|c| c.process.as_ref().map(|p| p.pid));
@@ -1035,8 +1045,7 @@ impl FaultManager {
                 continue;
             }
             let remaining = Duration::from_secs_f64((fault.report.expires - now_unix()).max(0.05));
-            let matches: Vec<PortMatch> =
-                ports.iter().map(|&port| PortMatch { port, protocol: *protocol, direction: *direction }).collect();
+            let (matches, _) = port_matches(&ports.iter().copied().collect(), *protocol, *direction);
             if let Err(err) = engine.revert(handle).await {
                 warn!(%err, "following: could not remove old rules");
             }
@@ -1193,6 +1202,77 @@ fn owner_of_port(port: u16, hints: &[i32]) -> Option<i32> {
     let owners = sockets::owners_of(&inodes, hints);
     // Any socket listening on the port will do (v4 and v6 sockets of one process, or SO_REUSEPORT siblings).
     owners.values().min().copied()
+}
+
+fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Both => "tcp+udp",
+    }
+}
+
+/// The port matches of a network fault: the protocol asked for, or else what listens on each port (TCP, UDP or
+/// both; TCP when nothing listens yet). Also the sentences to tell the caller when the protocol meets no
+/// listener on a port (the fault is applied anyway: the service may be about to start).
+fn port_matches(
+    ports: &BTreeSet<u16>,
+    protocol: Option<Protocol>,
+    direction: Direction,
+) -> (Vec<PortMatch>, Vec<String>) {
+    let tcp: Vec<(IpAddr, u16)> =
+        sockets::tcp_listeners().unwrap_or_default().iter().map(|l| (l.addr, l.port)).collect();
+    let udp = sockets::udp_bound();
+    let mut notes = Vec::new();
+    let mut matches = Vec::new();
+    for &port in ports {
+        let on = |socks: &[(IpAddr, u16)]| socks.iter().any(|&(_, p)| p == port);
+        let listens = match (on(&tcp), on(&udp)) {
+            (true, true) => Some(Protocol::Both),
+            (true, false) => Some(Protocol::Tcp),
+            (false, true) => Some(Protocol::Udp),
+            (false, false) => None,
+        };
+        let chosen = match (protocol, listens) {
+            (Some(p), Some(l)) => {
+                let meets = p == l || p == Protocol::Both || l == Protocol::Both;
+                if !meets {
+                    notes.push(format!(
+                        "nothing listens on {} port {port} on this host (it listens on {}): this fault will not \
+                         touch the service's traffic; use protocol={}",
+                        protocol_name(p),
+                        protocol_name(l),
+                        protocol_name(l)
+                    ));
+                }
+                p
+            }
+            (Some(p), None) => {
+                notes.push(format!("nothing listens on port {port} on this host yet ({} assumed)", protocol_name(p)));
+                p
+            }
+            (None, Some(l)) => l,
+            (None, None) => {
+                notes.push(format!(
+                    "nothing listens on port {port} on this host yet: the fault matches tcp (give protocol=udp or \
+                     both for other traffic)"
+                ));
+                Protocol::Tcp
+            }
+        };
+        // The sockets' addresses: bound to one address each → rules on those addresses; any wildcard socket (or
+        // none yet) → any address of this host.
+        let addrs: BTreeSet<IpAddr> =
+            tcp.iter().chain(udp.iter()).filter(|&&(_, p)| p == port).map(|&(a, _)| a.to_canonical()).collect();
+        if addrs.is_empty() || addrs.iter().any(IpAddr::is_unspecified) {
+            matches.push(PortMatch::new(port, chosen, direction));
+        } else {
+            matches.extend(
+                addrs.into_iter().map(|a| PortMatch { addr: Some(a), ..PortMatch::new(port, chosen, direction) }),
+            );
+        }
+    }
+    (matches, notes)
 }
 
 /// Listening TCP ports of some pids.

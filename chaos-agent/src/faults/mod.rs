@@ -103,8 +103,8 @@ pub enum FaultAction {
         impairment: Impairment,
         /// Which packets.
         direction: Direction,
-        /// TCP, UDP or both.
-        protocol: Protocol,
+        /// TCP, UDP or both; `None` = what the target listens on (TCP when nothing listens on its port yet).
+        protocol: Option<Protocol>,
     },
     /// Burn CPU.
     Cpu(resource::CpuSpec),

@@ -11,7 +11,7 @@
 //!   ┌──────────────────────────────┐  mirred redirect ┌───────────────────────────┐
 //!   │ prio A: chaos_ingress/egress │ ───────────────▶ │ chaos_ifb: class = tc_idx │
 //!   │   (direct action)            │  (prio B filter) │  HTB class ─▶ netem/fifo  │
-//!   │   RULES lookup by port       │                  └───────────────────────────┘
+//!   │   RULES: address + port      │                  └───────────────────────────┘
 //!   │   drop / loss / mark shape   │
 //!   │ prio B: chaos_steer          │
 //!   │   (classic, + act_mirred)    │
@@ -33,6 +33,10 @@ pub const MAP_RULES: &str = "CHAOS_RULES";
 pub const MAP_COUNTERS: &str = "CHAOS_COUNTERS";
 /// Hash map ifindex (u32) → [`Iface`]: the interfaces the classifier is attached to and how to read them.
 pub const MAP_IFACES: &str = "CHAOS_IFACES";
+/// Hash map address (`[u8; 16]`, IPv4 as `::ffff:a.b.c.d`) → `u8` (1): the addresses of this host (the network
+/// namespace the agent runs in). A rule keyed on [`ANY_LOCAL_ADDR`] matches only packets whose address on the
+/// rule's side is in this map, so traffic the host forwards to other machines is never touched.
+pub const MAP_LOCAL_ADDRS: &str = "CHAOS_LOCAL_ADDRS";
 
 /// Direct-action program for clsact ingress.
 pub const PROG_INGRESS: &str = "chaos_ingress";
@@ -46,12 +50,34 @@ pub const PROG_IFB: &str = "chaos_ifb";
 /// Capacity of [`MAP_COUNTERS`]: the number of network faults at once (one counter slot each).
 pub const MAX_RULES: u32 = 16_384;
 /// Capacity of [`MAP_RULES`]: a fault takes one key per protocol × side × hook it covers (2 for a TCP port
-/// `to`, up to 8), so 16,384 faults on single ports fit with room to spare (≈ 2 MiB of kernel memory).
+/// `to`, up to 8), so 16,384 faults on single ports fit with room to spare (≈ 3 MiB of kernel memory).
 pub const MAX_RULE_KEYS: u32 = 65_536;
-/// Largest IFB class minor a rule can name (13 bits travel in `tc_index` next to three flag bits).
-pub const MAX_CLASS_MINOR: u32 = 0x1fff;
-/// Capacity of [`MAP_IFACES`].
-pub const MAX_IFACES: u32 = 256;
+/// Largest IFB class minor a rule can name (11 bits travel in `tc_index` next to five flag bits).
+pub const MAX_CLASS_MINOR: u32 = 0x07ff;
+/// Capacity of [`MAP_IFACES`]. Entries are removed with their interface, so this bounds the interfaces that
+/// exist at once, not the interfaces seen over the agent's life.
+pub const MAX_IFACES: u32 = 4096;
+/// Capacity of [`MAP_LOCAL_ADDRS`].
+pub const MAX_LOCAL_ADDRS: u32 = 4096;
+/// [`RuleKey::addr`] of a rule that applies to every address of this host (see [`MAP_LOCAL_ADDRS`]).
+pub const ANY_LOCAL_ADDR: [u8; 16] = [0; 16];
+/// Memory budget of the per-CPU counter map: the agent sizes [`MAP_COUNTERS`] to
+/// `min(MAX_RULES, COUNTER_BUDGET_BYTES / (24 × possible CPUs))` slots at load time (16,384 slots up to 42
+/// possible CPUs; 10,922 at 64 CPUs, 2,730 at 256 — 16 MiB in every case).
+pub const COUNTER_BUDGET_BYTES: u64 = 16 << 20;
+
+/// Counter slots for a machine with `possible_cpus` CPUs (see [`COUNTER_BUDGET_BYTES`]).
+pub const fn counter_slots(possible_cpus: u32) -> u32 {
+    let cpus = if possible_cpus == 0 { 1 } else { possible_cpus as u64 };
+    let fit = COUNTER_BUDGET_BYTES / (core::mem::size_of::<Counters>() as u64 * cpus);
+    if fit > MAX_RULES as u64 {
+        MAX_RULES
+    } else if fit == 0 {
+        1
+    } else {
+        fit as u32
+    }
+}
 
 /// Where in the packet the rule's port is found and at which hook the rule applies.
 ///
@@ -88,6 +114,9 @@ pub mod proto {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RuleKey {
+    /// The target's address on the rule's side of the packet (destination for [`scope::SIDE_DST`], source for
+    /// [`scope::SIDE_SRC`]): IPv6, or IPv4 as `::ffff:a.b.c.d`; [`ANY_LOCAL_ADDR`] = any address of this host.
+    pub addr: [u8; 16],
     /// Port in host byte order.
     pub port: u16,
     /// [`proto::TCP`] or [`proto::UDP`].
@@ -159,6 +188,35 @@ mod user {
     unsafe impl aya::Pod for super::Iface {}
 }
 
+/// Bits of `skb->tc_index` (16 bits). The kernel leaves `tc_index` alone along the whole path of a packet
+/// through one host — bridges, macvlan, VLAN and bond devices, mirred and the IFB — which makes it the field that
+/// carries both our shaping decision to the IFB and the fact that a packet was already judged:
+/// - [`tc_index::SHAPE`] | [`tc_index::EGRESS_ORIGIN`]? | class minor: set by the classifier, read by the steer
+///   program (redirect) and the IFB program (class);
+/// - [`tc_index::RETURN`]: set by the IFB program on packets that came from an egress hook and go back into the
+///   device's egress path;
+/// - [`tc_index::JUDGED_IN`] / [`tc_index::JUDGED_OUT`]: a live rule judged the packet on its way in / out of
+///   this host. An ingress hook that finds `JUDGED_IN` (a bridge after its port, a macvlan or VLAN after its lower
+///   device) leaves the packet alone; judging at ingress clears `JUDGED_OUT`, and the other way round, so each
+///   packet is judged once per direction per host. Packets no rule matched are not marked: after a tunnel's
+///   decapsulation the same skb carries another packet, which the tunnel device's hook must judge.
+pub mod tc_index {
+    /// Packet to shape: redirect to the IFB.
+    pub const SHAPE: u16 = 0x8000;
+    /// Back from the IFB on the egress path.
+    pub const RETURN: u16 = 0x4000;
+    /// The shaped packet was taken at an egress hook.
+    pub const EGRESS_ORIGIN: u16 = 0x2000;
+    /// Judged on its way in.
+    pub const JUDGED_IN: u16 = 0x1000;
+    /// Judged on its way out.
+    pub const JUDGED_OUT: u16 = 0x0800;
+    /// Both judged bits.
+    pub const JUDGED: u16 = JUDGED_IN | JUDGED_OUT;
+    /// IFB class minor.
+    pub const MINOR_MASK: u16 = 0x07ff;
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -167,10 +225,26 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<RuleKey>(), 4);
+        assert_eq!(size_of::<RuleKey>(), 20);
         assert_eq!(size_of::<Rule>(), 24);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<Iface>(), 8);
+    }
+
+    #[test]
+    fn counter_map_memory_stays_within_its_budget() {
+        for cpus in [1u32, 2, 42, 64, 256, 1024, 8192] {
+            let bytes = u64::from(counter_slots(cpus)) * 24 * u64::from(cpus);
+            assert!(bytes <= COUNTER_BUDGET_BYTES, "{cpus} CPUs: {bytes} bytes");
+        }
+        assert_eq!(counter_slots(2), MAX_RULES);
+        assert_eq!(counter_slots(64), 10_922);
+        assert_eq!(counter_slots(256), 2_730);
+        assert_eq!(tc_index::MINOR_MASK as u32, MAX_CLASS_MINOR);
+        assert_eq!(
+            tc_index::SHAPE & tc_index::RETURN & tc_index::EGRESS_ORIGIN & tc_index::JUDGED & tc_index::MINOR_MASK,
+            0
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::{
     io,
+    mem::size_of,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
 };
@@ -16,8 +17,8 @@ use aya::{
     programs::{ProgramError, SchedClassifier},
 };
 use chaos_common::{
-    Counters, Iface, MAP_COUNTERS, MAP_IFACES, MAP_RULES, PROG_EGRESS, PROG_IFB, PROG_INGRESS, PROG_STEER, Rule,
-    RuleKey,
+    Counters, Iface, MAP_COUNTERS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_RULES, PROG_EGRESS, PROG_IFB, PROG_INGRESS,
+    PROG_STEER, Rule, RuleKey,
 };
 
 /// The classifier object built by `cargo xtask build-ebpf` (empty when it was not built).
@@ -75,6 +76,11 @@ pub enum ClassifierError {
     },
 }
 
+/// The embedded BPF object (empty when it was not built).
+pub fn embedded_object() -> &'static [u8] {
+    OBJECT
+}
+
 /// Whether the agent carries a BPF object.
 pub fn object_available() -> bool {
     !OBJECT.is_empty()
@@ -87,6 +93,8 @@ pub struct Classifier {
     rules: BpfHashMap<MapData, RuleKey, Rule>,
     counters: PerCpuArray<MapData, Counters>,
     ifaces: BpfHashMap<MapData, u32, Iface>,
+    local_addrs: BpfHashMap<MapData, [u8; 16], u8>,
+    slots: u32,
     pins: Vec<PathBuf>,
 }
 
@@ -112,7 +120,21 @@ impl Classifier {
         if OBJECT.is_empty() {
             return Err(ClassifierError::NotBuilt);
         }
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|source| ClassifierError::Load { source })?;
+        Classifier::load_object(OBJECT, pin_dir)
+    }
+
+    /// Loads `object` (the embedded one, or another build of the classifier for comparisons).
+    ///
+    /// # Errors
+    /// As [`Classifier::load`].
+    pub fn load_object(object: &[u8], pin_dir: Option<&Path>) -> Result<Classifier, ClassifierError> {
+        // The per-CPU counters take `slots × 24 bytes × possible CPUs`: size them to the machine.
+        let cpus = aya::util::nr_cpus().map_err(|(what, source)| ClassifierError::Io { what, source })?;
+        let slots = chaos_common::counter_slots(cpus as u32);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_COUNTERS, slots)
+            .load(object)
+            .map_err(|source| ClassifierError::Load { source })?;
         for name in [PROG_INGRESS, PROG_EGRESS, PROG_STEER, PROG_IFB] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -128,10 +150,16 @@ impl Classifier {
         let rules_map = take(&mut ebpf, MAP_RULES)?;
         let counters_map = take(&mut ebpf, MAP_COUNTERS)?;
         let ifaces_map = take(&mut ebpf, MAP_IFACES)?;
+        let local_map = take(&mut ebpf, MAP_LOCAL_ADDRS)?;
         let mut pins = Vec::new();
         if let Some(dir) = pin_dir {
             ensure_bpffs(dir)?;
-            for (name, map) in [(MAP_RULES, &rules_map), (MAP_COUNTERS, &counters_map), (MAP_IFACES, &ifaces_map)] {
+            for (name, map) in [
+                (MAP_RULES, &rules_map),
+                (MAP_COUNTERS, &counters_map),
+                (MAP_IFACES, &ifaces_map),
+                (MAP_LOCAL_ADDRS, &local_map),
+            ] {
                 let path = dir.join(name);
                 // A pin left by a crashed run of ours: replace it.
                 let _ = std::fs::remove_file(&path);
@@ -145,7 +173,56 @@ impl Classifier {
             PerCpuArray::try_from(counters_map).map_err(|source| ClassifierError::Map { map: MAP_COUNTERS, source })?;
         let ifaces =
             BpfHashMap::try_from(ifaces_map).map_err(|source| ClassifierError::Map { map: MAP_IFACES, source })?;
-        Ok(Classifier { ebpf, rules, counters, ifaces, pins })
+        let local_addrs =
+            BpfHashMap::try_from(local_map).map_err(|source| ClassifierError::Map { map: MAP_LOCAL_ADDRS, source })?;
+        Ok(Classifier { ebpf, rules, counters, ifaces, local_addrs, slots, pins })
+    }
+
+    /// Counter slots (the most network faults at once on this machine).
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// Makes [`MAP_LOCAL_ADDRS`] hold exactly `addrs` (IPv4 as `::ffff:a.b.c.d`).
+    ///
+    /// # Errors
+    /// When the kernel refuses an update.
+    pub fn set_local_addrs(&mut self, addrs: &std::collections::BTreeSet<[u8; 16]>) -> Result<(), aya::maps::MapError> {
+        let present: Vec<[u8; 16]> = self.local_addrs.keys().filter_map(Result::ok).collect();
+        for old in present.iter().filter(|a| !addrs.contains(*a)) {
+            let _ = self.local_addrs.remove(old);
+        }
+        for new in addrs.iter().filter(|a| !present.contains(a)) {
+            self.local_addrs.insert(new, 1, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Addresses in [`MAP_LOCAL_ADDRS`].
+    pub fn local_addrs(&self) -> Vec<[u8; 16]> {
+        self.local_addrs.keys().filter_map(Result::ok).collect()
+    }
+
+    /// ifindexes in [`MAP_IFACES`].
+    pub fn ifaces(&self) -> Vec<u32> {
+        self.ifaces.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Runs a program once per `repeat` on a copy of `frame` (an Ethernet frame) in the kernel
+    /// (`BPF_PROG_TEST_RUN`; the packet is not sent anywhere, the maps are the live ones). The skb's device is the
+    /// loopback device of the calling thread's network namespace (ifindex 1).
+    ///
+    /// # Errors
+    /// When the kernel refuses the run.
+    pub fn test_run(&self, program: &str, frame: &[u8], repeat: u32) -> io::Result<TestRun> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(program)
+            .ok_or_else(|| io::Error::other(format!("no program {program}")))?
+            .try_into()
+            .map_err(io::Error::other)?;
+        let fd = program.fd().map_err(io::Error::other)?.as_fd().as_raw_fd();
+        test_run_fd(fd, frame, repeat)
     }
 
     /// Raw fds of the programs (valid while `self` lives).
@@ -236,6 +313,60 @@ impl Classifier {
     }
 }
 
+/// What one `BPF_PROG_TEST_RUN` gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestRun {
+    /// The program's return value (`TC_ACT_*`).
+    pub retval: i32,
+    /// Mean run time per repetition in ns, as the kernel measured it.
+    pub duration_ns: u32,
+}
+
+/// `BPF_PROG_TEST_RUN` on a program fd (see [`Classifier::test_run`]).
+///
+/// # Errors
+/// When the kernel refuses the run.
+pub fn test_run_fd(fd: i32, frame: &[u8], repeat: u32) -> io::Result<TestRun> {
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    // `union bpf_attr`'s `test` member, up to `batch_size`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    let mut attr = TestAttr {
+        prog_fd: fd as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    // SAFETY: bpf(2) reads `attr` (and `frame` through its pointer, valid for its length) and writes `retval` and
+    // `duration` into `attr`, which we own.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &mut attr as *mut TestAttr, size_of::<TestAttr>() as u32)
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TestRun { retval: attr.retval as i32, duration_ns: attr.duration })
+}
+
 /// Capacity of the rule map.
 pub const RULE_CAPACITY: u32 = chaos_common::MAX_RULE_KEYS;
 
@@ -262,7 +393,7 @@ fn is_bpffs(path: &Path) -> bool {
 /// Removes leftover pins of an earlier run (and the directory, when empty).
 pub fn remove_pins(dir: &Path) -> io::Result<usize> {
     let mut removed = 0;
-    for name in [MAP_RULES, MAP_COUNTERS, MAP_IFACES] {
+    for name in [MAP_RULES, MAP_COUNTERS, MAP_IFACES, MAP_LOCAL_ADDRS] {
         match std::fs::remove_file(dir.join(name)) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -8,12 +8,17 @@
 //!
 //! ```text
 //!  lo / eth0 / veth…             clsact (created if absent; the root qdisc is never touched)
-//!    ├─ prio 3146  bpf da  chaos_ingress / chaos_egress ── RULES[(port, proto, scope)] → drop | loss | mark
+//!    ├─ prio 3146  bpf da  chaos_ingress / chaos_egress ── RULES[(addr, port, proto, scope)] → drop | loss | mark
 //!    └─ prio 3147  bpf     chaos_steer + mirred egress redirect dev lchaos0   (marked packets only)
 //!  lchaos0 (ifb, ours)           root htb c4a0: (unclassified → direct)
 //!    ├─ filter bpf da chaos_ifb (tc_index → class)
 //!    └─ class c4a0:<n> (rate) ── leaf netem (delay, jitter, dup, corrupt, reorder) or pfifo
 //! ```
+//!
+//! Each packet is judged once per direction per host however many of our hooks it crosses (a bridge and its port,
+//! a VLAN and its parent …: judged bits in `tc_index`, see `chaos_common::tc_index`), and only packets to or from
+//! the target's own addresses match (`LOCAL_ADDRS`, kept current by [`NetworkEngine::follow_links`] together with
+//! the attached interfaces).
 //!
 //! Adding or removing a fault is a map update, plus at most one class and leaf on our IFB; traffic on other
 //! ports never notices. Rules carry their expiry and the classifier ignores expired rules itself, so faults lapse
@@ -35,12 +40,13 @@ pub mod netlink;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
     path::PathBuf,
     time::Duration,
 };
 
 use chaos_common::{
-    Counters, Iface, MAX_CLASS_MINOR, MAX_RULES, Rule, RuleKey, action, proto,
+    ANY_LOCAL_ADDR, Counters, Iface, MAX_CLASS_MINOR, Rule, RuleKey, action, proto,
     scope::{self, HOOK_EGRESS, HOOK_INGRESS, HOOK_LOCAL, HOOK_NONE, SIDE_DST, SIDE_SRC},
 };
 use serde::{Deserialize, Serialize};
@@ -124,7 +130,7 @@ pub enum Protocol {
     Both,
 }
 
-/// A port and which of its packets to match.
+/// A port of the target and which of its packets to match.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortMatch {
     /// The port.
@@ -133,9 +139,26 @@ pub struct PortMatch {
     pub protocol: Protocol,
     /// Direction.
     pub direction: Direction,
+    /// The target's address (a socket bound to one address); `None` = any address of this host. Either way,
+    /// packets the host forwards to other machines never match.
+    #[serde(default)]
+    pub addr: Option<IpAddr>,
+}
+
+/// An address as the classifier keys it: IPv6, or IPv4 as `::ffff:a.b.c.d`.
+pub fn key_addr(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
 }
 
 impl PortMatch {
+    /// Packets of `port` on any address of this host.
+    pub fn new(port: u16, protocol: Protocol, direction: Direction) -> PortMatch {
+        PortMatch { port, protocol, direction, addr: None }
+    }
+
     /// The map keys this match needs.
     pub fn keys(&self) -> Vec<RuleKey> {
         let protos: &[u8] = match self.protocol {
@@ -154,6 +177,7 @@ impl PortMatch {
             .iter()
             .flat_map(|&p| {
                 scopes.iter().map(move |&(hook, side)| RuleKey {
+                    addr: self.addr.map_or(ANY_LOCAL_ADDR, key_addr),
                     port: self.port,
                     proto: p,
                     scope: scope::encode(hook, side),
@@ -343,7 +367,7 @@ pub struct NetHandle {
     /// Fault id.
     pub fault: String,
     /// Map keys it owns.
-    pub keys: Vec<(u16, u8, u8)>,
+    pub keys: Vec<RuleKeyOf>,
     /// Counter slot.
     pub slot: u32,
     /// IFB class minor, for shaping faults.
@@ -354,9 +378,12 @@ pub struct NetHandle {
     pub interfaces: Vec<String>,
 }
 
+/// A rule key in reports: port, protocol, scope, address (`::ffff:a.b.c.d` for IPv4, `::` = any of this host).
+pub type RuleKeyOf = (u16, u8, u8, [u8; 16]);
+
 impl NetHandle {
     fn rule_keys(&self) -> impl Iterator<Item = RuleKey> + '_ {
-        self.keys.iter().map(|&(port, proto, scope)| RuleKey { port, proto, scope })
+        self.keys.iter().map(|&(port, proto, scope, addr)| RuleKey { addr, port, proto, scope })
     }
 }
 
@@ -420,7 +447,7 @@ struct Inner {
 /// The network fault engine (see the module docs).
 pub struct NetworkEngine {
     config: NetConfig,
-    inner: Mutex<Inner>,
+    inner: std::sync::Arc<Mutex<Inner>>,
 }
 
 fn clock_monotonic_ns() -> u64 {
@@ -446,7 +473,7 @@ impl NetworkEngine {
     pub async fn start(config: NetConfig, load_now: bool) -> Result<(NetworkEngine, CleanupReport), NetError> {
         let netlink = Netlink::open()?;
         let engine = NetworkEngine {
-            inner: Mutex::new(Inner {
+            inner: std::sync::Arc::new(Mutex::new(Inner {
                 classifier: None,
                 netlink,
                 attached: HashMap::new(),
@@ -454,13 +481,14 @@ impl NetworkEngine {
                 shaping_error: None,
                 netem_missing: false,
                 owners: HashMap::new(),
-                free_slots: (0..MAX_RULES).rev().collect(),
+                free_slots: Vec::new(),
                 free_classes: (1..=MAX_CLASS_MINOR).rev().collect(),
                 state: NetState::default(),
-            }),
+            })),
             config,
         };
         let report = engine.cleanup().await?;
+        engine.follow_links()?;
         if load_now {
             let mut inner = engine.inner.lock().await;
             engine.ensure_classifier(&mut inner)?;
@@ -476,7 +504,8 @@ impl NetworkEngine {
     fn ensure_classifier<'a>(&self, inner: &'a mut Inner) -> Result<&'a mut Classifier, NetError> {
         if inner.classifier.is_none() {
             let classifier = Classifier::load(self.config.pin_dir.as_deref())?;
-            info!(pins = ?classifier.pins(), "BPF classifier loaded (chaos_ingress, chaos_egress, chaos_steer, chaos_ifb)");
+            info!(pins = ?classifier.pins(), slots = classifier.slots(), "BPF classifier loaded (chaos_ingress, chaos_egress, chaos_steer, chaos_ifb)");
+            inner.free_slots = (0..classifier.slots()).rev().collect();
             inner.classifier = Some(classifier);
         }
         Ok(inner.classifier.as_mut().expect("just loaded"))
@@ -566,7 +595,7 @@ impl NetworkEngine {
         debug!(fault, ?keys, ?rule, "network rule installed");
         Ok(NetHandle {
             fault: fault.to_owned(),
-            keys: keys.iter().map(|k| (k.port, k.proto, k.scope)).collect(),
+            keys: keys.iter().map(|k| (k.port, k.proto, k.scope, k.addr)).collect(),
             slot,
             class_minor,
             expires_at_ns,
@@ -637,23 +666,95 @@ impl NetworkEngine {
         names
     }
 
-    /// Attaches to every selected interface not attached yet; returns the names of all attached ones.
+    /// Follows the interfaces and addresses of this host: attaches to every selected interface not attached yet,
+    /// forgets interfaces that are gone (their map entries with them) and refreshes the local addresses; returns
+    /// the names of all attached interfaces.
     async fn attach_all(&self, inner: &mut Inner) -> Result<Vec<String>, NetError> {
         let links = inner.netlink.links().await?;
-        inner.attached.retain(|index, _| links.iter().any(|l| l.index == *index));
+        let gone: Vec<u32> =
+            inner.attached.keys().copied().filter(|index| !links.iter().any(|l| l.index == *index)).collect();
+        if let Some(classifier) = inner.classifier.as_mut() {
+            // Also entries of interfaces we never saw attached (a failure half-way through `attach`).
+            for index in classifier.ifaces() {
+                if !links.iter().any(|l| l.index == index) {
+                    classifier.remove_iface(index);
+                }
+            }
+        }
+        for index in &gone {
+            inner.attached.remove(index);
+        }
+        let before = inner.state.clsact_created.len();
+        inner.state.clsact_created.retain(|index| links.iter().any(|l| l.index == *index));
+        if inner.state.clsact_created.len() != before {
+            self.save_state(inner);
+        }
+        let addrs: BTreeSet<[u8; 16]> = inner.netlink.addresses().await?.into_iter().map(key_addr).collect();
+        self.ensure_classifier(inner)?.set_local_addrs(&addrs)?;
         let ifb_ok = self.ensure_ifb(inner).await;
         for link in links.iter().filter(|l| self.selected(l)) {
             if inner.attached.contains_key(&link.index) {
                 continue;
             }
             if let Err(err) = self.attach(inner, link, ifb_ok).await {
-                warn!(iface = %link.name, %err, "could not attach the classifier");
-                if link.loopback {
-                    return Err(err);
+                if let Some(classifier) = inner.classifier.as_mut() {
+                    classifier.remove_iface(link.index);
+                }
+                // A link deleted while we attached is not worth a warning.
+                if inner.netlink.links().await.is_ok_and(|now| now.iter().any(|l| l.index == link.index)) {
+                    warn!(iface = %link.name, %err, "could not attach the classifier");
+                    if link.loopback {
+                        return Err(err);
+                    }
                 }
             }
         }
         Ok(self.attached_names(inner))
+    }
+
+    /// Re-reads links and addresses once a fault has attached the classifier: attaches to new interfaces, forgets
+    /// deleted ones (and their map entries), refreshes this host's addresses.
+    ///
+    /// # Errors
+    /// Netlink or map failures.
+    pub async fn sync_links(&self) -> Result<(), NetError> {
+        let mut inner = self.inner.lock().await;
+        if inner.classifier.is_none() || inner.attached.is_empty() {
+            return Ok(());
+        }
+        self.attach_all(&mut inner).await.map(|_| ())
+    }
+
+    /// Entries of the classifier's interface map (ifindexes).
+    pub async fn iface_entries(&self) -> Vec<u32> {
+        let inner = self.inner.lock().await;
+        let mut v = inner.classifier.as_ref().map(|c| c.ifaces()).unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
+    /// Starts following links and addresses as they appear and disappear (a netlink subscription; the task
+    /// ends when the engine is dropped).
+    ///
+    /// # Errors
+    /// When the netlink subscription cannot be made.
+    pub fn follow_links(&self) -> Result<(), NetError> {
+        use futures::StreamExt;
+        let mut events = Netlink::watch()?;
+        let inner = std::sync::Arc::downgrade(&self.inner);
+        let config = self.config.clone();
+        tokio::spawn(async move {
+            while events.next().await.is_some() {
+                // Coalesce a burst of notifications into one pass.
+                while events.try_recv().is_ok() {}
+                let Some(inner) = inner.upgrade() else { return };
+                let engine = NetworkEngine { config: config.clone(), inner };
+                if let Err(err) = engine.sync_links().await {
+                    debug!(%err, "following links");
+                }
+            }
+        });
+        Ok(())
     }
 
     fn attached_names(&self, inner: &Inner) -> Vec<String> {
@@ -906,7 +1007,7 @@ impl NetworkEngine {
         inner.ifb = None;
         inner.shaping_error = None;
         inner.owners.clear();
-        inner.free_slots = (0..MAX_RULES).rev().collect();
+        inner.free_slots = Vec::new();
         inner.free_classes = (1..=MAX_CLASS_MINOR).rev().collect();
         // Dropping the classifier unloads programs and maps now that no filter holds them.
         inner.classifier = None;
@@ -965,16 +1066,29 @@ mod tests {
 
     #[test]
     fn to_matches_requests_locally_and_from_remote_callers() {
-        let keys = PortMatch { port: 4242, protocol: Protocol::Tcp, direction: Direction::To }.keys();
+        let keys = PortMatch::new(4242, Protocol::Tcp, Direction::To).keys();
         assert_eq!(
             keys,
             vec![
-                RuleKey { port: 4242, proto: proto::TCP, scope: scope::encode(HOOK_LOCAL, SIDE_DST) },
-                RuleKey { port: 4242, proto: proto::TCP, scope: scope::encode(HOOK_INGRESS, SIDE_DST) },
+                RuleKey {
+                    addr: ANY_LOCAL_ADDR,
+                    port: 4242,
+                    proto: proto::TCP,
+                    scope: scope::encode(HOOK_LOCAL, SIDE_DST)
+                },
+                RuleKey {
+                    addr: ANY_LOCAL_ADDR,
+                    port: 4242,
+                    proto: proto::TCP,
+                    scope: scope::encode(HOOK_INGRESS, SIDE_DST)
+                },
             ]
         );
-        let both = PortMatch { port: 1, protocol: Protocol::Both, direction: Direction::Both }.keys();
+        let both = PortMatch::new(1, Protocol::Both, Direction::Both).keys();
         assert_eq!(both.len(), 8);
+        let bound =
+            PortMatch { addr: Some("10.0.0.5".parse().unwrap()), ..PortMatch::new(1, Protocol::Tcp, Direction::To) };
+        assert!(bound.keys().iter().all(|k| k.addr == key_addr("::ffff:10.0.0.5".parse().unwrap())));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use rtnetlink::packet_core::{
 };
 use rtnetlink::packet_route::{
     AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage},
     tc::{TcAttribute, TcHandle, TcMessage, TcOption},
 };
@@ -167,6 +168,64 @@ impl Netlink {
                 _ => None,
             })
             .collect())
+    }
+
+    /// Every address of the namespace (IPv4 and IPv6, the local side of point-to-point links).
+    ///
+    /// # Errors
+    /// Netlink failures.
+    pub async fn addresses(&self) -> Result<Vec<std::net::IpAddr>, NetlinkError> {
+        let msgs = self
+            .request("dump addresses", RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP)
+            .await?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => {
+                    let local = a.attributes.iter().find_map(|attr| match attr {
+                        AddressAttribute::Local(ip) => Some(*ip),
+                        _ => None,
+                    });
+                    local.or_else(|| {
+                        a.attributes.iter().find_map(|attr| match attr {
+                            AddressAttribute::Address(ip) => Some(*ip),
+                            _ => None,
+                        })
+                    })
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// A stream of "links or addresses changed" notifications of this namespace (one item per netlink
+    /// notification; the content is not needed, callers re-read the state).
+    ///
+    /// # Errors
+    /// When the netlink socket cannot be created or bound to the groups.
+    pub fn watch() -> Result<futures::channel::mpsc::UnboundedReceiver<()>, NetlinkError> {
+        use rtnetlink::{
+            constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK},
+            sys::{AsyncSocket, SocketAddr},
+        };
+        let err = |detail: String| NetlinkError::Transport { op: "watch links".into(), detail };
+        let (mut conn, _handle, mut messages) = rtnetlink::new_connection().map_err(|e| err(e.to_string()))?;
+        conn.socket_mut()
+            .socket_mut()
+            .bind(&SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+            .map_err(|e| err(e.to_string()))?;
+        tokio::spawn(conn);
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        tokio::spawn(async move {
+            // `_handle` keeps the connection's request side alive while this task runs.
+            let _handle = _handle;
+            while messages.next().await.is_some() {
+                if tx.unbounded_send(()).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
     }
 
     /// The link named `name`, if it exists.
