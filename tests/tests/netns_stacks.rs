@@ -33,8 +33,13 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
 }
 
+/// An agent in `ns`. These tests fault UDP-only sinks and ports whose listeners live in other namespaces
+/// (containers, forwarded traffic), which the agent refuses by default (it cannot check whose they are):
+/// `faults.allow_unbound_ports` lets them through.
 fn agent_in(ns: &Netns) -> AgentProcess {
-    AgentProcess::start(Some(ns), AgentOptions::default()).expect("agent")
+    let options =
+        AgentOptions { config_yaml: "faults: {allow_unbound_ports: true}\n".into(), ..AgentOptions::default() };
+    AgentProcess::start(Some(ns), options).expect("agent")
 }
 
 /// What one UDP run saw.
