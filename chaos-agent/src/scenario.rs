@@ -163,7 +163,7 @@ impl Scenario {
         self.push("pause", service, json!({"lifetime": lifetime.as_secs_f64()}), true)
     }
 
-    /// Applies every queued action once; returns the agents' answers.
+    /// Applies every queued action once, lasting faults before kills; returns the agents' answers in that order.
     ///
     /// # Errors
     /// Unknown services, unreachable agents, refusals.
@@ -308,7 +308,10 @@ async fn apply_all(shared: &Shared, actions: &[Action], dry_run: bool) -> Result
     let services: BTreeSet<String> = actions.iter().map(|a| a.service.clone()).collect();
     let routes = route(shared, &services).await?;
     let mut answers = Vec::new();
-    for action in actions {
+    // Lasting faults first, kills last: a kill could end an instance before its agent resolved the round's other
+    // faults (a dead instance is no local target).
+    let (lasting, instant): (Vec<&Action>, Vec<&Action>) = actions.iter().partition(|a| a.lasting);
+    for action in lasting.into_iter().chain(instant) {
         let targets: Vec<&String> = routes.iter().filter(|(s, _)| *s == action.service).map(|(_, e)| e).collect();
         if targets.is_empty() {
             return Err(ScenarioError::UnknownService(action.service.clone()));

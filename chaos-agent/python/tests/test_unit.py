@@ -150,6 +150,32 @@ def test_queued_actions_get_deterministic_ids() -> None:
     ]
 
 
+def test_a_round_sends_kills_only_after_the_lasting_faults_are_answered() -> None:
+    """A kill sent with the round's other faults can end the instance before its agent resolved them."""
+    sn = object.__new__(lymph_chaos.Scenario)
+    sn.id = "abc"
+    sn._lock = threading.RLock()
+    sn._actions = []
+    sn._applied = {}
+    sn._rng = random.Random(1)
+    sn.dry_run = False
+    sn.kill("echo")
+    sn.inject_latency("Echo", 1)
+    sn.inject("Echo", "blackhole")
+    batches: List[List[str]] = []
+
+    def fan_out(calls: List[Any]) -> List[Any]:
+        if calls:
+            batches.append([method for _, method, _ in calls])
+        return [{"id": kwargs["id"], "state": "done" if method == "kill" else "active"} for _, method, kwargs in calls]
+
+    sn._services_view = lambda: VIEW  # type: ignore[method-assign]
+    sn._fan_out = fan_out  # type: ignore[method-assign]
+    reports = sn._apply_round(None, strict=True)
+    assert batches == [["inject_latency", "inject_latency", "inject", "inject"], ["kill"]], batches
+    assert sorted(r["id"] for r in reports) == ["sn-abc-1", "sn-abc-2", "sn-abc-2", "sn-abc-3", "sn-abc-3"]
+
+
 # -- the RPC peer against a fake lymph peer ------------------------------------------------------------------------
 
 

@@ -345,7 +345,10 @@ class Scenario:
                 if self.dry_run:
                     kwargs["dry_run"] = True
                 calls.append((action, agent, kwargs))
-        results = self._fan_out([(agent, action.method, kwargs) for action, agent, kwargs in calls])
+        # Lasting faults go out first and kills only once they are answered: a kill sent at the same time could end
+        # the instance before its agent resolved the other faults of the round (a dead instance is no local target).
+        calls.sort(key=lambda call: call[0].instant)
+        results = self._send_in_phases(calls)
         reports: List[Dict[str, Any]] = []
         errors: List[ChaosError] = []
         for (action, agent, _), result in zip(calls, results):
@@ -501,6 +504,14 @@ class Scenario:
                     ip = local_ip_towards(first) if first else "127.0.0.1"
                 self._node = RpcNode(ip, self._port)
             return self._node
+
+    def _send_in_phases(
+        self, calls: Sequence[Tuple[Action, str, Dict[str, Any]]]
+    ) -> List[Union[Any, ChaosError]]:
+        """Sends the lasting faults of a round at once, then the instant ones (kills) at once; replies in order."""
+        lasting = [(agent, action.method, kwargs) for action, agent, kwargs in calls if not action.instant]
+        instant = [(agent, action.method, kwargs) for action, agent, kwargs in calls if action.instant]
+        return self._fan_out(lasting) + self._fan_out(instant)
 
     def _fan_out(self, calls: Sequence[Tuple[str, str, Dict[str, Any]]]) -> List[Union[Any, ChaosError]]:
         """Sends every (agent, method, kwargs) at once; returns each reply or the ChaosError it raised."""
