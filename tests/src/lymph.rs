@@ -265,7 +265,7 @@ pub fn python_script(config: &LymphConfig, script: &str, args: &[&str], timeout:
 }
 
 /// What `lymph discover --json` prints: every service with at least one instance → its instances' znode data
-/// (`id`, `identity`, `endpoint`, `version`, `log_endpoint`, …, see shared/notes/lymph-protocol.md §1).
+/// (`id`, `identity`, `endpoint`, `version`, `log_endpoint`, …, the registration lymph 0.15 writes).
 ///
 /// # Errors
 /// lymph fails, times out, or prints something that is not such a JSON object.

@@ -6,7 +6,7 @@
 //! [`VmAssets::locate`] reads.
 //!
 //! # Why an initramfs, not a debootstrap image
-//! Both were measured on this project's machines (shared/notes/vm-testing.md):
+//! Both were measured on the machines this tier runs on:
 //! - **initramfs** (busybox-static + host binaries with their `ldd` libraries + the modules, gzip cpio): without
 //!   the agent 6–9 MB, built in ~1 s with no root and no network, boots to `/init` at 1.8 s guest time,
 //!   boot → tests → `poweroff -f` in 6–12 s wall under TCG plus what the scenarios take. With the debug agent
@@ -605,8 +605,9 @@ pub fn format_table(results: &[ScenarioResult]) -> String {
 }
 
 /// The raw-netem vs agent comparison: every `agent-<x>` result that has a `tc-<x>` twin from the same boot, one row
-/// each. Delay rows show the median RTT, what the fault added to the baseline median, p90 and the standard
-/// deviation (ms); loss rows the measured loss (%).
+/// each. Delay rows show the median RTT, what the fault added to the no-fault median, p90 and the standard
+/// deviation (ms), and the agent's accuracy: its median and p90 minus raw netem's (Δp50, Δp90); loss rows the
+/// measured loss (%).
 pub fn comparison_table(results: &[ScenarioResult]) -> String {
     let pairs: Vec<(&str, &ScenarioResult, &ScenarioResult)> = results
         .iter()
@@ -621,19 +622,21 @@ pub fn comparison_table(results: &[ScenarioResult]) -> String {
     }
     let width = pairs.iter().map(|(n, ..)| n.len()).max().unwrap_or(0).max("scenario".len());
     let num = |r: &ScenarioResult, k: &str| r.number(k).map_or_else(|| "-".to_string(), |v| format!("{v:.2}"));
-    let mut s =
-        format!("{:<width$}  {:>9}  {:^30}  {:^30}  {:>9}\n", "", "", "raw tc netem", "lymph-chaos agent", "agent-raw");
+    let mut s = format!(
+        "{:<width$}  {:>9}  {:^30}  {:^30}  {:^15}\n",
+        "", "", "raw tc netem", "lymph-chaos agent", "agent − raw"
+    );
     let _ = writeln!(
         s,
-        "{:<width$}  {:>9}  {:>7} {:>7} {:>7} {:>6}  {:>7} {:>7} {:>7} {:>6}  {:>9}",
-        "scenario", "want", "median", "added", "p90", "stdev", "median", "added", "p90", "stdev", "added",
+        "{:<width$}  {:>9}  {:>7} {:>7} {:>7} {:>6}  {:>7} {:>7} {:>7} {:>6}  {:>7} {:>7}",
+        "scenario", "want", "median", "added", "p90", "stdev", "median", "added", "p90", "stdev", "Δp50", "Δp90",
     );
     for (name, raw, ours) in pairs {
         if let (Some(raw_loss), Some(our_loss)) = (raw.number("loss_pct"), ours.number("loss_pct")) {
             let want = ours.number("want_pct").map_or_else(|| "-".into(), |w| format!("{w:.0} %"));
             let _ = writeln!(
                 s,
-                "{name:<width$}  {want:>9}  {:>30}  {:>30}  {:>+9.2}",
+                "{name:<width$}  {want:>9}  {:>30}  {:>30}  {:>+7.2}",
                 format!("loss {raw_loss:.2} %"),
                 format!("loss {our_loss:.2} %"),
                 our_loss - raw_loss
@@ -645,13 +648,14 @@ pub fn comparison_table(results: &[ScenarioResult]) -> String {
             (Some(w), None) => format!("{w:.0} ms"),
             _ => "-".into(),
         };
-        let diff = match (raw.number("extra_ms"), ours.number("extra_ms")) {
+        let delta = |key: &str| match (raw.number(key), ours.number(key)) {
             (Some(r), Some(o)) => format!("{:+.2}", o - r),
             _ => "-".into(),
         };
+        let (d50, d90) = (delta("ms"), delta("p90_ms"));
         let _ = writeln!(
             s,
-            "{name:<width$}  {want:>9}  {:>7} {:>7} {:>7} {:>6}  {:>7} {:>7} {:>7} {:>6}  {diff:>9}",
+            "{name:<width$}  {want:>9}  {:>7} {:>7} {:>7} {:>6}  {:>7} {:>7} {:>7} {:>6}  {d50:>7} {d90:>7}",
             num(raw, "ms"),
             num(raw, "extra_ms"),
             num(raw, "p90_ms"),
@@ -917,7 +921,7 @@ mod tests {
         );
         let table = comparison_table(&results);
         let row = table.lines().find(|l| l.starts_with("delay-10ms-v4")).unwrap();
-        assert!(row.contains("10.70") && row.contains("10.90") && row.trim_end().ends_with("+0.10"), "{table}");
+        assert!(row.contains("10.70") && row.contains("10.90") && row.trim_end().ends_with("+0.20   +0.10"), "{table}");
         let loss = table.lines().find(|l| l.starts_with("loss-30pct-udp")).unwrap();
         assert!(loss.contains("loss 29.50 %") && loss.contains("loss 30.25 %") && loss.contains("+0.75"), "{table}");
         assert!(!table.contains("reply-conn"), "no raw twin, no row: {table}");

@@ -1,4 +1,4 @@
-//! Access (issue 8): who can command the agent. The agent runs in `srv`, bound to `0.0.0.0`; clients run in two
+//! Access: who can command the agent. The agent runs in `srv`, bound to `0.0.0.0`; clients run in two
 //! other namespaces over veth pairs: `good` (10.41.0.2, inside `rpc.allowed_clients`) and `bad` (10.42.0.2,
 //! outside). Enforcement is `chaos_agent::rpc::access` (a ZAP handler on the RPC socket): a refused client never
 //! completes the ZeroMQ handshake, so it gets no answer at all — not even an error it could probe with.

@@ -1,5 +1,5 @@
 //! Faults outlive the agent only as long as they should: a restarted agent undoes what the journal says the
-//! dead one left (issue 6), and without a restart the dead agent's guardian ends each fault on time and removes
+//! dead one left, and without a restart the dead agent's guardian ends each fault on time and removes
 //! every network object of ours.
 
 use std::time::{Duration, Instant};

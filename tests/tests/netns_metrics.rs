@@ -1,4 +1,4 @@
-//! Observability (issue 8): the agent's Prometheus endpoint (`--metrics 127.0.0.1:<port>`), scraped from a real
+//! Observability: the agent's Prometheus endpoint (`--metrics 127.0.0.1:<port>`), scraped from a real
 //! agent in a fresh network namespace. The exposition is checked as Prometheus would read it (every sample
 //! belongs to a family with `# HELP` and `# TYPE`, counters and histograms are consistent), and the numbers are
 //! checked to move with what happens: a blackhole on a port with traffic counts matched and dropped packets and an

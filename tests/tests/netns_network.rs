@@ -1,5 +1,5 @@
-//! The network fault engine on the host kernel, each test in fresh network namespaces (issue 2 tier 2 and
-//! issue 4's acceptance): steering by port for IPv4/IPv6, blackhole, rate limits on egress and ingress, the
+//! The network fault engine on the host kernel, each test in fresh network namespaces:
+//! steering by port for IPv4/IPv6, blackhole, rate limits on egress and ingress, the
 //! operator's root qdisc left alone, in-kernel expiry, cleanup after SIGKILL, churn, and the clear error of a
 //! kernel without netem.
 //!

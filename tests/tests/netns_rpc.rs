@@ -1,4 +1,4 @@
-//! Bad input never crashes the agent, and gets an answer wherever lymph would send one (issue 3): a raw ZeroMQ
+//! Bad input never crashes the agent, and gets an answer wherever lymph would send one: a raw ZeroMQ
 //! peer sends malformed frames, bodies and calls; after each, a normal call still works.
 
 use std::time::{Duration, Instant};

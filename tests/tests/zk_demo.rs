@@ -1,4 +1,4 @@
-//! `cargo xtask demo` (issue 8) end to end: runs the demo binary with this build's agent and the harness's lymph
+//! `cargo xtask demo` end to end: runs the demo binary with this build's agent and the harness's lymph
 //! venv, and checks from its output that the kill happened, that Echo came back (a new pid answers, the restart
 //! loop saw the old one die), that the network fault had its effect (timeouts for a blackhole, +200 ms for
 //! latency) and that calls were normal again afterwards, and that everything was cleaned up — in under two

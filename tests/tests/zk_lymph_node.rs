@@ -1,4 +1,4 @@
-//! The agent as one more instance of a real `lymph node` (issue 8), as the original lymph-chaos README had it:
+//! The agent as one more instance of a real `lymph node`, as the original lymph-chaos README had it:
 //!
 //! ```yaml
 //! instances:

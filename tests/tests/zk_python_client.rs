@@ -1,4 +1,4 @@
-//! The Python `Scenario` client (`chaos-agent/python`, issue 9) against a real agent, a real lymph 0.15 `Echo` under a
+//! The Python `Scenario` client (`chaos-agent/python`) against a real agent, a real lymph 0.15 `Echo` under a
 //! restart loop and the harness's ZooKeeper: pip-installs the package, then runs its pytest suite
 //! (`chaos-agent/python/tests`) with the setup described in environment variables (see `tests/conftest.py` there).
 //!

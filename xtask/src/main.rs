@@ -65,10 +65,24 @@ enum Task {
         #[arg(last = true)]
         runner_args: Vec<String>,
     },
-    /// Run only the VM tier (qemu guests with the pinned Debian kernel; netem scenarios).
+    /// Run only the VM tier (qemu guests with the pinned Debian kernel; the agent next to raw netem).
     ///
-    /// Example: `cargo xtask vm-test`
-    VmTest,
+    /// `--hog` keeps one busy-loop process per core running beside it (started and stopped here), `--runs N`
+    /// repeats the tier and reports each run, `--mutant KIND` drives it against a deliberately wrong agent
+    /// (wrong-port, double-delay, no-expiry), where a run passes only when the tier caught it.
+    ///
+    /// Example: `cargo xtask vm-test`, `cargo xtask vm-test --hog --runs 5`, `cargo xtask vm-test --mutant wrong-port`
+    VmTest {
+        /// One busy loop per core beside the tier, for as long as it runs.
+        #[arg(long)]
+        hog: bool,
+        /// Run the tier this many times in a row.
+        #[arg(long, default_value_t = 1)]
+        runs: u32,
+        /// wrong-port, double-delay or no-expiry: every fault request made wrong that way.
+        #[arg(long, value_parser = ["wrong-port", "double-delay", "no-expiry"])]
+        mutant: Option<String>,
+    },
     /// Fetch what the qemu test tier needs: qemu-system-x86 (bookworm-backports), the pinned Debian kernel and its
     /// modules, cached under target/vm/ (a second run only checks).
     ///
@@ -167,9 +181,7 @@ fn main() {
         Task::Test { tiers, no_install, runner_args } => {
             test::run(&test::TestOptions { tiers, runner_args, no_install })
         }
-        Task::VmTest => {
-            test::run(&test::TestOptions { tiers: vec!["vm".into()], runner_args: Vec::new(), no_install: false })
-        }
+        Task::VmTest { hog, runs, mutant } => test::vm_runs(hog, runs, mutant.as_deref()),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -5,7 +5,7 @@
 //! - [`ZooKeeper`] — a loopback-only ZooKeeper on a free port, a child of this process that dies with it;
 //!   `Drop` stops it (by pid) and removes its data dir
 //! - [`ensure_lymph_venv`] — a venv on Debian's `/usr/bin/python3` with lymph 0.15.0 and the pinned deps of
-//!   `shared/notes/lymph-protocol.md` §5, patched by `tests/lymph/patch_lymph.py`; rebuilt only when the stamp
+//!   lymph 0.15 from PyPI, patched by `tests/lymph/patch_lymph.py`; rebuilt only when the stamp
 //!   (requirements + patch script hash + python version) changes
 //!
 //! Tests get both through the environment: `CHAOS_TEST_ZK=127.0.0.1:<port>` and `CHAOS_LYMPH_VENV=<venv>` (read by
@@ -266,7 +266,7 @@ const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 const PIP_BOOTSTRAP: &[&str] = &["setuptools==80.10.2"];
 /// lymph itself, without its `install_requires` (they pin `gevent==1.1b5`, which does not build on 3.11).
 const PIP_LYMPH: &str = "lymph==0.15.0";
-/// lymph's dependencies, pinned to what was verified (shared/notes/lymph-protocol.md §5) plus pytest.
+/// lymph's dependencies, pinned to versions verified with lymph 0.15 plus pytest.
 /// `msgpack-python` must stay < 1.0: lymph passes `encoding='utf-8'` to `msgpack.loads`.
 const PIP_DEPS: &[&str] = &[
     "gevent==26.9.0",

@@ -401,3 +401,81 @@ fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Res
     }
     Ok(ok)
 }
+
+/// `cargo xtask vm-test`: the VM tier `runs` times in a row, optionally with one busy loop per core beside it and
+/// against a mutant; each run's verdict and time, then a summary. Fails when any run failed.
+///
+/// # Errors
+/// A run that failed (or could not run).
+pub fn vm_runs(hog: bool, runs: u32, mutant: Option<&str>) -> Result<()> {
+    if let Some(kind) = mutant {
+        // Read by tests/tests/vm.rs: the guest makes every fault request wrong this way and the test passes only
+        // when the tier failed the rows that kind must break.
+        // SAFETY: set before this process starts any thread.
+        unsafe { std::env::set_var("CHAOS_VM_MUTANT", kind) };
+    }
+    let _hogs = if hog { Some(Hogs::start()?) } else { None };
+    let mut outcomes = Vec::new();
+    for run in 1..=runs.max(1) {
+        if runs > 1 {
+            step(format!("vm-test run {run} of {runs}{}", if hog { " (CPU hog running)" } else { "" }));
+        }
+        let started = std::time::Instant::now();
+        let result = self::run(&TestOptions { tiers: vec!["vm".into()], runner_args: Vec::new(), no_install: false });
+        outcomes.push((result.is_ok(), started.elapsed()));
+        if let Err(err) = result {
+            eprintln!("    run {run}: {err:#}");
+        }
+    }
+    let passed = outcomes.iter().filter(|(ok, _)| *ok).count();
+    eprintln!(
+        "\nvm-test: {passed} of {} runs passed{}{}",
+        outcomes.len(),
+        if hog { " with one busy loop per core beside them" } else { "" },
+        mutant.map_or_else(String::new, |m| format!(" (mutant {m}: a pass means the tier caught it)"))
+    );
+    for (i, (ok, took)) in outcomes.iter().enumerate() {
+        eprintln!("    run {}: {} in {:.0} s", i + 1, if *ok { "pass" } else { "FAIL" }, took.as_secs_f64());
+    }
+    if passed != outcomes.len() {
+        bail!("{} of {} vm-test runs failed", outcomes.len() - passed, outcomes.len());
+    }
+    Ok(())
+}
+
+/// One busy-loop process per core (`sh -c 'while :; do :; done'`), stopped by pid on drop.
+struct Hogs(Vec<std::process::Child>);
+
+impl Hogs {
+    fn start() -> Result<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let mut hogs = Self(Vec::new());
+        for _ in 0..cores {
+            let mut cmd = std::process::Command::new("sh");
+            cmd.args(["-c", "while :; do :; done"]).stdin(std::process::Stdio::null());
+            // SAFETY: prctl only affects the child: it dies with us even when we are killed.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().context("starting a busy loop")?;
+            hogs.0.push(child);
+        }
+        eprintln!(
+            "    CPU hog: {cores} busy loops (pids {})",
+            hogs.0.iter().map(|c| c.id().to_string()).collect::<Vec<_>>().join(" ")
+        );
+        Ok(hogs)
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

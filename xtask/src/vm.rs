@@ -1,7 +1,7 @@
 //! `cargo xtask vm-prepare`: what the qemu test tier needs on the host, fetched once and cached under `target/vm/`.
 //!
 //! The host kernel has no `sch_netem`, so netem scenarios run in a qemu guest booting a stock Debian 12 kernel
-//! (see `tests/src/vm.rs` for the guest itself and shared/notes/vm-testing.md for the measured facts).
+//! (see `tests/src/vm.rs` for the guest itself and the measured facts behind its design).
 //!
 //! # Layout
 //! ```text

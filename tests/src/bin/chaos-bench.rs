@@ -325,7 +325,7 @@ fn note(text: impl AsRef<str>) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// rpc (issue 3)
+// rpc
 
 const PING_PAYLOAD: &str = "chaos-bench";
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -381,7 +381,7 @@ fn bench_rpc() -> Result<()> {
         anyhow::Ok((latency, rates))
     })?;
 
-    title("rpc — lymph.ping: our agent vs a real Python lymph 0.15 service (issue 3)");
+    title("rpc — lymph.ping: our agent vs a real Python lymph 0.15 service");
     note("same client for both: chaos_agent's RpcNode (Rust, tokio), one node, N requests in flight");
     note(format!("ours: lymph-chaos agent --no-network-control, {}", endpoints[0]));
     note(format!("baseline: lymph 0.15 `instance --interface echo:Echo` (Python 3, gevent), {}", endpoints[1]));
@@ -612,7 +612,7 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// network (issue 4, benchmark 1)
+// network
 
 const NET_SUBNET: u8 = 61;
 const RTT_PORT: u16 = 5201;
@@ -1012,7 +1012,7 @@ fn bench_network() -> Result<()> {
 }
 
 fn print_network(configs: &[NetSetup], samples: &[NetSamples], notes: &[String]) {
-    title("network — cost for a port no rule names, with 0 … 10,000 rules on other ports (issue 4, benchmark 1)");
+    title("network — cost for a port no rule names, with 0 … 10,000 rules on other ports");
     note("topology: ns cli (veth1 10.61.0.2) ──veth──▶ ns srv (veth0 10.61.0.1); data crosses cli veth1 egress and");
     note("  srv veth0 ingress, ACKs/replies the other two hooks");
     note("ours: NetworkEngine in both namespaces (the classifier on ingress+egress of veth and lo); rules are");
@@ -1136,7 +1136,7 @@ fn print_network(configs: &[NetSetup], samples: &[NetSamples], notes: &[String])
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// changes (issue 4, benchmark 2)
+// changes
 
 const CHANGE_PORT: u16 = 7301;
 const CHANGE_WARMUP: usize = 20;
@@ -1315,7 +1315,7 @@ fn bench_changes() -> Result<()> {
         times
     };
 
-    title("changes — request → rule effective, request → rule gone (issue 4, benchmark 2)");
+    title("changes — request → rule effective, request → rule gone");
     note("ours (engine): NetworkEngine::apply/revert of a blackhole on one tcp port, in-process, in steady state (the");
     note("  classifier already attached by an earlier fault): a map update; the call returns when the kernel has it");
     note("ours (agent RPC): Chaos.inject(kind=blackhole, port=P, lifetime=600) / Chaos.revert(id) to an agent in its");
@@ -1375,7 +1375,7 @@ fn bench_changes() -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// kill (issue 6)
+// kill
 
 /// In the command line of kill targets (argv[0]); the agent's config allows exactly these.
 const KILL_MARKER: &str = "chaos-bench-kill-target";
@@ -1487,7 +1487,7 @@ fn bench_kill() -> Result<()> {
         }
     }
 
-    title("kill — Chaos.kill request → target reaped (issue 6)");
+    title("kill — Chaos.kill request → target reaped");
     note("ours: Chaos.kill(pid=P) over RPC to an agent in a namespace (--no-network-control) whose config allows the");
     note(format!(
         "  target (`sleep 300` with argv[0] = {KILL_MARKER}); the agent replies once the process has exited (pidfd),"
