@@ -1,4 +1,4 @@
-//! `cargo xtask bench [rpc|network|changes|kill|classifier|all]`: the performance claims, each measured side by side with the
+//! `cargo xtask bench [rpc|network|changes|kill|classifier|accuracy|all]`: the performance claims, each measured side by side with the
 //! baseline it beats, in one run of the release benchmark binary `chaos-bench` (`tests/src/bin/chaos-bench.rs`).
 //!
 //! Layout:
@@ -18,15 +18,16 @@ use anyhow::{Result, bail};
 use crate::{
     ebpf, services,
     util::{self, step},
+    vm,
 };
 
 /// The benchmarks `chaos-bench` knows (`all` runs them in this order).
-pub const BENCHMARKS: [&str; 5] = ["rpc", "network", "changes", "kill", "classifier"];
+pub const BENCHMARKS: [&str; 6] = ["rpc", "network", "changes", "kill", "classifier", "accuracy"];
 
 /// The git revision whose classifier the `classifier` benchmark compares against (port-only rule keys).
 pub const CLASSIFIER_BASELINE_REV: &str = "a401fe4";
 
-/// Runs `which` (`rpc`, `network`, `changes`, `kill`, `classifier` or `all`).
+/// Runs `which` (`rpc`, `network`, `changes`, `kill`, `classifier`, `accuracy` or `all`).
 ///
 /// # Errors
 /// An unknown benchmark, a failed preparation or build, or a benchmark that could not run.
@@ -49,6 +50,11 @@ pub fn run(which: &str) -> Result<()> {
     if wants("classifier") {
         let old = ebpf::build_revision(CLASSIFIER_BASELINE_REV)?;
         env.push(("CHAOS_OLD_EBPF_OBJECT", old.display().to_string()));
+    }
+    if wants("accuracy") {
+        step("preparing: qemu and the pinned Debian kernel (the accuracy benchmark boots a guest)");
+        vm::prepare()?;
+        env.push(("CHAOS_VM_ASSETS", vm::assets_env_path().display().to_string()));
     }
     let mut zookeeper = None;
     if wants("rpc") {
@@ -73,6 +79,8 @@ pub fn run(which: &str) -> Result<()> {
         "chaos-tests",
         "--bin",
         "chaos-bench",
+        "--bin",
+        "chaos-vm-guest",
     ]))?;
     let release = util::target_dir().join("release");
     let mut cmd = Command::new(release.join("chaos-bench"));

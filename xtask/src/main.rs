@@ -146,12 +146,13 @@ enum Task {
     },
     /// Run the benchmarks (release build): RPC vs a Python lymph service, per-packet cost vs a `tc u32` filter
     /// chain, rule change time vs spawning `tc`, kill latency, the classifier's cost per packet vs the previous
-    /// classifier (git a401fe4, built for the comparison). Prints ours | baseline | ratio | goal | met?; a
-    /// number never fails the task, only a benchmark that could not run does (needs root).
+    /// classifier (git a401fe4, built for the comparison), the delay's accuracy vs raw `tc netem` in a qemu guest
+    /// (interleaved in one boot). Prints ours | baseline | ratio | goal | met?; a number never fails the task,
+    /// only a benchmark that could not run does (needs root).
     ///
     /// Example: `cargo xtask bench`, `cargo xtask bench network`
     Bench {
-        /// rpc, network, changes, kill, classifier or all.
+        /// rpc, network, changes, kill, classifier, accuracy or all.
         #[arg(default_value = "all")]
         which: String,
     },

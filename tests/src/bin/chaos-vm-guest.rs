@@ -292,7 +292,15 @@ fn scenarios(run: &mut Run, opts: &Options) -> Result<()> {
                     run.report(&name, Ok(outcome));
                 }
             }
-            Err(err) => run.report(&format!("agent-{first}"), Err(err)),
+            Err(err) => {
+                println!("DETAIL agent-{first}: {err:#}");
+                for target in &comparison.targets {
+                    run.report(
+                        &format!("agent-{}", target.row),
+                        Ok(Outcome::fail(vec![("error", "see_detail".into())])),
+                    );
+                }
+            }
         }
         qdiscs.check(&format!("after-{first}"));
     }
