@@ -1,7 +1,8 @@
 //! Hostile tier, network faults aimed past the guards: ports nobody on this host listens on (a remote ZooKeeper's
 //! 2181, DNS 53, VXLAN 4789 — the guards can only judge a port by its local owner). The agent runs with network
-//! control in a namespace of its own, configured for a remote ZooKeeper. (The netem queue bound needs sch_netem,
-//! which the host kernel here lacks: `netem_limit_for` checks it as a unit, the VM tier runs netem.)
+//! control in a namespace of its own, configured for a remote ZooKeeper. A UDP-only service's port is bound here
+//! (its socket's owner is judged like a TCP listener's). (The netem queue bound needs sch_netem, which the host
+//! kernel here lacks: `netem_limit_for` checks it as a unit, the VM tier runs netem.)
 
 use chaos_tests::{
     agent::{AgentOptions, AgentProcess},
@@ -28,4 +29,71 @@ fn network_faults_on_ports_nobody_here_listens_on_are_refused() {
     assert!(accepted.is_empty(), "faults on ports the guards cannot judge were applied: {accepted:?}");
     let refused = agent.events().into_iter().filter(|e| e["action"] == "refused").count();
     assert_eq!(refused, 3);
+}
+
+/// A UDP-only service (a bound socket, no TCP listener) in a python process of its own; killed on drop.
+struct UdpSink(std::process::Child);
+
+impl UdpSink {
+    const MARKER: &'static str = "chaos-test-udp-sink";
+
+    fn start(ns: &Netns, port: u16) -> UdpSink {
+        use std::{os::unix::process::CommandExt, process::Stdio};
+        let script = format!(
+            "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',{port}))\n\
+             print('bound',flush=True)\nwhile True: s.recvfrom(65536)\n"
+        );
+        let mut cmd = ns.command("/usr/bin/python3");
+        cmd.args(["-c", &script, Self::MARKER]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+        // SAFETY: prctl in the child only affects the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("python3 UDP sink");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().expect("stdout")), &mut line)
+            .expect("UDP sink output");
+        assert_eq!(line.trim(), "bound", "the UDP sink did not bind port {port}");
+        UdpSink(child)
+    }
+}
+
+impl Drop for UdpSink {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn a_udp_only_service_is_a_bound_port_and_an_unbound_udp_port_is_still_refused() {
+    let ns = Netns::new("hudp");
+    let yaml = format!("faults: {{allowed_processes: [\"{}\"]}}\n", UdpSink::MARKER);
+    let agent =
+        AgentProcess::start(Some(&ns), AgentOptions { config_yaml: yaml, ..Default::default() }).expect("agent");
+    let free_udp_port = || std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).unwrap().port();
+    let (port, unbound) = ns.run(|| (free_udp_port(), free_udp_port()));
+    let _sink = UdpSink::start(&ns, port);
+
+    // The service's port, with the protocol named and with the default (what the port listens on).
+    for kwargs in [
+        json!({"kind": "loss", "port": port, "loss": 30, "protocol": "udp", "lifetime": 30}),
+        json!({"kind": "loss", "port": port, "loss": 30, "lifetime": 30}),
+    ] {
+        let reply = agent.call("inject", kwargs.clone());
+        agent.ok("clear", json!({}));
+        let reply = reply.unwrap_or_else(|e| panic!("a loss fault on a UDP-only service was refused: {kwargs}: {e}"));
+        assert!(reply["message"].as_str().is_some_and(|m| m.contains("udp")), "{reply}");
+    }
+    // A UDP port nobody here is bound to is still refused, and the refusal names the protocol.
+    let err = agent
+        .call("inject", json!({"kind": "loss", "port": unbound, "loss": 30, "protocol": "udp", "lifetime": 30}))
+        .expect_err("a fault on a UDP port nobody is bound to was accepted");
+    agent.ok("clear", json!({}));
+    let text = err.to_string();
+    assert!(text.contains("Refused") && text.contains("UDP port"), "{text}");
 }
