@@ -328,3 +328,57 @@ impl Drop for EchoProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A UDP-only service (a bound socket, no TCP listener) in a process of its own (python3); killed on drop.
+pub struct UdpProcess {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl UdpProcess {
+    /// Text in its command line (for the agent's `faults.allowed_processes`).
+    pub const MARKER: &'static str = "chaos-test-udp-service";
+
+    /// Binds `addr:port` (IPv4) inside `netns` and returns once the socket is bound.
+    ///
+    /// # Panics
+    /// When the socket cannot be bound.
+    pub fn start(netns: &Netns, addr: &str, port: u16) -> UdpProcess {
+        let script = format!(
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{addr}',{port}))\n\
+             print('bound',flush=True)\nwhile True: s.recvfrom(65536)\n"
+        );
+        let mut cmd = netns.command("/usr/bin/python3");
+        cmd.args(["-c", &script, Self::MARKER]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+        // SAFETY: prctl in the child only affects the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("python3 UDP service");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        if line.trim() != "bound" {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the UDP service could not bind {addr}:{port}");
+        }
+        UdpProcess { child, port }
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for UdpProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

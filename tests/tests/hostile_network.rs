@@ -5,7 +5,7 @@
 //! kernel here lacks: `netem_limit_for` checks it as a unit, the VM tier runs netem.)
 
 use chaos_tests::{
-    agent::{AgentOptions, AgentProcess},
+    agent::{AgentOptions, AgentProcess, UdpProcess},
     netns::Netns,
 };
 use serde_json::json;
@@ -31,53 +31,16 @@ fn network_faults_on_ports_nobody_here_listens_on_are_refused() {
     assert_eq!(refused, 3);
 }
 
-/// A UDP-only service (a bound socket, no TCP listener) in a python process of its own; killed on drop.
-struct UdpSink(std::process::Child);
-
-impl UdpSink {
-    const MARKER: &'static str = "chaos-test-udp-sink";
-
-    fn start(ns: &Netns, port: u16) -> UdpSink {
-        use std::{os::unix::process::CommandExt, process::Stdio};
-        let script = format!(
-            "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',{port}))\n\
-             print('bound',flush=True)\nwhile True: s.recvfrom(65536)\n"
-        );
-        let mut cmd = ns.command("/usr/bin/python3");
-        cmd.args(["-c", &script, Self::MARKER]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-        // SAFETY: prctl in the child only affects the child.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("python3 UDP sink");
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().expect("stdout")), &mut line)
-            .expect("UDP sink output");
-        assert_eq!(line.trim(), "bound", "the UDP sink did not bind port {port}");
-        UdpSink(child)
-    }
-}
-
-impl Drop for UdpSink {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 #[ignore = "needs root: run by cargo xtask test"]
 fn a_udp_only_service_is_a_bound_port_and_an_unbound_udp_port_is_still_refused() {
     let ns = Netns::new("hudp");
-    let yaml = format!("faults: {{allowed_processes: [\"{}\"]}}\n", UdpSink::MARKER);
+    let yaml = format!("faults: {{allowed_processes: [\"{}\"]}}\n", UdpProcess::MARKER);
     let agent =
         AgentProcess::start(Some(&ns), AgentOptions { config_yaml: yaml, ..Default::default() }).expect("agent");
     let free_udp_port = || std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).unwrap().port();
     let (port, unbound) = ns.run(|| (free_udp_port(), free_udp_port()));
-    let _sink = UdpSink::start(&ns, port);
+    let _service = UdpProcess::start(&ns, "0.0.0.0", port);
 
     // The service's port, with the protocol named and with the default (what the port listens on).
     for kwargs in [
