@@ -160,8 +160,9 @@ pub struct FaultManager {
     guards: StdMutex<Guards>,
     protected_ports: Vec<u16>,
     disk: resource::DiskLimits,
-    /// Held while a disk fill is checked and allocated, so concurrent fills cannot each pass the free-space floor.
-    fill_lock: Mutex<()>,
+    /// Held from a disk or memory fault's budget check until the fault is active (its fill allocated, its memory
+    /// counted), so concurrent requests cannot each pass the free-space floor or the memory cap alone.
+    budget_lock: Mutex<()>,
     /// Port → the pid that listened there last time (a hint for the next lookup).
     port_owners: StdMutex<BTreeMap<u16, i32>>,
     inner: Mutex<Inner>,
@@ -216,7 +217,7 @@ impl FaultManager {
             guards: StdMutex::new(guards),
             protected_ports: parts.protected_ports,
             disk: resource::DiskLimits { roots: disk_roots, allow_memory_filesystems: allow_mem },
-            fill_lock: Mutex::new(()),
+            budget_lock: Mutex::new(()),
             port_owners: StdMutex::new(BTreeMap::new()),
             inner: Mutex::new(Inner { active: BTreeMap::new(), history: VecDeque::new() }),
             me: StdMutex::new(Weak::new()),
@@ -417,6 +418,11 @@ impl FaultManager {
             timer: None,
         };
         fault.spec.id = Some(id.clone());
+        // One budgeted fault at a time, until it is in the active set: the next one's check sees it.
+        let _budget = match spec.action {
+            FaultAction::Disk(_) | FaultAction::Memory(_) => Some(self.budget_lock.lock().await),
+            _ => None,
+        };
         let message = self.act(&mut fault, &chosen, lifetime).await?;
         report = fault.report.clone();
         report.message = if notes.is_empty() { message } else { format!("{message} ({})", notes.join("; ")) };
@@ -996,11 +1002,7 @@ impl FaultManager {
             }
             FaultAction::Cpu(_) | FaultAction::Memory(_) | FaultAction::Disk(_) => {
                 let cgroup_pid = chosen.iter().find_map(|c| c.process.as_ref().map(|p| p.pid));
-                // One fill at a time: the next one's free-space check sees this one's allocation.
-                let _fill = match fault.spec.action {
-                    FaultAction::Disk(_) => Some(self.fill_lock.lock().await),
-                    _ => None,
-                };
+                // The caller holds the budget lock: the free-space check and the memory cap see every earlier fault.
                 let prepared = resource::prepare(&fault.spec.action, &id, cgroup_pid, Some(&self.disk))?;
                 if let resource::Prepared::Memory { mib, .. } = &prepared {
                     self.check_memory_budget(*mib).await?;
