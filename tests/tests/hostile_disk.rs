@@ -151,7 +151,7 @@ fn concurrent_disk_and_memory_faults_stay_within_their_budgets_together() {
     // Disk: each fill leaves more than the 5 % floor alone; eight at once would fill the filesystem 3 times over.
     let (free, total) = fs.space();
     let floor = total / 20;
-    let mib = (free - floor) * 2 / 5 >> 20;
+    let mib = ((free - floor) * 2 / 5) >> 20;
     let disk =
         at_once(&agent, 8, json!({"kind": "disk", "path": fs.mnt.display().to_string(), "mib": mib, "lifetime": 60}));
     let (left, _) = fs.space();
