@@ -178,3 +178,95 @@ fn a_local_user_cannot_stack_faults_without_bound() {
     assert!(accepted <= 64 && active <= 64, "{accepted} faults accepted, {active} active at once");
     assert!(refusal.contains("max_active"), "the refusal does not say why: {refusal}");
 }
+
+/// A raw lymph peer: a bound ROUTER (where replies arrive, announcing `announce` as its routing id) and a
+/// connecting ROUTER (identity `endpoint`, the routing id the agent sees and replies to).
+struct RawPeer {
+    endpoint: String,
+    recv: zmq::Socket,
+    send: zmq::Socket,
+}
+
+impl RawPeer {
+    fn new(ctx: &zmq::Context, agent: &str, announce: Option<&str>) -> RawPeer {
+        let port = free_port();
+        let endpoint = format!("tcp://127.0.0.1:{port}");
+        let recv = ctx.socket(zmq::ROUTER).unwrap();
+        recv.set_identity(announce.unwrap_or(&endpoint).as_bytes()).unwrap();
+        recv.set_linger(0).unwrap();
+        recv.bind(&endpoint).unwrap();
+        let send = ctx.socket(zmq::ROUTER).unwrap();
+        send.set_identity(endpoint.as_bytes()).unwrap();
+        send.set_router_mandatory(true).unwrap();
+        send.set_linger(0).unwrap();
+        send.connect(agent).unwrap();
+        RawPeer { endpoint, recv, send }
+    }
+
+    /// Sends `Chaos.status` to the agent; returns the request id.
+    fn status(&self, agent: &str) -> String {
+        use chaos_agent::rpc::{
+            value::{self, Value},
+            wire::{self, Headers, Kind},
+        };
+        let id = wire::new_id();
+        let frames =
+            wire::frames(&id, Kind::Req, "Chaos.status", &Headers::default(), value::encode(&Value::Map(vec![])));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let parts = std::iter::once(agent.as_bytes().to_vec()).chain(frames.iter().cloned());
+            match self.send.send_multipart(parts, zmq::DONTWAIT) {
+                Ok(()) => return id,
+                Err(zmq::Error::EHOSTUNREACH | zmq::Error::EAGAIN) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+    }
+
+    /// The request ids of the replies that reach this peer within `wait`.
+    fn replies(&self, wait: Duration) -> Vec<String> {
+        let deadline = Instant::now() + wait;
+        let mut ids = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return ids;
+            }
+            self.recv.set_rcvtimeo(i32::try_from(left.as_millis()).unwrap().max(1)).unwrap();
+            let Ok(frames) = self.recv.recv_multipart(0) else { return ids };
+            if let Ok(msg) = chaos_agent::rpc::wire::Incoming::from_frames(frames) {
+                ids.push(msg.subject);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn a_local_client_cannot_take_over_another_local_clients_replies() {
+    let ns = Netns::new("hspoof");
+    let agent = agent(&ns);
+    let to = agent.endpoint.clone();
+    let (victim_got, attacker_got, asked) = ns.run(|| {
+        let ctx = zmq::Context::new();
+        let victim = RawPeer::new(&ctx, &to, None);
+        // The attacker's reply socket announces the victim's endpoint as its routing id: once the agent has
+        // connected to it, a reply routed to the victim's endpoint would be the attacker's.
+        let attacker = RawPeer::new(&ctx, &to, Some(&victim.endpoint));
+        attacker.status(&to);
+        attacker.replies(Duration::from_millis(500));
+        let asked = victim.status(&to);
+        let attacker_got = std::thread::spawn(move || attacker.replies(Duration::from_secs(3)));
+        let victim_got = victim.replies(Duration::from_secs(3));
+        let attacker_got = attacker_got.join().unwrap();
+        (victim_got, attacker_got, asked)
+    });
+    assert!(
+        !attacker_got.contains(&asked),
+        "the attacker received the victim's reply; agent log:\n{}",
+        agent.log_tail(20)
+    );
+    assert!(victim_got.contains(&asked), "the victim got no reply; agent log:\n{}", agent.log_tail(20));
+}
