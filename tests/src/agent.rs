@@ -43,6 +43,10 @@ pub struct AgentOptions {
     pub state_dir: Option<PathBuf>,
     /// Pin directory (to restart an agent on the same pins; default: a fresh one).
     pub pin_dir: Option<PathBuf>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Descriptors of this process the agent inherits, at the same numbers (e.g. a socket a `lymph node` shares).
+    pub inherit_fds: Vec<std::os::fd::RawFd>,
 }
 
 /// A running agent.
@@ -113,13 +117,20 @@ impl AgentProcess {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::options().append(true).open(&log)?)
-            .env_remove("LYMPH_NODE_IP");
+            .env_remove("LYMPH_NODE_IP")
+            .envs(opts.env.iter().map(|(k, v)| (k, v)));
         // No ZooKeeper unless the test gives one (the default would try lymph's 127.0.0.1:2181).
         cmd.args(["--zookeeper", opts.zookeeper.as_deref().unwrap_or("")]);
-        // SAFETY: prctl in the child only affects the child.
+        let inherit = opts.inherit_fds.clone();
+        // SAFETY: prctl and fcntl in the child only affect the child.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }

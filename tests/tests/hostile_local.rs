@@ -270,3 +270,40 @@ fn a_local_client_cannot_take_over_another_local_clients_replies() {
     );
     assert!(victim_got.contains(&asked), "the victim got no reply; agent log:\n{}", agent.log_tail(20));
 }
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn shared_sockets_are_closed_before_the_runtime_has_descriptors_of_its_own() {
+    use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
+    let ns = Netns::new("hshared");
+    // A socket a `lymph node` shares with its instances, inherited by the agent at the same number.
+    let shared = ns.run(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let fd = shared.as_raw_fd();
+    let inode = std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
+    // The variable also lists numbers that are not open when the agent starts (it outlived the node's
+    // descriptors, e.g. passed down to a child): those numbers are free for the agent's own sockets, which
+    // closing the list later would close.
+    let listed: serde_json::Map<String, serde_json::Value> =
+        (3..=64).chain([fd]).map(|n| (format!("{}", 20000 + n), json!(n))).collect();
+    let mut agent = AgentProcess::start(
+        Some(&ns),
+        AgentOptions {
+            args: vec!["--no-network-control".into()],
+            env: vec![("LYMPH_SHARED_SOCKET_FDS".into(), serde_json::Value::Object(listed).to_string())],
+            inherit_fds: vec![fd],
+            ..Default::default()
+        },
+    )
+    .expect("agent");
+    let held: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.display().to_string())
+        .collect();
+    assert!(!held.contains(&format!("socket:[{inode}]")), "the agent still holds the shared socket: {held:?}");
+    // The runtime works: it answers, and SIGTERM (delivered through the runtime's own signal socket) stops it.
+    agent.ok("status", json!({}));
+    assert!(agent.stop(), "the agent did not stop on SIGTERM; log:\n{}", agent.log_tail(20));
+    drop(shared);
+}
