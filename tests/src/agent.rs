@@ -43,6 +43,10 @@ pub struct AgentOptions {
     pub state_dir: Option<PathBuf>,
     /// Pin directory (to restart an agent on the same pins; default: a fresh one).
     pub pin_dir: Option<PathBuf>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Descriptors of this process the agent inherits, at the same numbers (e.g. a socket a `lymph node` shares).
+    pub inherit_fds: Vec<std::os::fd::RawFd>,
 }
 
 /// A running agent.
@@ -113,13 +117,20 @@ impl AgentProcess {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::options().append(true).open(&log)?)
-            .env_remove("LYMPH_NODE_IP");
+            .env_remove("LYMPH_NODE_IP")
+            .envs(opts.env.iter().map(|(k, v)| (k, v)));
         // No ZooKeeper unless the test gives one (the default would try lymph's 127.0.0.1:2181).
         cmd.args(["--zookeeper", opts.zookeeper.as_deref().unwrap_or("")]);
-        // SAFETY: prctl in the child only affects the child.
+        let inherit = opts.inherit_fds.clone();
+        // SAFETY: prctl and fcntl in the child only affect the child.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -323,6 +334,60 @@ impl EchoProcess {
 }
 
 impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A UDP-only service (a bound socket, no TCP listener) in a process of its own (python3); killed on drop.
+pub struct UdpProcess {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl UdpProcess {
+    /// Text in its command line (for the agent's `faults.allowed_processes`).
+    pub const MARKER: &'static str = "chaos-test-udp-service";
+
+    /// Binds `addr:port` (IPv4) inside `netns` and returns once the socket is bound.
+    ///
+    /// # Panics
+    /// When the socket cannot be bound.
+    pub fn start(netns: &Netns, addr: &str, port: u16) -> UdpProcess {
+        let script = format!(
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{addr}',{port}))\n\
+             print('bound',flush=True)\nwhile True: s.recvfrom(65536)\n"
+        );
+        let mut cmd = netns.command("/usr/bin/python3");
+        cmd.args(["-c", &script, Self::MARKER]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+        // SAFETY: prctl in the child only affects the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("python3 UDP service");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        if line.trim() != "bound" {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the UDP service could not bind {addr}:{port}");
+        }
+        UdpProcess { child, port }
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for UdpProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -178,3 +178,132 @@ fn a_local_user_cannot_stack_faults_without_bound() {
     assert!(accepted <= 64 && active <= 64, "{accepted} faults accepted, {active} active at once");
     assert!(refusal.contains("max_active"), "the refusal does not say why: {refusal}");
 }
+
+/// A raw lymph peer: a bound ROUTER (where replies arrive, announcing `announce` as its routing id) and a
+/// connecting ROUTER (identity `endpoint`, the routing id the agent sees and replies to).
+struct RawPeer {
+    endpoint: String,
+    recv: zmq::Socket,
+    send: zmq::Socket,
+}
+
+impl RawPeer {
+    fn new(ctx: &zmq::Context, agent: &str, announce: Option<&str>) -> RawPeer {
+        let port = free_port();
+        let endpoint = format!("tcp://127.0.0.1:{port}");
+        let recv = ctx.socket(zmq::ROUTER).unwrap();
+        recv.set_identity(announce.unwrap_or(&endpoint).as_bytes()).unwrap();
+        recv.set_linger(0).unwrap();
+        recv.bind(&endpoint).unwrap();
+        let send = ctx.socket(zmq::ROUTER).unwrap();
+        send.set_identity(endpoint.as_bytes()).unwrap();
+        send.set_router_mandatory(true).unwrap();
+        send.set_linger(0).unwrap();
+        send.connect(agent).unwrap();
+        RawPeer { endpoint, recv, send }
+    }
+
+    /// Sends `Chaos.status` to the agent; returns the request id.
+    fn status(&self, agent: &str) -> String {
+        use chaos_agent::rpc::{
+            value::{self, Value},
+            wire::{self, Headers, Kind},
+        };
+        let id = wire::new_id();
+        let frames =
+            wire::frames(&id, Kind::Req, "Chaos.status", &Headers::default(), value::encode(&Value::Map(vec![])));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let parts = std::iter::once(agent.as_bytes().to_vec()).chain(frames.iter().cloned());
+            match self.send.send_multipart(parts, zmq::DONTWAIT) {
+                Ok(()) => return id,
+                Err(zmq::Error::EHOSTUNREACH | zmq::Error::EAGAIN) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+    }
+
+    /// The request ids of the replies that reach this peer within `wait`.
+    fn replies(&self, wait: Duration) -> Vec<String> {
+        let deadline = Instant::now() + wait;
+        let mut ids = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return ids;
+            }
+            self.recv.set_rcvtimeo(i32::try_from(left.as_millis()).unwrap().max(1)).unwrap();
+            let Ok(frames) = self.recv.recv_multipart(0) else { return ids };
+            if let Ok(msg) = chaos_agent::rpc::wire::Incoming::from_frames(frames) {
+                ids.push(msg.subject);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn a_local_client_cannot_take_over_another_local_clients_replies() {
+    let ns = Netns::new("hspoof");
+    let agent = agent(&ns);
+    let to = agent.endpoint.clone();
+    let (victim_got, attacker_got, asked) = ns.run(|| {
+        let ctx = zmq::Context::new();
+        let victim = RawPeer::new(&ctx, &to, None);
+        // The attacker's reply socket announces the victim's endpoint as its routing id: once the agent has
+        // connected to it, a reply routed to the victim's endpoint would be the attacker's.
+        let attacker = RawPeer::new(&ctx, &to, Some(&victim.endpoint));
+        attacker.status(&to);
+        attacker.replies(Duration::from_millis(500));
+        let asked = victim.status(&to);
+        let attacker_got = std::thread::spawn(move || attacker.replies(Duration::from_secs(3)));
+        let victim_got = victim.replies(Duration::from_secs(3));
+        let attacker_got = attacker_got.join().unwrap();
+        (victim_got, attacker_got, asked)
+    });
+    assert!(
+        !attacker_got.contains(&asked),
+        "the attacker received the victim's reply; agent log:\n{}",
+        agent.log_tail(20)
+    );
+    assert!(victim_got.contains(&asked), "the victim got no reply; agent log:\n{}", agent.log_tail(20));
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn shared_sockets_are_closed_before_the_runtime_has_descriptors_of_its_own() {
+    use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
+    let ns = Netns::new("hshared");
+    // A socket a `lymph node` shares with its instances, inherited by the agent at the same number.
+    let shared = ns.run(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let fd = shared.as_raw_fd();
+    let inode = std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
+    // The variable also lists numbers that are not open when the agent starts (it outlived the node's
+    // descriptors, e.g. passed down to a child): those numbers are free for the agent's own sockets, which
+    // closing the list later would close.
+    let listed: serde_json::Map<String, serde_json::Value> =
+        (3..=64).chain([fd]).map(|n| (format!("{}", 20000 + n), json!(n))).collect();
+    let mut agent = AgentProcess::start(
+        Some(&ns),
+        AgentOptions {
+            args: vec!["--no-network-control".into()],
+            env: vec![("LYMPH_SHARED_SOCKET_FDS".into(), serde_json::Value::Object(listed).to_string())],
+            inherit_fds: vec![fd],
+            ..Default::default()
+        },
+    )
+    .expect("agent");
+    let held: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.display().to_string())
+        .collect();
+    assert!(!held.contains(&format!("socket:[{inode}]")), "the agent still holds the shared socket: {held:?}");
+    // The runtime works: it answers, and SIGTERM (delivered through the runtime's own signal socket) stops it.
+    agent.ok("status", json!({}));
+    assert!(agent.stop(), "the agent did not stop on SIGTERM; log:\n{}", agent.log_tail(20));
+    drop(shared);
+}

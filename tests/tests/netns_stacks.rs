@@ -22,7 +22,7 @@ use std::{
 };
 
 use chaos_tests::{
-    agent::{AgentOptions, AgentProcess},
+    agent::{AgentOptions, AgentProcess, UdpProcess},
     netns::Netns,
 };
 use serde_json::{Value as Json, json};
@@ -33,12 +33,13 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
 }
 
-/// An agent in `ns`. These tests fault UDP-only sinks and ports whose listeners live in other namespaces
-/// (containers, forwarded traffic), which the agent refuses by default (it cannot check whose they are):
-/// `faults.allow_unbound_ports` lets them through.
+/// An agent in `ns`. These tests fault ports whose sinks and listeners live in other namespaces (containers,
+/// forwarded traffic) or are not bound yet, which the agent refuses by default (it cannot check whose they are):
+/// `faults.allow_unbound_ports` lets them through. UDP services bound here are [`UdpProcess`]es, which the agent
+/// judges by their owner like any service (a socket of the test process itself would be the agent's parent's).
 fn agent_in(ns: &Netns) -> AgentProcess {
-    let options =
-        AgentOptions { config_yaml: "faults: {allow_unbound_ports: true}\n".into(), ..AgentOptions::default() };
+    let yaml = format!("faults: {{allow_unbound_ports: true, allowed_processes: [\"{}\"]}}\n", UdpProcess::MARKER);
+    let options = AgentOptions { config_yaml: yaml, ..AgentOptions::default() };
     AgentProcess::start(Some(ns), options).expect("agent")
 }
 
@@ -392,7 +393,7 @@ fn protocol_defaults_to_what_the_port_listens_on_and_a_mismatch_is_reported() {
     let agent = agent_in(&srv);
     let port = 17013;
     // A UDP service on the port (nothing on TCP): a loss fault without `protocol` must hit its datagrams.
-    let service = srv.run(|| UdpSocket::bind(format!("0.0.0.0:{port}"))).unwrap();
+    let service = UdpProcess::start(&srv, "0.0.0.0", port);
     let fault = agent.ok("inject", json!({"kind": "loss", "port": port, "loss": 30, "lifetime": 60}));
     let message = fault["message"].as_str().unwrap_or_default().to_owned();
     let id = fault["id"].as_str().unwrap().to_owned();
@@ -404,7 +405,7 @@ fn protocol_defaults_to_what_the_port_listens_on_and_a_mismatch_is_reported() {
     assert!(message.contains("udp"), "the reply does not say which protocol it matched: {message}");
     agent.ok("clear", json!({}));
     // An explicit protocol that nothing listens on is applied, and the reply says so.
-    let _service = srv.run(|| UdpSocket::bind(format!("0.0.0.0:{port}"))).unwrap();
+    let _service = UdpProcess::start(&srv, "0.0.0.0", port);
     let fault =
         agent.ok("inject", json!({"kind": "loss", "port": port, "loss": 30, "protocol": "tcp", "lifetime": 60}));
     let message = fault["message"].as_str().unwrap_or_default();
@@ -532,7 +533,7 @@ fn a_socket_bound_to_one_address_gets_rules_on_that_address_only() {
     let agent = agent_in(&srv);
     let port = 17016;
     // The service listens on 10.70.0.1 only; the host's other address 10.70.0.5 is not the service's.
-    let service = srv.run(|| UdpSocket::bind(format!("10.70.0.1:{port}"))).unwrap();
+    let service = UdpProcess::start(&srv, "10.70.0.1", port);
     let id = inject(&agent, json!({"kind": "observe", "port": port, "lifetime": 60}));
     drop(service);
     let run = udp_run(&srv, addr(&format!("10.70.0.1:{port}")), &cli, 200);

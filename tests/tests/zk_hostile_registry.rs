@@ -2,7 +2,8 @@
 //! ZooKeeper registers a fake lymph instance whose endpoint is the port of a process that is not a lymph service
 //! (a web server), then asks the agent to kill that "service" and, afterwards, its pid directly. The agent must
 //! judge the process by what it is, not by where the registry says it is: both requests are refused, the web
-//! server lives, and the refusals are in the event log.
+//! server lives, and the refusals are in the event log. The same for a stale entry: a real lymph instance's
+//! registration, still in ZooKeeper after the instance died, whose port a web server holds now.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -13,7 +14,7 @@ use anyhow::{Context, Result, ensure};
 use chaos_tests::{
     agent::{AgentOptions, AgentProcess, free_port},
     hostile::show,
-    lymph::{self, LymphConfig},
+    lymph::{self, Instance, LymphConfig},
 };
 use serde_json::json;
 
@@ -95,6 +96,91 @@ fn a_fake_registry_entry_on_a_web_servers_port_does_not_make_it_a_target() -> Re
     std::thread::sleep(Duration::from_millis(300));
     ensure!(alive(&mut web.0), "the web server was killed by pid after the fake entry: {}", show(&by_pid));
     ensure!(!by_service.status.success() && !by_pid.status.success(), "{}\n{}", show(&by_service), show(&by_pid));
+    let refused = agent.events().into_iter().filter(|e| e["action"] == "refused" && e["kind"] == "kill").count();
+    ensure!(refused == 2, "expected 2 recorded refusals, got {refused}: {:?}", agent.events());
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and the harness's ZooKeeper: run by cargo xtask test"]
+fn a_stale_registry_entry_whose_port_a_web_server_took_does_not_make_it_a_target() -> Result<()> {
+    let config = LymphConfig::for_test("hostile-stale")?;
+    let agent = AgentProcess::start(
+        None,
+        AgentOptions {
+            zookeeper: Some(config.zk_hosts()),
+            args: vec!["--no-network-control".into()],
+            ..Default::default()
+        },
+    )?;
+    let instance = Instance::start(&config)?;
+    let (lymph_pid, identity) = (instance.pid(), instance.identity().to_owned());
+    let port: u16 = instance.endpoint().rsplit(':').next().unwrap_or_default().parse()?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let echo_pids = |agent: &AgentProcess| -> Vec<u64> {
+        let s = agent.ok("list_services", json!({}));
+        s["Echo"]
+            .as_array()
+            .map_or(Vec::new(), |l| l.iter().filter(|i| i["local"] == true).filter_map(|i| i["pid"].as_u64()).collect())
+    };
+    while !echo_pids(&agent).contains(&u64::from(lymph_pid)) {
+        ensure!(Instant::now() < deadline, "the agent never saw the lymph instance; log:\n{}", agent.log_tail(30));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its registration as ZooKeeper holds it.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let zkc = rt.block_on(zookeeper_client::Client::connect(&config.zk_hosts()))?;
+    let registration = rt.block_on(async {
+        for child in zkc.list_children("/services/Echo").await? {
+            let (data, _) = zkc.get_data(&format!("/services/Echo/{child}")).await?;
+            let value: serde_json::Value = serde_json::from_slice(&data)?;
+            if value["identity"] == identity.as_str() {
+                return anyhow::Ok(data);
+            }
+        }
+        anyhow::bail!("the instance's znode is missing")
+    })?;
+
+    // The instance dies without unregistering; its registration stays (the attacker's raw write keeps it for good,
+    // as a session that never expires would), and a web server takes its port.
+    instance.kill()?;
+    rt.block_on(async {
+        let opts = zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+        zkc.create("/services/Echo/stale", &registration, &opts).await?;
+        anyhow::Ok(())
+    })?;
+    let mut web = WebServer(
+        Command::new("python3")
+            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("python3 -m http.server")?,
+    );
+    let web_pid = web.0.id();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !echo_pids(&agent).contains(&u64::from(web_pid)) {
+        ensure!(alive(&mut web.0), "the web server could not take port {port}");
+        ensure!(
+            Instant::now() < deadline,
+            "the agent never resolved the stale entry to the web server: {:?}",
+            agent.ok("list_services", json!({}))
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let by_service = agent.cli(&["kill", "Echo", "--all"]);
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(alive(&mut web.0), "the web server was killed through a stale registry entry: {}", show(&by_service));
+    let by_instance = agent.cli(&["kill", "--instance", &identity]);
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(alive(&mut web.0), "the web server was killed as the dead instance: {}", show(&by_instance));
+    ensure!(
+        !by_service.status.success() && !by_instance.status.success(),
+        "{}\n{}",
+        show(&by_service),
+        show(&by_instance)
+    );
     let refused = agent.events().into_iter().filter(|e| e["action"] == "refused" && e["kind"] == "kill").count();
     ensure!(refused == 2, "expected 2 recorded refusals, got {refused}: {:?}", agent.events());
     Ok(())

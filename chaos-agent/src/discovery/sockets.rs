@@ -1,5 +1,5 @@
-//! Which process listens on a TCP port: `sock_diag` netlink (fallback `/proc/net/tcp{,6}`) for the listening
-//! socket's inode, then `/proc/<pid>/fd` for the process holding it.
+//! Which process listens on a TCP port (`sock_diag` netlink, fallback `/proc/net/tcp{,6}`) or is bound to a UDP
+//! port (`/proc/net/udp{,6}`): the socket's inode, then `/proc/<pid>/fd` for the process holding it.
 //!
 //! Both views are per network namespace: the agent sees the sockets of the namespace it runs in, which is the
 //! one whose ports it can fault.
@@ -57,6 +57,11 @@ pub fn tcp_listeners() -> io::Result<Vec<Listener>> {
 
 /// The UDP sockets of this network namespace that receive from anyone (bound, not connected): (address, port).
 pub fn udp_bound() -> Vec<(IpAddr, u16)> {
+    udp_bound_sockets().into_iter().map(|l| (l.addr, l.port)).collect()
+}
+
+/// Like [`udp_bound`], with each socket's inode (to find the process holding it with [`owners_of`]).
+pub fn udp_bound_sockets() -> Vec<Listener> {
     let mut out = Vec::new();
     for (file, v6) in [("/proc/net/udp", false), ("/proc/net/udp6", true)] {
         let Ok(text) = fs::read_to_string(file) else { continue };
@@ -68,7 +73,8 @@ pub fn udp_bound() -> Vec<(IpAddr, u16)> {
             if rport != Some(0) {
                 continue;
             }
-            // The local address has the layout of a TCP listener's line; reuse its parser with a fake state.
+            // The local address and inode have the layout of a TCP listener's line; reuse its parser with a fake
+            // state.
             let mut as_listen = fields.clone();
             if as_listen.len() < 10 {
                 continue;
@@ -77,7 +83,7 @@ pub fn udp_bound() -> Vec<(IpAddr, u16)> {
             if let Some(l) = parse_proc_net_line(&as_listen.join(" "), v6)
                 && l.port != 0
             {
-                out.push((l.addr, l.port));
+                out.push(l);
             }
         }
     }
@@ -302,6 +308,16 @@ mod tests {
         let all = tcp_listeners().unwrap();
         let ours = all.iter().find(|l| l.port == port).expect("our listener is listed");
         assert!(ours.accepts("127.0.0.1".parse().unwrap(), port));
+        let owners = owners_of(&HashSet::from([ours.inode]), &[]);
+        assert_eq!(owners.get(&ours.inode), Some(&(std::process::id() as i32)));
+    }
+
+    #[test]
+    fn finds_our_own_udp_socket_and_its_owner() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let ours = udp_bound_sockets().into_iter().find(|l| l.port == port).expect("our UDP socket is listed");
+        assert_eq!(ours.addr, "127.0.0.1".parse::<IpAddr>().unwrap());
         let owners = owners_of(&HashSet::from([ours.inode]), &[]);
         assert_eq!(owners.get(&ours.inode), Some(&(std::process::id() as i32)));
     }

@@ -160,8 +160,9 @@ pub struct FaultManager {
     guards: StdMutex<Guards>,
     protected_ports: Vec<u16>,
     disk: resource::DiskLimits,
-    /// Held while a disk fill is checked and allocated, so concurrent fills cannot each pass the free-space floor.
-    fill_lock: Mutex<()>,
+    /// Held from a disk or memory fault's budget check until the fault is active (its fill allocated, its memory
+    /// counted), so concurrent requests cannot each pass the free-space floor or the memory cap alone.
+    budget_lock: Mutex<()>,
     /// Port → the pid that listened there last time (a hint for the next lookup).
     port_owners: StdMutex<BTreeMap<u16, i32>>,
     inner: Mutex<Inner>,
@@ -216,7 +217,7 @@ impl FaultManager {
             guards: StdMutex::new(guards),
             protected_ports: parts.protected_ports,
             disk: resource::DiskLimits { roots: disk_roots, allow_memory_filesystems: allow_mem },
-            fill_lock: Mutex::new(()),
+            budget_lock: Mutex::new(()),
             port_owners: StdMutex::new(BTreeMap::new()),
             inner: Mutex::new(Inner { active: BTreeMap::new(), history: VecDeque::new() }),
             me: StdMutex::new(Weak::new()),
@@ -417,6 +418,11 @@ impl FaultManager {
             timer: None,
         };
         fault.spec.id = Some(id.clone());
+        // One budgeted fault at a time, until it is in the active set: the next one's check sees it.
+        let _budget = match spec.action {
+            FaultAction::Disk(_) | FaultAction::Memory(_) => Some(self.budget_lock.lock().await),
+            _ => None,
+        };
         let message = self.act(&mut fault, &chosen, lifetime).await?;
         report = fault.report.clone();
         report.message = if notes.is_empty() { message } else { format!("{message} ({})", notes.join("; ")) };
@@ -671,19 +677,29 @@ impl FaultManager {
                 let instance = snap.instances().find(|i| i.local && i.port == Some(*port)).cloned();
                 let mut hints: Vec<i32> = instance.iter().filter_map(|i| i.pid).collect();
                 hints.extend(self.port_owners.lock().expect("poisoned").get(port).copied());
-                let owner = owner_of_port(*port, &hints);
+                // The owner for the protocol the fault acts on: a UDP-only service has a bound socket, no listener.
+                let protocol = match action {
+                    FaultAction::Network { protocol, .. } => *protocol,
+                    _ => None,
+                };
+                let owner = owner_of_port(*port, protocol, &hints);
                 if let Some(pid) = owner {
                     self.port_owners.lock().expect("poisoned").insert(*port, pid);
                 }
                 let process = owner.and_then(process::proc_info);
+                let on = match protocol {
+                    Some(Protocol::Tcp) => "TCP port",
+                    Some(Protocol::Udp) => "UDP port",
+                    Some(Protocol::Both) | None => "TCP or UDP port",
+                };
                 if action.needs_pids() && process.is_none() {
-                    return Err(FaultError::NotFound(format!("no process listens on TCP port {port} here")));
+                    return Err(FaultError::NotFound(format!("no process listens on {on} {port} here")));
                 }
                 // A port nobody here listens on is someone else's (a remote ZooKeeper, DNS, an overlay network):
                 // the guards could not look at its owner.
                 if process.is_none() && !self.config.allow_unbound_ports {
                     return Err(FaultError::Refused(format!(
-                        "no process of this host listens on TCP port {port}, so no guard can check whose it is \
+                        "no process of this host listens on {on} {port}, so no guard can check whose it is \
                          (set faults.allow_unbound_ports to allow faults on such ports)"
                     )));
                 }
@@ -986,11 +1002,7 @@ impl FaultManager {
             }
             FaultAction::Cpu(_) | FaultAction::Memory(_) | FaultAction::Disk(_) => {
                 let cgroup_pid = chosen.iter().find_map(|c| c.process.as_ref().map(|p| p.pid));
-                // One fill at a time: the next one's free-space check sees this one's allocation.
-                let _fill = match fault.spec.action {
-                    FaultAction::Disk(_) => Some(self.fill_lock.lock().await),
-                    _ => None,
-                };
+                // The caller holds the budget lock: the free-space check and the memory cap see every earlier fault.
                 let prepared = resource::prepare(&fault.spec.action, &id, cgroup_pid, Some(&self.disk))?;
                 if let resource::Prepared::Memory { mib, .. } = &prepared {
                     self.check_memory_budget(*mib).await?;
@@ -1193,15 +1205,27 @@ impl Signalled {
 /// The pid owning a listening TCP socket on `port` in this namespace. `hints` (the instance registered there, the
 /// owner found last time) are looked at first, so the usual answer costs one `/proc/<pid>/fd` read instead of a
 /// scan of every process; a stale hint only costs that read.
-fn owner_of_port(port: u16, hints: &[i32]) -> Option<i32> {
-    let listeners = sockets::tcp_listeners().unwrap_or_default();
-    let inodes: std::collections::HashSet<u64> = listeners.iter().filter(|l| l.port == port).map(|l| l.inode).collect();
-    if inodes.is_empty() {
-        return None;
+/// The process holding a socket on `port` for `protocol`: a TCP listener, a bound (unconnected) UDP socket, or
+/// either when the protocol is both or not given (a TCP listener first).
+fn owner_of_port(port: u16, protocol: Option<Protocol>, hints: &[i32]) -> Option<i32> {
+    let tcp = || -> std::collections::HashSet<u64> {
+        sockets::tcp_listeners().unwrap_or_default().iter().filter(|l| l.port == port).map(|l| l.inode).collect()
+    };
+    let udp = || -> std::collections::HashSet<u64> {
+        sockets::udp_bound_sockets().iter().filter(|l| l.port == port).map(|l| l.inode).collect()
+    };
+    let owner = |inodes: std::collections::HashSet<u64>| -> Option<i32> {
+        if inodes.is_empty() {
+            return None;
+        }
+        // Any socket on the port will do (v4 and v6 sockets of one process, or SO_REUSEPORT siblings).
+        sockets::owners_of(&inodes, hints).values().min().copied()
+    };
+    match protocol {
+        Some(Protocol::Tcp) => owner(tcp()),
+        Some(Protocol::Udp) => owner(udp()),
+        Some(Protocol::Both) | None => owner(tcp()).or_else(|| owner(udp())),
     }
-    let owners = sockets::owners_of(&inodes, hints);
-    // Any socket listening on the port will do (v4 and v6 sockets of one process, or SO_REUSEPORT siblings).
-    owners.values().min().copied()
 }
 
 fn protocol_name(p: Protocol) -> &'static str {

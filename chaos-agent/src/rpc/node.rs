@@ -15,7 +15,9 @@
 //!
 //! lymph's asymmetric pair (`lymph/core/rpc.py`): both sockets carry our advertised endpoint as routing id, peers
 //! answer by connecting back to it. A ROUTER drops messages for peers whose handshake has not finished; with
-//! `ROUTER_MANDATORY` we get `EHOSTUNREACH` instead and retry until the message's deadline.
+//! `ROUTER_MANDATORY` we get `EHOSTUNREACH` instead and retry until the message's deadline. Our send socket names
+//! each of its connections itself (`ZMQ_CONNECT_ROUTING_ID`): what a peer announces never decides where a message
+//! to another endpoint goes.
 
 use std::{
     collections::HashMap,
@@ -291,6 +293,7 @@ impl RpcNode {
             out_rx,
             requests,
             peers: HashMap::new(),
+            next_route: 0,
             retry: Vec::new(),
             monitor,
             connections: std::collections::HashSet::new(),
@@ -435,8 +438,11 @@ struct IoThread {
     send: zmq::Socket,
     out_rx: std_mpsc::Receiver<Outgoing>,
     requests: Option<mpsc::Sender<Request>>,
-    /// Endpoints our send socket is connected to, with when we last sent there.
-    peers: HashMap<String, Instant>,
+    /// Endpoints our send socket is connected to: when we last sent there, and the routing id we gave that
+    /// connection.
+    peers: HashMap<String, Peer>,
+    /// Numbers the routing ids of our outgoing connections.
+    next_route: u64,
     retry: Vec<Outgoing>,
     /// Events of `recv` (connections accepted and closed).
     monitor: zmq::Socket,
@@ -657,15 +663,29 @@ impl IoThread {
     }
 
     fn send_or_queue(&mut self, out: Outgoing) {
-        if !self.peers.contains_key(&out.dest)
-            && let Err(err) = self.send.connect(&out.dest)
-        {
-            warn!(dest = %out.dest, %err, "cannot connect to peer; message dropped");
-            self.shared.stats.undeliverable.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        self.peers.insert(out.dest.clone(), Instant::now());
-        let parts = std::iter::once(out.dest.as_bytes().to_vec()).chain(out.frames.iter().cloned());
+        let route = match self.peers.get_mut(&out.dest) {
+            Some(peer) => {
+                peer.last = Instant::now();
+                peer.route.clone()
+            }
+            None => {
+                // The connection's routing id is ours to choose (ZMQ_CONNECT_ROUTING_ID), never the one the peer
+                // announces: a local client whose reply socket announced another client's endpoint would
+                // otherwise own that routing id here, and receive that client's replies.
+                self.next_route += 1;
+                let route = format!("{}|{}", self.next_route, out.dest).into_bytes();
+                if let Err(err) =
+                    set_connect_routing_id(&mut self.send, &route).and_then(|()| self.send.connect(&out.dest))
+                {
+                    warn!(dest = %out.dest, %err, "cannot connect to peer; message dropped");
+                    self.shared.stats.undeliverable.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                self.peers.insert(out.dest.clone(), Peer { last: Instant::now(), route: route.clone() });
+                route
+            }
+        };
+        let parts = std::iter::once(route).chain(out.frames.iter().cloned());
         match self.send.send_multipart(parts, zmq::DONTWAIT) {
             Ok(()) => {}
             Err(zmq::Error::EHOSTUNREACH | zmq::Error::EAGAIN) if Instant::now() < out.deadline => self.retry.push(out),
@@ -683,13 +703,43 @@ impl IoThread {
         let idle: Vec<String> = self
             .peers
             .iter()
-            .filter(|(dest, last)| now.duration_since(**last) > IDLE_PEER && !waiting.contains(&dest.as_str()))
+            .filter(|(dest, peer)| now.duration_since(peer.last) > IDLE_PEER && !waiting.contains(&dest.as_str()))
             .map(|(dest, _)| dest.clone())
             .collect();
         for dest in idle {
             let _ = self.send.disconnect(&dest);
             self.peers.remove(&dest);
         }
+    }
+}
+
+/// An endpoint our send socket is connected to.
+struct Peer {
+    /// When we last sent there.
+    last: Instant,
+    /// The routing id we gave the connection.
+    route: Vec<u8>,
+}
+
+/// `ZMQ_CONNECT_ROUTING_ID` (not wrapped by the zmq crate): the routing id of the socket's next `connect`.
+fn set_connect_routing_id(socket: &mut zmq::Socket, id: &[u8]) -> Result<(), zmq::Error> {
+    const ZMQ_CONNECT_ROUTING_ID: libc::c_int = 61;
+    unsafe extern "C" {
+        fn zmq_setsockopt(
+            socket: *mut libc::c_void,
+            option: libc::c_int,
+            value: *const libc::c_void,
+            len: libc::size_t,
+        ) -> libc::c_int;
+        fn zmq_errno() -> libc::c_int;
+    }
+    // SAFETY: a live socket's handle, and a buffer with its real length (libzmq copies it).
+    let rc = unsafe { zmq_setsockopt(socket.as_mut_ptr(), ZMQ_CONNECT_ROUTING_ID, id.as_ptr().cast(), id.len()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        // SAFETY: reads libzmq's thread-local error number.
+        Err(zmq::Error::from_raw(unsafe { zmq_errno() }))
     }
 }
 

@@ -760,12 +760,18 @@ pub fn netem_options(p: &NetemParams) -> Vec<u8> {
 /// `u32::MAX`. Not covered: a netem `rate` (its backlog adds to the queue) and the tails of the
 /// normal/pareto tables, which hold single packets up to `delay + 4 × jitter`.
 pub fn netem_limit_for(max_packets_per_sec: u64, delay: Duration, jitter: Duration) -> u32 {
+    let needed = netem_queue_needed(max_packets_per_sec, delay, jitter);
+    u32::try_from(needed).unwrap_or(u32::MAX).clamp(NETEM_DEFAULT_LIMIT, NETEM_MAX_LIMIT)
+}
+
+/// The packets netem would hold for a flow of `max_packets_per_sec` delayed by `delay` ± `jitter`, with the
+/// headroom of [`netem_limit_for`], before any floor or bound.
+pub fn netem_queue_needed(max_packets_per_sec: u64, delay: Duration, jitter: Duration) -> u128 {
     let hold_ns = delay.as_nanos().saturating_add(jitter.as_nanos());
-    let needed = u128::from(max_packets_per_sec)
+    u128::from(max_packets_per_sec)
         .saturating_mul(hold_ns)
         .saturating_mul(NETEM_LIMIT_HEADROOM_NUM)
-        .div_ceil(NETEM_LIMIT_HEADROOM_DEN * NANOS_PER_SEC);
-    u32::try_from(needed).unwrap_or(u32::MAX).clamp(NETEM_DEFAULT_LIMIT, NETEM_MAX_LIMIT)
+        .div_ceil(NETEM_LIMIT_HEADROOM_DEN * NANOS_PER_SEC)
 }
 
 /// Most packets one netem queue may hold, whatever the rate and delay (every queued packet is kernel memory).

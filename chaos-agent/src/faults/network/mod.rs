@@ -305,6 +305,23 @@ impl Impairment {
         if self.rate_bytes_per_sec == Some(0) {
             return Err(NetError::Invalid("rate must be above 0 (use blackhole to drop everything)".into()));
         }
+        // A rate given with a delay sizes netem's queue (packets of 64 bytes at that rate, held for the delay). A
+        // queue above the bound would be capped, and netem would drop what does not fit: the delay fault would
+        // silently be a loss fault too. Checked here, before anything asks whether this kernel has netem at all.
+        if let Some(rate) = self.rate_bytes_per_sec
+            && self.needs_netem()
+        {
+            let needed = encode::netem_queue_needed((rate / 64).max(1), self.delay, self.jitter);
+            if needed > u128::from(encode::NETEM_MAX_LIMIT) {
+                return Err(NetError::Invalid(format!(
+                    "rate {rate} bytes/s with a delay of {:.3} s (jitter {:.3} s) needs a netem queue of {needed} \
+                     packets, above the bound of {} packets: lower the rate or the delay",
+                    self.delay.as_secs_f64(),
+                    self.jitter.as_secs_f64(),
+                    encode::NETEM_MAX_LIMIT
+                )));
+            }
+        }
         if self.observe && (self.blackhole || self.loss_percent > 0.0 || self.needs_shaping()) {
             return Err(NetError::Invalid(
                 "observe counts packets only; it cannot be combined with other impairments".into(),
@@ -1111,5 +1128,10 @@ mod tests {
         assert!(ok.validate().is_ok() && ok.needs_netem() && ok.needs_shaping());
         let rate = Impairment { rate_bytes_per_sec: Some(125_000), ..Default::default() };
         assert!(!rate.needs_netem() && rate.needs_shaping());
+        // 1 mbit/s held 60 s fits netem's queue; 10 gbit/s held 1 s does not.
+        let slow = Impairment { delay: Duration::from_secs(60), ..rate.clone() };
+        assert!(slow.validate().is_ok());
+        let huge = Impairment { rate_bytes_per_sec: Some(1_250_000_000), delay: Duration::from_secs(1), ..rate };
+        assert!(huge.validate().unwrap_err().to_string().contains("netem queue"));
     }
 }
