@@ -1,7 +1,8 @@
 //! Hostile tier, local clients: any local user can reach an agent bound to loopback, so every request it can make
 //! must stay bounded. Each test drives the real agent as that user would: stop signals as a "kill" (a pause with
 //! no end), idle connections exhausting the agent's descriptors while a pause is due to end, huge strings in
-//! refused requests growing the event log, and the files the agent writes being readable by everyone.
+//! refused requests growing the event log, the files the agent writes being readable by everyone, and bursts of
+//! requests passing the cap on active faults together.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -177,6 +178,42 @@ fn a_local_user_cannot_stack_faults_without_bound() {
     agent.ok("clear", json!({}));
     assert!(accepted <= 64 && active <= 64, "{accepted} faults accepted, {active} active at once");
     assert!(refusal.contains("max_active"), "the refusal does not say why: {refusal}");
+}
+
+/// The same cap against requests sent all at once: each used to pass the count of active faults alone (a fault
+/// became active only after it was applied), so a burst held far more faults than `faults.max_active` allows.
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn concurrent_requests_cannot_pass_the_active_fault_cap_together() {
+    const CAP: usize = 4;
+    const REQUESTS: usize = 24;
+    let ns = Netns::new("hburst");
+    let user = LocalUser::new();
+    let yaml = format!("faults: {{allowed_processes: [\"{}\"], max_active: {CAP}}}\n", EchoProcess::MARKER);
+    let agent = AgentProcess::start(
+        Some(&ns),
+        AgentOptions { config_yaml: yaml, args: vec!["--no-network-control".into()], ..Default::default() },
+    )
+    .expect("agent");
+    let accepted = std::thread::scope(|s| {
+        let requests: Vec<_> = (0..REQUESTS)
+            .map(|_| {
+                s.spawn(|| {
+                    let out =
+                        user.cli(Some(&ns), &agent, &["inject", "cpu", "workers=1", "load=1", "--lifetime", "30"]);
+                    out.status.success()
+                })
+            })
+            .collect();
+        requests.into_iter().map(|r| r.join()).filter(|r| matches!(r, Ok(true))).count()
+    });
+    let active = agent.ok("faults", json!({})).as_array().map_or(0, Vec::len);
+    agent.ok("clear", json!({}));
+    assert!(
+        accepted <= CAP && active <= CAP,
+        "{accepted} of {REQUESTS} concurrent faults accepted, {active} active at once; faults.max_active is {CAP}"
+    );
+    assert!(accepted > 0, "no fault was accepted at all: the test proves nothing");
 }
 
 /// A raw lymph peer: a bound ROUTER (where replies arrive, announcing `announce` as its routing id) and a

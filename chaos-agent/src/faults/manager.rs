@@ -13,7 +13,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
-    sync::{Arc, Mutex as StdMutex, Weak},
+    sync::{
+        Arc, Mutex as StdMutex, Weak,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -163,10 +166,33 @@ pub struct FaultManager {
     /// Held from a disk or memory fault's budget check until the fault is active (its fill allocated, its memory
     /// counted), so concurrent requests cannot each pass the free-space floor or the memory cap alone.
     budget_lock: Mutex<()>,
+    /// Requests past the `faults.max_active` check that are not yet in the active set (or refused): counted with the
+    /// active faults, so concurrent requests cannot each pass the cap alone.
+    in_flight: AtomicUsize,
     /// Port → the pid that listened there last time (a hint for the next lookup).
     port_owners: StdMutex<BTreeMap<u16, i32>>,
     inner: Mutex<Inner>,
     me: StdMutex<Weak<FaultManager>>,
+}
+
+/// One request counted in [`FaultManager::in_flight`] until dropped.
+struct InFlight<'a> {
+    counter: &'a AtomicUsize,
+    /// Requests in flight besides this one when it was taken.
+    others: usize,
+}
+
+impl<'a> InFlight<'a> {
+    fn take(counter: &'a AtomicUsize) -> Self {
+        let others = counter.fetch_add(1, Ordering::SeqCst);
+        Self { counter, others }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn now_unix() -> f64 {
@@ -218,6 +244,7 @@ impl FaultManager {
             protected_ports: parts.protected_ports,
             disk: resource::DiskLimits { roots: disk_roots, allow_memory_filesystems: allow_mem },
             budget_lock: Mutex::new(()),
+            in_flight: AtomicUsize::new(0),
             port_owners: StdMutex::new(BTreeMap::new()),
             inner: Mutex::new(Inner { active: BTreeMap::new(), history: VecDeque::new() }),
             me: StdMutex::new(Weak::new()),
@@ -348,14 +375,22 @@ impl FaultManager {
                 let _ = self.revert(id).await;
             }
         }
-        if !(spec.dry_run || self.dry_run) {
-            let active = self.inner.lock().await.active.len();
-            if active >= self.config.max_active {
+        // A slot under faults.max_active, held until the fault is in the active set (or refused).
+        let _slot = if spec.dry_run || self.dry_run {
+            None
+        } else {
+            let inner = self.inner.lock().await;
+            let slot = InFlight::take(&self.in_flight);
+            let counted = inner.active.len() + slot.others;
+            if counted >= self.config.max_active {
                 return Err(FaultError::Refused(format!(
-                    "{active} faults are active, the most faults.max_active allows; revert one first"
+                    "{} faults are active and {} being applied, the most faults.max_active allows; revert one first",
+                    inner.active.len(),
+                    slot.others
                 )));
             }
-        }
+            Some(slot)
+        };
         let seed = *spec.seed.get_or_insert_with(rand::random);
         let id = spec.id.clone().unwrap_or_else(new_id);
         let snapshot = self.discovery.snapshot();
