@@ -11,9 +11,9 @@
 //!   the agent 6–9 MB, built in ~1 s with no root and no network, boots to `/init` at 1.8 s guest time,
 //!   boot → tests → `poweroff -f` in 6–12 s wall under TCG plus what the scenarios take. With the debug agent
 //!   (33 MB once its debug info is stripped) 17.5 MB, built in 3.5–5 s, `/init` at ~3 s; the whole scenario set
-//!   of `tests/tests/vm.rs` (raw netem + agent) runs in 75–95 s guest time, 78–101 s wall. Every file the guest has is
-//!   listed here, so a test cannot depend on something it did not ask for; results come back over the serial
-//!   console, no shared filesystem needed.
+//!   of `tests/tests/vm.rs` (raw netem and the agent interleaved) runs in 150–160 s on an idle host, 200–330 s
+//!   beside a CPU hog. Every file the guest has is listed here, so a test cannot depend on something it did not ask
+//!   for; results come back over the serial console, no shared filesystem needed.
 //! - **debootstrap** (minbase + systemd + iproute2): 47 s to build (network, root), 17–18 s per boot, and needs a
 //!   9p share or disk image to get results out. Its only advantage — a real init system — buys nothing for tc
 //!   scenarios.
