@@ -324,6 +324,15 @@ impl LossReport {
 /// # Errors
 /// When binding or sending fails.
 pub fn udp_loss(target: SocketAddr, probe: LossProbe) -> io::Result<LossReport> {
+    udp_loss_from(None, target, probe)
+}
+
+/// [`udp_loss`] with the sender in another network namespace (`/run/netns/<name>`), the sink in the caller's: a
+/// remote caller's datagrams arriving over whatever devices join the two.
+///
+/// # Errors
+/// When binding or sending fails, or the namespace cannot be entered.
+pub fn udp_loss_from(sender_netns: Option<&Path>, target: SocketAddr, probe: LossProbe) -> io::Result<LossReport> {
     let sink = UdpSocket::bind(target)?;
     let target = sink.local_addr()?;
     sink.set_read_timeout(Some(Duration::from_millis(50)))?;
@@ -335,20 +344,26 @@ pub fn udp_loss(target: SocketAddr, probe: LossProbe) -> io::Result<LossReport> 
             .name(format!("udp-sink-{target}"))
             .spawn(move || count_datagrams(&sink, &sending, linger))?
     };
-
-    let unspecified: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
-    let sender = UdpSocket::bind(unspecified)?;
-    let mut sent = 0u32;
-    let result = (|| {
-        while sent < probe.packets {
-            for _ in 0..probe.burst.max(1).min(probe.packets - sent) {
-                sender.send_to(&sent.to_be_bytes(), target)?;
-                sent += 1;
+    let send = || -> (u32, io::Result<()>) {
+        let unspecified: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+        let mut sent = 0u32;
+        let result = (|| {
+            let sender = UdpSocket::bind(unspecified)?;
+            while sent < probe.packets {
+                for _ in 0..probe.burst.max(1).min(probe.packets - sent) {
+                    sender.send_to(&sent.to_be_bytes(), target)?;
+                    sent += 1;
+                }
+                thread::sleep(probe.pause);
             }
-            thread::sleep(probe.pause);
-        }
-        Ok::<(), io::Error>(())
-    })();
+            Ok(())
+        })();
+        (sent, result)
+    };
+    let (sent, result) = match sender_netns {
+        None => send(),
+        Some(ns) => in_netns(ns, send).unwrap_or_else(|err| (0, Err(err))),
+    };
     sending.store(false, Ordering::Relaxed);
     let received = counter.join().map_err(|_| io::Error::other("UDP sink thread panicked"))?;
     result?;

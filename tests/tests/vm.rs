@@ -45,12 +45,15 @@ const DELAY_ROWS: &[&str] = &[
     "reply-conn",
     "ingress-veth-v4",
     "ingress-veth-v6",
+    "bridge-latency-50ms",
 ];
 /// Every other scenario the guest must have reported (a missing one fails the test as much as a failed one).
 const OTHER_ROWS: &[&str] = &[
     "baseline",
     "tc-loss-30pct-udp",
     "agent-loss-30pct-udp",
+    "agent-loss-30pct-udp-vlan",
+    "agent-loss-30pct-udp-bond",
     "mutant-wrong-port",
     "mutant-double-delay",
     "mutant-no-expiry",
@@ -91,6 +94,10 @@ fn netem_and_agent_scenarios_in_a_debian_guest() {
     let guest = Guest::builder(&assets)
         .binary(env!("CARGO_BIN_EXE_chaos-vm-guest"), GUEST_BIN)
         .binary(&agent, AGENT_BIN)
+        // Device stacks the network engine must see through (the caller behind a bridge, a VLAN, a bond).
+        .module("bridge")
+        .module("8021q")
+        .module("bonding")
         .command(format!("{GUEST_BIN} --agent-bin {AGENT_BIN} {mutant_arg} {extra}"))
         .build()
         .expect("building the guest initramfs");

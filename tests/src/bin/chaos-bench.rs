@@ -1726,6 +1726,9 @@ fn bench_accuracy() -> Result<()> {
     let guest = Guest::builder(&assets)
         .binary(&guest_bin, "/usr/local/bin/chaos-vm-guest")
         .binary(&agent, "/usr/local/bin/lymph-chaos")
+        .module("bridge")
+        .module("8021q")
+        .module("bonding")
         .command("/usr/local/bin/chaos-vm-guest --agent-bin /usr/local/bin/lymph-chaos --accuracy")
         .build()?;
     progress("accuracy: booting the guest (a few minutes under TCG)");

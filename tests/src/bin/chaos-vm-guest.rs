@@ -25,6 +25,14 @@
 //! ```
 //! The services live in their own process because the agent refuses to fault ports of its own parent process.
 //!
+//! Device stacks, each a caller in a namespace of its own behind a veth pair whose host end is
+//! ```text
+//!   a bridge port   vbr-p ─ br-chaos 10.78.0.1        (netns chaos-br:   vbr-c 10.78.0.2, root htb 1:)
+//!   a VLAN's parent vvl-p ─ vvl-p.100 10.79.0.1       (netns chaos-vlan: vvl-c.100 10.79.0.2)
+//!   a bond's slave  vbd-p ─ bond-chaos 10.80.0.1      (netns chaos-bond: vbd-c 10.80.0.2)
+//! ```
+//! where a packet crosses two devices of the host and must be judged once.
+//!
 //! # How a delay is judged
 //! A comparison runs **rounds**; each round measures three conditions in a rotating order — no fault, raw netem,
 //! the agent's fault — with the same probes (same client, ports and method). Raw netem is an htb class with a netem
@@ -58,7 +66,11 @@
 //! {tc,agent}-ingress-veth-v{4,6} the client in chaos-cli calls 10.77.0.1:A / [fd77::1]:A (veth ingress) vs netem
 //!                           on the caller's veth egress
 //! {tc,agent}-reply-conn     lymph call pattern on port 5002 (reply on a separate connection) → +delay once
+//! {tc,agent}-bridge-latency-50ms  the caller behind the bridge port calls 10.78.0.1:A → +50 ms once (port and
+//!                           bridge both see the request) vs netem on the caller's veth
 //! {tc,agent}-loss-30pct-udp `inject loss --port A loss=30 protocol=udp` vs netem `loss 30%`, 2000 datagrams each
+//! agent-loss-30pct-udp-{vlan,bond}  the same from the caller behind the VLAN / the bond: 30 % ± 5 % lost and the
+//!                           classifier counted each datagram exactly once
 //! mutant-{wrong-port,double-delay,no-expiry}  the judgement above and the expiry check, run against requests
 //!                           made wrong on purpose (the port, twice the delay, a lifetime that never ends): the row
 //!                           passes only when the judgement FAILS — the tier proves it can fail
@@ -98,7 +110,7 @@ use chaos_agent::{
 use chaos_tests::{
     measure::{
         EchoServer, LossProbe, ReplyServer, RttProbe, Stats, available_cpus, in_netns, pin_command_to_cpu, pin_to_cpu,
-        reply_rtt, tcp_rtt, udp_loss,
+        reply_rtt, tcp_rtt, udp_loss, udp_loss_from,
     },
     vm::{ScenarioResult, comparison_table, format_table},
 };
@@ -258,7 +270,14 @@ fn scenarios(run: &mut Run, opts: &Options) -> Result<()> {
             false
         }
     };
-    let _services = Services::start(veth).context("starting the services process")?;
+    let stacks = match Stack::ALL.iter().try_for_each(|s| s.create()) {
+        Ok(()) => true,
+        Err(err) => {
+            println!("DETAIL setup: device stacks (bridge, VLAN, bond; their scenarios will fail): {err:#}");
+            false
+        }
+    };
+    let _services = Services::start(veth, stacks).context("starting the services process")?;
     let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
     run.report("baseline", baseline(v4, v6));
@@ -281,7 +300,7 @@ fn scenarios(run: &mut Run, opts: &Options) -> Result<()> {
     qdiscs.check("agent-started");
     let rounds = if opts.accuracy { ACCURACY_ROUNDS } else { ROUNDS };
 
-    for comparison in comparisons(veth) {
+    for comparison in comparisons(veth, stacks) {
         if !comparison.targets.iter().any(|t| run.wanted(&t.row)) {
             continue;
         }
@@ -312,6 +331,11 @@ fn scenarios(run: &mut Run, opts: &Options) -> Result<()> {
         let (raw, ours) = loss_comparison(&agent);
         run.report("tc-loss-30pct-udp", raw);
         run.report("agent-loss-30pct-udp", ours);
+        for stack in [&Stack::VLAN, &Stack::BOND] {
+            let name = format!("agent-loss-30pct-udp-{}", stack.name);
+            let outcome = if stacks { stack_loss(&agent, stack) } else { Err(anyhow::anyhow!("no device stacks")) };
+            run.report(&name, outcome);
+        }
     }
     if opts.mutant == Mutant::None {
         for mutant in [Mutant::WrongPort, Mutant::DoubleDelay, Mutant::NoExpiry] {
@@ -524,8 +548,8 @@ fn delay_gone(extra_ms: f64, want_ms: f64) -> bool {
 enum Probe {
     /// Echo round trips from here (the guest's root namespace).
     Echo(SocketAddr),
-    /// Echo round trips from the caller's namespace over the veth pair.
-    Remote(SocketAddr),
+    /// Echo round trips from a caller's namespace (over the veth pair, or a stack of devices).
+    Remote(&'static str, SocketAddr),
     /// Lymph-style request/reply round trips (reply on a separate connection) from here.
     Reply(SocketAddr),
 }
@@ -536,11 +560,11 @@ impl Probe {
         match self {
             Self::Echo(addr) => tcp_rtt(addr, p).with_context(|| format!("RTT to {addr}")),
             Self::Reply(addr) => reply_rtt(addr, p).with_context(|| format!("reply RTT to {addr}")),
-            Self::Remote(addr) => {
-                let ns = Path::new("/run/netns").join(NETNS);
+            Self::Remote(netns, addr) => {
+                let ns = Path::new("/run/netns").join(netns);
                 in_netns(&ns, || tcp_rtt(addr, p))
                     .with_context(|| format!("entering {}", ns.display()))?
-                    .with_context(|| format!("RTT from {NETNS} to {addr}"))
+                    .with_context(|| format!("RTT from {netns} to {addr}"))
             }
         }
     }
@@ -636,7 +660,7 @@ fn delay_10ms_v4() -> Comparison {
 }
 
 /// Every comparison the tier runs, in order.
-fn comparisons(veth: bool) -> Vec<Comparison> {
+fn comparisons(veth: bool, stacks: bool) -> Vec<Comparison> {
     let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
     let a = PORT_FAULTED;
@@ -725,7 +749,7 @@ fn comparisons(veth: bool) -> Vec<Comparison> {
         },
     ];
     if veth {
-        let remote = |ip: IpAddr, port| Probe::Remote(SocketAddr::new(ip, port));
+        let remote = |ip: IpAddr, port| Probe::Remote(NETNS, SocketAddr::new(ip, port));
         let (s4, s6) = (IpAddr::V4(SRV_V4), IpAddr::V6(SRV_V6));
         list.push(Comparison {
             targets: vec![
@@ -744,7 +768,156 @@ fn comparisons(veth: bool) -> Vec<Comparison> {
             jitter_ms: None,
         });
     }
+    if stacks {
+        // A caller behind a bridge port (the layout of a host running containers): the agent's classifier sees
+        // the request at the port and at the bridge, and must delay it once.
+        let addr = |port| Probe::Remote(Stack::BRIDGE.netns, SocketAddr::new(IpAddr::V4(Stack::BRIDGE.host), port));
+        list.push(Comparison {
+            targets: vec![delay_target("bridge-latency-50ms", addr(a), addr(PORT_CONTROL), 50.0)],
+            raw: vec![RawLeg {
+                netns: Some(Stack::BRIDGE.netns),
+                dev: Stack::BRIDGE.peer,
+                class: "30",
+                netem: vec!["delay", "50ms"],
+                matches: vec![("dport", a)],
+            }],
+            ours: vec![vec!["inject", "latency", "--port", "5001", "latency=0.05"]],
+            jitter_ms: None,
+        });
+    }
     list
+}
+
+/// A caller in a namespace of its own, joined to this host through a stack of devices: a veth pair whose host end
+/// is a bridge port, carries a VLAN, or is a bond's slave; the host's address sits on the top device.
+struct Stack {
+    name: &'static str,
+    netns: &'static str,
+    /// The host end of the veth pair, and the caller's end.
+    port: &'static str,
+    peer: &'static str,
+    /// The device the host's address sits on (the bridge, the VLAN device, the bond).
+    top: &'static str,
+    host: Ipv4Addr,
+    caller: Ipv4Addr,
+}
+
+impl Stack {
+    const BRIDGE: Stack = Stack {
+        name: "bridge",
+        netns: "chaos-br",
+        port: "vbr-p",
+        peer: "vbr-c",
+        top: "br-chaos",
+        host: Ipv4Addr::new(10, 78, 0, 1),
+        caller: Ipv4Addr::new(10, 78, 0, 2),
+    };
+    const VLAN: Stack = Stack {
+        name: "vlan",
+        netns: "chaos-vlan",
+        port: "vvl-p",
+        peer: "vvl-c",
+        top: "vvl-p.100",
+        host: Ipv4Addr::new(10, 79, 0, 1),
+        caller: Ipv4Addr::new(10, 79, 0, 2),
+    };
+    const BOND: Stack = Stack {
+        name: "bond",
+        netns: "chaos-bond",
+        port: "vbd-p",
+        peer: "vbd-c",
+        top: "bond-chaos",
+        host: Ipv4Addr::new(10, 80, 0, 1),
+        caller: Ipv4Addr::new(10, 80, 0, 2),
+    };
+    const ALL: [&'static Stack; 3] = [&Self::BRIDGE, &Self::VLAN, &Self::BOND];
+
+    fn create(&self) -> Result<()> {
+        let ns = self.netns;
+        ip(&["netns", "add", ns])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&["link", "add", self.port, "type", "veth", "peer", "name", self.peer, "netns", ns])?;
+        let caller_dev = match self.name {
+            "bridge" => {
+                ip(&["link", "add", self.top, "type", "bridge"])?;
+                ip(&["link", "set", self.port, "master", self.top])?;
+                ip(&["link", "set", self.port, "up"])?;
+                self.peer.to_owned()
+            }
+            "vlan" => {
+                ip(&["link", "set", self.port, "up"])?;
+                ip(&["link", "add", "link", self.port, "name", self.top, "type", "vlan", "id", "100"])?;
+                let dev = format!("{}.100", self.peer);
+                ip(&["-n", ns, "link", "set", self.peer, "up"])?;
+                ip(&["-n", ns, "link", "add", "link", self.peer, "name", &dev, "type", "vlan", "id", "100"])?;
+                dev
+            }
+            _ => {
+                ip(&["link", "add", self.top, "type", "bond", "mode", "active-backup"])?;
+                ip(&["link", "set", self.port, "master", self.top])?;
+                self.peer.to_owned()
+            }
+        };
+        ip(&["addr", "add", &format!("{}/24", self.host), "dev", self.top])?;
+        ip(&["link", "set", self.top, "up"])?;
+        ip(&["-n", ns, "addr", "add", &format!("{}/24", self.caller), "dev", &caller_dev])?;
+        ip(&["-n", ns, "link", "set", self.peer, "up"])?;
+        ip(&["-n", ns, "link", "set", &caller_dev, "up"])?;
+        if self.name == "bridge" {
+            tc_in(Some(ns), &["qdisc", "add", "dev", self.peer, "root", "handle", HTB_ROOT, "htb", "default", "1"])?;
+        }
+        // Up and forwarding before the scenarios: a bridge port learns and a bond elects its active slave.
+        let probe = SocketAddr::new(IpAddr::V4(self.host), 9);
+        let ns_path = Path::new("/run/netns").join(ns);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let reached = in_netns(&ns_path, || {
+                // Refused (RST) means the host answered: the path works.
+                matches!(TcpStream::connect_timeout(&probe, Duration::from_millis(300)),
+                    Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+            })?;
+            if reached {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "{}: {} never reached {} from {ns}", self.name, self.caller, self.host);
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn teardown(&self) {
+        let _ = Command::new(IP).args(["netns", "del", self.netns]).output();
+        let _ = Command::new(IP).args(["link", "del", self.port]).output();
+        let _ = Command::new(IP).args(["link", "del", self.top]).output();
+    }
+}
+
+/// UDP loss from a caller behind a VLAN or a bond: 30 % of the datagrams, and each counted once by the classifier
+/// (a packet judged at the VLAN device and its parent, or at the bond and its slave, would count twice and be
+/// dropped at a higher rate).
+fn stack_loss(agent: &Agent, stack: &Stack) -> Result<Outcome> {
+    let id =
+        agent.inject(&["loss", "--port", &PORT_FAULTED.to_string(), &format!("loss={LOSS_PCT}"), "protocol=udp"])?;
+    thread::sleep(SETTLE);
+    let ns = Path::new("/run/netns").join(stack.netns);
+    let target = SocketAddr::new(IpAddr::V4(stack.host), PORT_FAULTED);
+    let report = udp_loss_from(Some(&ns), target, LossProbe::default()).with_context(|| format!("UDP to {target}"));
+    let counters = agent.counters(&id);
+    agent.revert(&id)?;
+    let report = report?;
+    let (packets, drops) = counters.unwrap_or_default();
+    let measured = report.loss_pct();
+    Ok(Outcome {
+        passed: (measured - LOSS_PCT).abs() <= LOSS_TOLERANCE_PCT && packets == u64::from(report.sent),
+        values: vec![
+            ("loss_pct", ms(measured)),
+            ("want_pct", ms(LOSS_PCT)),
+            ("sent", report.sent.to_string()),
+            ("received", report.received.to_string()),
+            ("classifier_packets", packets.to_string()),
+            ("classifier_drops", drops.to_string()),
+            ("device", stack.top.to_owned()),
+        ],
+    })
 }
 
 /// Raw netem switched on and off by its filters; its classes and leaves are removed on drop.
@@ -1328,6 +1501,9 @@ fn teardown() {
     let _ = Command::new(IP).args(["netns", "del", NETNS]).output();
     let _ = Command::new(IP).args(["link", "del", VETH_SRV]).output();
     let _ = Command::new(TC).args(["qdisc", "del", "dev", LO, "root"]).output();
+    for stack in Stack::ALL {
+        stack.teardown();
+    }
 }
 
 /// Runs `/usr/sbin/tc <args>`, echoing it; fails with tc's stderr.
@@ -1401,7 +1577,7 @@ struct Services {
 }
 
 impl Services {
-    fn start(veth: bool) -> Result<Self> {
+    fn start(veth: bool, stacks: bool) -> Result<Self> {
         let mut specs = Vec::new();
         for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
             for port in [PORT_FAULTED, PORT_CONTROL] {
@@ -1413,6 +1589,11 @@ impl Services {
             specs.push(format!("echo={}", SocketAddr::new(IpAddr::V4(SRV_V4), PORT_CONTROL)));
             specs.push(format!("echo={}", SocketAddr::new(IpAddr::V6(SRV_V6), PORT_FAULTED)));
             specs.push(format!("echo={}", SocketAddr::new(IpAddr::V6(SRV_V6), PORT_CONTROL)));
+        }
+        if stacks {
+            for port in [PORT_FAULTED, PORT_CONTROL] {
+                specs.push(format!("echo={}", SocketAddr::new(IpAddr::V4(Stack::BRIDGE.host), port)));
+            }
         }
         specs.push(format!("reply={}", SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), PORT_REPLY)));
         let exe = std::env::current_exe().context("locating myself")?;
