@@ -128,6 +128,9 @@ const PORT_FAULTED: u16 = 5001;
 const PORT_CONTROL: u16 = 5000;
 /// The lymph-style service (reply on a separate connection).
 const PORT_REPLY: u16 = 5002;
+/// The port of the loss scenarios behind device stacks: no service listens there (the UDP sink is the prober's),
+/// so the agent's rule covers every address of this host.
+const PORT_STACK_LOSS: u16 = 5003;
 /// Absolute paths: busybox's ash would run its own `tc`/`ip` applets.
 const TC: &str = "/usr/sbin/tc";
 const IP: &str = "/usr/sbin/ip";
@@ -896,10 +899,10 @@ impl Stack {
 /// dropped at a higher rate).
 fn stack_loss(agent: &Agent, stack: &Stack) -> Result<Outcome> {
     let id =
-        agent.inject(&["loss", "--port", &PORT_FAULTED.to_string(), &format!("loss={LOSS_PCT}"), "protocol=udp"])?;
+        agent.inject(&["loss", "--port", &PORT_STACK_LOSS.to_string(), &format!("loss={LOSS_PCT}"), "protocol=udp"])?;
     thread::sleep(SETTLE);
     let ns = Path::new("/run/netns").join(stack.netns);
-    let target = SocketAddr::new(IpAddr::V4(stack.host), PORT_FAULTED);
+    let target = SocketAddr::new(IpAddr::V4(stack.host), PORT_STACK_LOSS);
     let report = udp_loss_from(Some(&ns), target, LossProbe::default()).with_context(|| format!("UDP to {target}"));
     let counters = agent.counters(&id);
     agent.revert(&id)?;
