@@ -614,7 +614,8 @@ pub fn comparison_table(results: &[ScenarioResult]) -> String {
         .filter_map(|ours| {
             let name = ours.name.strip_prefix("agent-")?;
             let raw = results.iter().find(|r| r.name.strip_prefix("tc-") == Some(name))?;
-            Some((name, raw, ours))
+            // Rows with neither a round trip nor a loss rate (e.g. TCP retransmissions) are not compared here.
+            (ours.value("ms").is_some() || ours.value("loss_pct").is_some()).then_some((name, raw, ours))
         })
         .collect();
     if pairs.is_empty() {

@@ -52,6 +52,8 @@ const OTHER_ROWS: &[&str] = &[
     "baseline",
     "tc-loss-30pct-udp",
     "agent-loss-30pct-udp",
+    "tc-loss-10pct-tcp",
+    "agent-loss-10pct-tcp",
     "agent-loss-30pct-udp-vlan",
     "agent-loss-30pct-udp-bond",
     "mutant-wrong-port",

@@ -128,6 +128,14 @@ const PORT_FAULTED: u16 = 5001;
 const PORT_CONTROL: u16 = 5000;
 /// The lymph-style service (reply on a separate connection).
 const PORT_REPLY: u16 = 5002;
+/// The TCP sink the remote caller sends bulk data to through a loss fault.
+const PORT_TCP_LOSS: u16 = 5004;
+/// TCP loss: the requested share of segments, bytes per transfer, rounds per condition, and how close the
+/// classifier's drop share must be to the request (percentage points, over thousands of segments).
+const TCP_LOSS_PCT: f64 = 10.0;
+const TCP_LOSS_BYTES: usize = 4 << 20;
+const TCP_LOSS_ROUNDS: usize = 2;
+const TCP_LOSS_TOLERANCE_PCT: f64 = 3.0;
 /// The port of the loss scenarios behind device stacks: no service listens there (the UDP sink is the prober's),
 /// so the agent's rule covers every address of this host.
 const PORT_STACK_LOSS: u16 = 5003;
@@ -334,6 +342,11 @@ fn scenarios(run: &mut Run, opts: &Options) -> Result<()> {
         let (raw, ours) = loss_comparison(&agent);
         run.report("tc-loss-30pct-udp", raw);
         run.report("agent-loss-30pct-udp", ours);
+        if veth {
+            let (raw, ours) = tcp_loss_comparison(&agent);
+            run.report("tc-loss-10pct-tcp", raw);
+            run.report("agent-loss-10pct-tcp", ours);
+        }
         for stack in [&Stack::VLAN, &Stack::BOND] {
             let name = format!("agent-loss-30pct-udp-{}", stack.name);
             let outcome = if stacks { stack_loss(&agent, stack) } else { Err(anyhow::anyhow!("no device stacks")) };
@@ -892,6 +905,132 @@ impl Stack {
         let _ = Command::new(IP).args(["link", "del", self.port]).output();
         let _ = Command::new(IP).args(["link", "del", self.top]).output();
     }
+}
+
+/// What one bulk transfer from the caller's namespace to the TCP sink cost the sender, from its `TCP_INFO`.
+#[derive(Clone, Copy, Default)]
+struct Transfer {
+    segs_out: u64,
+    retrans: u64,
+}
+
+/// Sends [`TCP_LOSS_BYTES`] from the caller's namespace to the sink and waits until the sink has read them all
+/// (it closes after the sender's FIN); the sender's segment and retransmission counts.
+fn tcp_transfer() -> Result<Transfer> {
+    use std::io::{Read as _, Write as _};
+    let ns = Path::new("/run/netns").join(NETNS);
+    let target = SocketAddr::new(IpAddr::V4(SRV_V4), PORT_TCP_LOSS);
+    in_netns(&ns, || -> Result<Transfer> {
+        let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(10))?;
+        conn.set_write_timeout(Some(Duration::from_secs(60)))?;
+        conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let chunk = vec![0x5a_u8; 64 << 10];
+        let mut left = TCP_LOSS_BYTES;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            conn.write_all(&chunk[..n])?;
+            left -= n;
+        }
+        conn.shutdown(std::net::Shutdown::Write)?;
+        let mut rest = [0u8; 16];
+        ensure!(conn.read(&mut rest)? == 0, "the sink answered");
+        // SAFETY: a zeroed tcp_info is valid; getsockopt writes at most `len` bytes into it.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&conn),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &raw mut len,
+            )
+        };
+        ensure!(rc == 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        Ok(Transfer { segs_out: u64::from(info.tcpi_segs_out), retrans: u64::from(info.tcpi_total_retrans) })
+    })
+    .with_context(|| format!("entering {}", ns.display()))?
+    .with_context(|| format!("sending {TCP_LOSS_BYTES} bytes from {NETNS} to {target}"))
+}
+
+/// TCP loss from the remote caller, raw netem `loss 10%` on its veth and the agent's `loss=10` interleaved: the
+/// classifier drops 10 % of the wire segments (its counters are in segments) and the sender retransmits about as
+/// much as through raw netem, which also decides per (segmentation-offloaded) packet.
+fn tcp_loss_comparison(agent: &Agent) -> (Result<Outcome>, Result<Outcome>) {
+    let legs = [RawLeg {
+        netns: Some(NETNS),
+        dev: VETH_CLI,
+        class: "32",
+        netem: vec!["loss", "10%"],
+        matches: vec![("dport", PORT_TCP_LOSS)],
+    }];
+    let mut raw_total = Transfer::default();
+    let mut ours_total = Transfer::default();
+    let (mut packets, mut drops) = (0u64, 0u64);
+    let measured = (|| -> Result<()> {
+        let raw = RawNetem::install(&legs)?;
+        for round in 0..TCP_LOSS_ROUNDS {
+            for condition in if round % 2 == 0 { [RAW, OURS] } else { [OURS, RAW] } {
+                if condition == RAW {
+                    raw.on()?;
+                    let t = tcp_transfer();
+                    raw.off()?;
+                    let t = t?;
+                    raw_total.segs_out += t.segs_out;
+                    raw_total.retrans += t.retrans;
+                } else {
+                    let id = agent.rpc_fault(
+                        &["inject", "loss", "--port", "5004", &format!("loss={TCP_LOSS_PCT}")],
+                        FAULT_LIFETIME_S,
+                    )?;
+                    let t = tcp_transfer();
+                    let counters = agent.counters(&id);
+                    agent.rpc_revert(&id)?;
+                    let t = t?;
+                    let (p, d) = counters.context("no counters for the loss fault")?;
+                    packets += p;
+                    drops += d;
+                    ours_total.segs_out += t.segs_out;
+                    ours_total.retrans += t.retrans;
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(err) = measured {
+        return (Err(anyhow::anyhow!("{err:#}")), Err(err));
+    }
+    let share = |t: &Transfer| 100.0 * t.retrans as f64 / t.segs_out.max(1) as f64;
+    let (raw_share, ours_share) = (share(&raw_total), share(&ours_total));
+    let drop_pct = 100.0 * drops as f64 / packets.max(1) as f64;
+    let ratio = ours_share / raw_share.max(0.01);
+    let raw = Outcome {
+        // netem dropped something: the comparison means something.
+        passed: raw_total.retrans > 0,
+        values: vec![
+            ("retrans_pct", ms(raw_share)),
+            ("segs_out", raw_total.segs_out.to_string()),
+            ("retrans", raw_total.retrans.to_string()),
+            ("want_pct", ms(TCP_LOSS_PCT)),
+        ],
+    };
+    let ours = Outcome {
+        passed: raw_total.retrans > 0
+            && (drop_pct - TCP_LOSS_PCT).abs() <= TCP_LOSS_TOLERANCE_PCT
+            && (0.5..=2.0).contains(&ratio),
+        values: vec![
+            ("retrans_pct", ms(ours_share)),
+            ("segs_out", ours_total.segs_out.to_string()),
+            ("retrans", ours_total.retrans.to_string()),
+            ("want_pct", ms(TCP_LOSS_PCT)),
+            ("classifier_packets", packets.to_string()),
+            ("classifier_drops", drops.to_string()),
+            ("classifier_drop_pct", ms(drop_pct)),
+            ("raw_retrans_pct", ms(raw_share)),
+            ("retrans_ratio", ms(ratio)),
+        ],
+    };
+    (Ok(raw), Ok(ours))
 }
 
 /// UDP loss from a caller behind a VLAN or a bond: 30 % of the datagrams, and each counted once by the classifier
@@ -1558,8 +1697,9 @@ fn serve(specs: &[String]) -> ExitCode {
         let started = match parsed {
             Some(("echo", addr)) => EchoServer::start(addr).map(|s| echo.push(s)),
             Some(("reply", addr)) => ReplyServer::start(addr).map(|s| reply.push(s)),
+            Some(("sink", addr)) => start_sink(addr),
             _ => {
-                println!("ERROR bad service spec {spec} (echo=ADDR or reply=ADDR)");
+                println!("ERROR bad service spec {spec} (echo=ADDR, reply=ADDR or sink=ADDR)");
                 return ExitCode::FAILURE;
             }
         };
@@ -1572,6 +1712,21 @@ fn serve(specs: &[String]) -> ExitCode {
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
     ExitCode::SUCCESS
+}
+
+/// A TCP sink: reads every connection to its end, then closes it (the sender's read of 0 bytes says everything
+/// arrived). Runs until the process exits.
+fn start_sink(addr: SocketAddr) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut conn = conn;
+                let _ = std::io::copy(&mut conn, &mut std::io::sink());
+            });
+        }
+    });
+    Ok(())
 }
 
 /// The services process (a child of ours, so it runs on our vCPU); stopped on drop.
@@ -1592,6 +1747,7 @@ impl Services {
             specs.push(format!("echo={}", SocketAddr::new(IpAddr::V4(SRV_V4), PORT_CONTROL)));
             specs.push(format!("echo={}", SocketAddr::new(IpAddr::V6(SRV_V6), PORT_FAULTED)));
             specs.push(format!("echo={}", SocketAddr::new(IpAddr::V6(SRV_V6), PORT_CONTROL)));
+            specs.push(format!("sink={}", SocketAddr::new(IpAddr::V4(SRV_V4), PORT_TCP_LOSS)));
         }
         if stacks {
             for port in [PORT_FAULTED, PORT_CONTROL] {
