@@ -229,7 +229,8 @@ impl FaultManager {
     /// # Errors
     /// An invalid guard pattern in the configuration.
     pub fn new(parts: ManagerParts) -> Result<Arc<FaultManager>, String> {
-        let mut guards = Guards::new(&parts.config.protected_processes, &parts.config.allowed_processes)?;
+        let mut guards = Guards::new(&parts.config.protected_processes, &parts.config.allowed_processes)
+            .map_err(|e| e.to_string())?;
         guards.protected_pids = parts.protected_pids;
         let disk_roots = parts.config.disk_paths.clone();
         let allow_mem = parts.config.allow_memory_filesystems;
@@ -756,7 +757,7 @@ impl FaultManager {
                 }
             }
             Target::Process { pattern } => {
-                let pat = process::Pattern::parse(pattern).map_err(FaultError::Invalid)?;
+                let pat = process::Pattern::parse(pattern).map_err(|e| FaultError::Invalid(e.to_string()))?;
                 let me = std::process::id() as i32;
                 let found: Vec<ProcInfo> = process::find(&pat).into_iter().filter(|p| p.pid != me).collect();
                 if found.is_empty() {
