@@ -132,7 +132,7 @@ pub async fn run(
         protected_ports,
         protected_pids,
     })
-    .map_err(AgentError::Config)?;
+    .map_err(|err| AgentError::Config(err.to_string()))?;
     let undone = manager.reconcile().await;
     if !undone.is_empty() {
         events.record(Event {
