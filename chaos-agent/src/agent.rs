@@ -1,5 +1,5 @@
-//! The agent's lifecycle in one place: start everything, serve, and on shutdown revert every fault and remove
-//! every kernel object before exiting.
+//! The agent's lifecycle in one place: start everything, serve, and on shutdown stop taking requests, finish the
+//! ones in flight, then revert every fault and remove every kernel object before exiting.
 //!
 //! Start order: state directory and pid file → guardian (stops an earlier run's) → event log → network engine
 //! (removes leftovers of earlier runs, loads the classifier) → RPC node → discovery (registers `Chaos` in ZooKeeper
@@ -14,6 +14,7 @@ use std::{
 };
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
@@ -132,7 +133,7 @@ pub async fn run(
         protected_ports,
         protected_pids,
     })
-    .map_err(AgentError::Config)?;
+    .map_err(|err| AgentError::Config(err.to_string()))?;
     let undone = manager.reconcile().await;
     if !undone.is_empty() {
         events.record(Event {
@@ -161,7 +162,8 @@ pub async fn run(
         status,
     });
     let server = Server::new(node.clone(), vec![chaos], log);
-    let serving = tokio::spawn(server.clone().serve(req_rx));
+    let stop_serving = CancellationToken::new();
+    let serving = tokio::spawn(server.clone().serve(req_rx, stop_serving.clone()));
     let metrics = match &config.metrics_listen {
         Some(addr) => match crate::metrics::serve(addr, server.clone(), manager.clone(), events.clone()).await {
             Ok(task) => Some(task),
@@ -184,9 +186,16 @@ pub async fn run(
     info!(%endpoint, dry_run = config.dry_run, "lymph-chaos agent ready");
 
     shutdown.await;
-    info!("shutting down: reverting every fault");
+    // In order: no new requests and none running, no new faults from unleashed mode or the expiry task, then
+    // revert every fault and remove the kernel objects. Nothing can apply a fault after the cleanup.
+    info!("shutting down: answering no new requests, finishing the ones in flight");
+    stop_serving.cancel();
+    if let Err(err) = serving.await {
+        error!(%err, "the request loop ended badly");
+    }
     unleasher.stop();
-    let reverted = manager.clear().await;
+    info!("shutting down: reverting every fault");
+    let reverted = manager.shutdown().await;
     if let Some(engine) = &network {
         match engine.cleanup().await {
             Ok(report) => info!(?report, "network objects removed"),
@@ -194,7 +203,6 @@ pub async fn run(
         }
     }
     discovery.shutdown().await;
-    serving.abort();
     if let Some(m) = metrics {
         m.abort();
     }

@@ -2,8 +2,9 @@
 //! guards, applied, and undone at the end of its lifetime.
 //!
 //! # Layout
-//! - [`manager`] — the lifecycle (pending → active → reverted | expired, or refused), journal, events, expiry
-//!   timers, and following targets that come back with a new pid/port
+//! - [`manager`] — the lifecycle (pending → active → reverted | expired, or refused): target resolution, guards,
+//!   one executor per fault kind, the fault table and its expiry task, the journal, events, and following targets
+//!   that come back with a new pid/port
 //! - [`process`] — signals via pidfd, process information, the guards
 //! - [`network`] — the per-port network fault engine (eBPF classifier, IFB, netem)
 //! - [`resource`] — CPU burn, memory pressure, disk fill workers
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::manager::{FaultError, FaultManager};
+pub use self::manager::{FaultError, FaultManager, Refusal};
 use self::network::{Direction, FaultCounters, Impairment, Protocol};
 
 /// What a fault is aimed at.

@@ -73,12 +73,14 @@ impl Pattern {
     /// Parses `text` or `/regex/`.
     ///
     /// # Errors
-    /// An invalid regular expression.
-    pub fn parse(s: &str) -> Result<Pattern, String> {
+    /// An empty pattern or an invalid regular expression.
+    pub fn parse(s: &str) -> Result<Pattern, PatternError> {
         if s.len() >= 2 && s.starts_with('/') && s.ends_with('/') {
-            regex::Regex::new(&s[1..s.len() - 1]).map(Pattern::Regex).map_err(|e| format!("invalid pattern {s}: {e}"))
+            regex::Regex::new(&s[1..s.len() - 1])
+                .map(Pattern::Regex)
+                .map_err(|source| PatternError::Regex { pattern: s.to_owned(), source })
         } else if s.is_empty() {
-            Err("empty process pattern".into())
+            Err(PatternError::Empty)
         } else {
             Ok(Pattern::Text(s.to_owned()))
         }
@@ -93,6 +95,23 @@ impl Pattern {
     }
 }
 
+/// A process pattern that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum PatternError {
+    /// Nothing to match.
+    #[error("empty process pattern")]
+    Empty,
+    /// `/…/` around an invalid regular expression.
+    #[error("invalid pattern {pattern}: {source}")]
+    Regex {
+        /// The pattern as given.
+        pattern: String,
+        /// What the regex parser said.
+        #[source]
+        source: regex::Error,
+    },
+}
+
 /// Every process matching a pattern, except kernel threads and lymph-chaos's own processes (the CLI asking for a
 /// pattern has that pattern in its own command line).
 pub fn find(pattern: &Pattern) -> Vec<ProcInfo> {
@@ -103,16 +122,57 @@ pub fn find(pattern: &Pattern) -> Vec<ProcInfo> {
         .collect()
 }
 
-/// Why a target is refused.
+/// A process the guards refuse, and which rule protects it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("pid {pid} ({comm}) is protected: {reason}")]
-pub struct Refusal {
+pub struct Protected {
     /// The pid.
     pub pid: i32,
     /// Its comm.
     pub comm: String,
-    /// Why.
-    pub reason: String,
+    /// The rule.
+    pub reason: Protection,
+}
+
+/// The rule that protects a process from faults.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Protection {
+    /// Pid 1 (or below).
+    #[error("pid 1 (init) is never a target")]
+    Init,
+    /// The agent itself.
+    #[error("it is the chaos agent itself")]
+    Agent,
+    /// The agent's parent (a supervisor, the shell or test that started it).
+    #[error("it is the chaos agent's parent")]
+    AgentParent,
+    /// A kernel thread.
+    #[error("kernel threads are never targets")]
+    KernelThread,
+    /// ZooKeeper (by command line, comm, or as the local ZooKeeper the agent talks to).
+    #[error("ZooKeeper is never a target (the registry every service depends on)")]
+    ZooKeeper,
+    /// sshd.
+    #[error("sshd is never a target (you would lose the machine)")]
+    Sshd,
+    /// A lymph-chaos process.
+    #[error("lymph-chaos processes (agents, their guardians and workers, the CLI) are never targets")]
+    LymphChaos,
+    /// It matches `faults.protected_processes`.
+    #[error("it matches faults.protected_processes ({pattern})")]
+    ProtectedPattern {
+        /// The pattern it matches.
+        pattern: String,
+    },
+    /// Neither a lymph instance nor allowed by `faults.allowed_processes`.
+    #[error(
+        "it is not a lymph service instance (its command line `{cmdline}` is not one lymph starts) and matches \
+         none of faults.allowed_processes (add a pattern there to allow targeting other processes)"
+    )]
+    NotAllowed {
+        /// The start of its command line.
+        cmdline: String,
+    },
 }
 
 /// How a process was selected (guards are stricter for arbitrary processes).
@@ -146,7 +206,7 @@ impl Guards {
     ///
     /// # Errors
     /// An invalid pattern.
-    pub fn new(protected: &[String], allowed: &[String]) -> Result<Guards, String> {
+    pub fn new(protected: &[String], allowed: &[String]) -> Result<Guards, PatternError> {
         Ok(Guards {
             agent_pid: std::process::id() as i32,
             agent_ppid: nix::unistd::getppid().as_raw(),
@@ -160,42 +220,38 @@ impl Guards {
     /// Checks one process.
     ///
     /// # Errors
-    /// A [`Refusal`] saying which rule protects it.
-    pub fn check(&self, p: &ProcInfo, origin: Origin) -> Result<(), Refusal> {
-        let refuse = |reason: &str| Err(Refusal { pid: p.pid, comm: p.comm.clone(), reason: reason.to_owned() });
+    /// [`Protected`] saying which rule protects it.
+    pub fn check(&self, p: &ProcInfo, origin: Origin) -> Result<(), Protected> {
+        let refuse = |reason: Protection| Err(Protected { pid: p.pid, comm: p.comm.clone(), reason });
         if p.pid <= 1 {
-            return refuse("pid 1 (init) is never a target");
+            return refuse(Protection::Init);
         }
         if p.pid == self.agent_pid {
-            return refuse("it is the chaos agent itself");
+            return refuse(Protection::Agent);
         }
         if p.pid == self.agent_ppid {
-            return refuse("it is the chaos agent's parent");
+            return refuse(Protection::AgentParent);
         }
         if p.kthread || p.pid == 2 || p.ppid == 2 {
-            return refuse("kernel threads are never targets");
+            return refuse(Protection::KernelThread);
         }
         if p.cmdline.contains("org.apache.zookeeper") || p.comm == "zookeeper" || self.protected_pids.contains(&p.pid) {
-            return refuse("ZooKeeper is never a target (the registry every service depends on)");
+            return refuse(Protection::ZooKeeper);
         }
         if p.comm == "sshd" || p.cmdline.starts_with("sshd") || p.cmdline.starts_with("/usr/sbin/sshd") {
-            return refuse("sshd is never a target (you would lose the machine)");
+            return refuse(Protection::Sshd);
         }
         if is_lymph_chaos(p) {
-            return refuse("lymph-chaos processes (agents, their guardians and workers, the CLI) are never targets");
+            return refuse(Protection::LymphChaos);
         }
         if let Some(pat) = self.protected.iter().find(|pat| pat.matches(p)) {
-            return refuse(&format!("it matches faults.protected_processes ({})", show(pat)));
+            return refuse(Protection::ProtectedPattern { pattern: show(pat) });
         }
         // What the process is now decides, not how it was found: a registry entry (anyone who can write to
         // ZooKeeper) or a port only say where to look.
         let _ = origin;
         if !is_lymph_instance(p) && !self.allowed.iter().any(|pat| pat.matches(p)) {
-            let shown: String = p.cmdline.chars().take(120).collect();
-            return refuse(&format!(
-                "it is not a lymph service instance (its command line `{shown}` is not one lymph starts) and matches \
-                 none of faults.allowed_processes (add a pattern there to allow targeting other processes)"
-            ));
+            return refuse(Protection::NotAllowed { cmdline: p.cmdline.chars().take(120).collect() });
         }
         Ok(())
     }
@@ -384,12 +440,13 @@ mod tests {
         assert!(g.check(&info(500, "lymph-chaos", "lymph-chaos agent"), Origin::Direct).is_err());
         assert!(g.check(&info(499, "bash", "bash"), Origin::Direct).is_err());
         let zk = info(800, "java", "java -cp x org.apache.zookeeper.server.quorum.QuorumPeerMain zoo.cfg");
-        assert!(g.check(&zk, Origin::LymphInstance).unwrap_err().reason.contains("ZooKeeper"));
+        assert_eq!(g.check(&zk, Origin::LymphInstance).unwrap_err().reason, Protection::ZooKeeper);
         assert!(g.check(&info(801, "sshd", "sshd: root@pts/0"), Origin::Direct).is_err());
         assert!(g.check(&lymph, Origin::Direct).is_ok());
         assert!(g.check(&info(900, "redis-server", "redis-server *:6379"), Origin::Direct).is_ok());
         let other = g.check(&info(901, "nginx", "nginx: worker"), Origin::Direct).unwrap_err();
-        assert!(other.reason.contains("allowed_processes"), "{other}");
+        assert!(matches!(other.reason, Protection::NotAllowed { .. }), "{other}");
+        assert!(other.to_string().contains("allowed_processes"), "{other}");
         assert!(g.check(&info(902, "postgres", "postgres: checkpointer"), Origin::Direct).is_err());
     }
 

@@ -600,18 +600,22 @@ impl IoThread {
                         .reply(&msg, Outcome::Failed(RpcError::Nack { reason: "this node serves no methods".into() }));
                     return;
                 };
-                if let Err(err) = requests.try_send(Request { msg, received: Instant::now() }) {
-                    let msg = match err {
-                        mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r.msg,
-                    };
-                    self.shared.stats.overloaded.fetch_add(1, Ordering::Relaxed);
-                    self.shared.reply(
-                        &msg,
-                        Outcome::Failed(RpcError::error(
-                            "Overloaded",
-                            "the agent is busy: too many requests queued; retry later",
-                        )),
-                    );
+                match requests.try_send(Request { msg, received: Instant::now() }) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(r)) => {
+                        self.shared.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                        self.shared.reply(
+                            &r.msg,
+                            Outcome::Failed(RpcError::error(
+                                "Overloaded",
+                                "the agent is busy: too many requests queued; retry later",
+                            )),
+                        );
+                    }
+                    // The server stopped taking requests: the agent is shutting down.
+                    Err(mpsc::error::TrySendError::Closed(r)) => {
+                        self.shared.reply(&r.msg, Outcome::Failed(super::server::shutting_down()));
+                    }
                 }
             }
             _ => {

@@ -11,7 +11,8 @@ use std::{
 
 use futures::FutureExt;
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, task::JoinSet};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{
@@ -19,6 +20,14 @@ use super::{
     node::{Outcome, Request, RpcNode},
     value::{self, Value},
 };
+
+/// How long a shutdown waits for the requests in flight (a kill waits a second for its process to exit).
+pub const DRAIN: Duration = Duration::from_secs(5);
+
+/// The answer to a request that arrives while the agent shuts down.
+pub fn shutting_down() -> RpcError {
+    RpcError::error("ShuttingDown", "the agent is shutting down; nothing was done")
+}
 
 /// Bodies larger than this are refused with an ERROR (a chaos request is a few hundred bytes).
 pub const MAX_BODY: usize = 1 << 20;
@@ -94,36 +103,60 @@ impl Server {
         self.stats.lock().expect("poisoned").clone()
     }
 
-    /// Serves requests until the channel closes.
-    pub async fn serve(self: Arc<Self>, mut requests: mpsc::Receiver<Request>) {
-        while let Some(req) = requests.recv().await {
-            let server = self.clone();
-            tokio::spawn(async move {
-                let subject = req.msg.subject.clone();
-                // A handler that panics must not take the request (or the agent) down with it.
-                let outcome = match std::panic::AssertUnwindSafe(server.handle(&req)).catch_unwind().await {
-                    Ok(outcome) => outcome,
-                    Err(panic) => {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_owned())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        tracing::error!(%subject, %what, "handler panicked");
-                        Outcome::Failed(RpcError::error(
-                            "InternalError",
-                            format!("the agent failed handling {subject}: {what}"),
-                        ))
+    /// Serves requests until the channel closes or `stop` is cancelled, then shuts down in order (as a server
+    /// should before its state goes away): it stops taking requests (the node answers new ones
+    /// `ShuttingDown`), answers the queued ones the same, and waits for the ones in flight, at most
+    /// [`DRAIN`]. When this returns, no handler runs any more.
+    pub async fn serve(self: Arc<Self>, mut requests: mpsc::Receiver<Request>, stop: CancellationToken) {
+        let mut running = JoinSet::new();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                req = requests.recv() => match req {
+                    Some(req) => {
+                        running.spawn(self.clone().answer(req));
                     }
-                };
-                let failed = matches!(outcome, Outcome::Failed(_));
-                if let Outcome::Failed(err) = &outcome {
-                    debug!(%subject, source = %req.msg.source, %err, "request failed");
-                }
-                server.node.reply(&req.msg, outcome);
-                server.record(&subject, failed, req.received.elapsed());
-            });
+                    None => break,
+                },
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+            }
         }
+        requests.close();
+        while let Some(req) = requests.recv().await {
+            self.node.reply(&req.msg, Outcome::Failed(shutting_down()));
+        }
+        let drained = tokio::time::timeout(DRAIN, async { while running.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            warn!(requests = running.len(), "requests still running {DRAIN:?} after the shutdown began: abandoned");
+            running.shutdown().await;
+        }
+    }
+
+    /// Handles one request and replies.
+    async fn answer(self: Arc<Self>, req: Request) {
+        let subject = req.msg.subject.clone();
+        // A handler that panics must not take the request (or the agent) down with it.
+        let outcome = match std::panic::AssertUnwindSafe(self.handle(&req)).catch_unwind().await {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(%subject, %what, "handler panicked");
+                Outcome::Failed(RpcError::error(
+                    "InternalError",
+                    format!("the agent failed handling {subject}: {what}"),
+                ))
+            }
+        };
+        let failed = matches!(outcome, Outcome::Failed(_));
+        if let Outcome::Failed(err) = &outcome {
+            debug!(%subject, source = %req.msg.source, %err, "request failed");
+        }
+        self.node.reply(&req.msg, outcome);
+        self.record(&subject, failed, req.received.elapsed());
     }
 
     fn record(&self, subject: &str, failed: bool, took: Duration) {

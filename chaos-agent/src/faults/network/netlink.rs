@@ -43,12 +43,13 @@ pub enum NetlinkError {
         errno: i32,
     },
     /// The netlink socket failed.
-    #[error("{op}: netlink transport: {detail}")]
+    #[error("{op}: netlink transport: {source}")]
     Transport {
         /// What we asked.
         op: String,
-        /// Details.
-        detail: String,
+        /// What failed underneath (the socket, or rtnetlink's request side).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -124,7 +125,7 @@ impl Netlink {
     /// When the netlink socket cannot be created.
     pub fn open() -> Result<Netlink, NetlinkError> {
         let (conn, handle, _) = rtnetlink::new_connection()
-            .map_err(|e| NetlinkError::Transport { op: "open rtnetlink socket".into(), detail: e.to_string() })?;
+            .map_err(|e| NetlinkError::Transport { op: "open rtnetlink socket".into(), source: e.into() })?;
         tokio::spawn(conn);
         Ok(Netlink { handle })
     }
@@ -139,7 +140,7 @@ impl Netlink {
         req.header.flags = NLM_F_REQUEST | flags;
         let mut handle = self.handle.clone();
         let mut stream =
-            handle.request(req).map_err(|e| NetlinkError::Transport { op: op.to_owned(), detail: e.to_string() })?;
+            handle.request(req).map_err(|e| NetlinkError::Transport { op: op.to_owned(), source: e.into() })?;
         let mut out = Vec::new();
         while let Some(msg) = stream.next().await {
             match msg.payload {
@@ -208,12 +209,12 @@ impl Netlink {
             constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK},
             sys::{AsyncSocket, SocketAddr},
         };
-        let err = |detail: String| NetlinkError::Transport { op: "watch links".into(), detail };
-        let (mut conn, _handle, mut messages) = rtnetlink::new_connection().map_err(|e| err(e.to_string()))?;
+        let err = |e: std::io::Error| NetlinkError::Transport { op: "watch links".into(), source: e.into() };
+        let (mut conn, _handle, mut messages) = rtnetlink::new_connection().map_err(err)?;
         conn.socket_mut()
             .socket_mut()
             .bind(&SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
         tokio::spawn(conn);
         let (tx, rx) = futures::channel::mpsc::unbounded();
         tokio::spawn(async move {
