@@ -7,11 +7,15 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow};
 use chaos_agent::rpc::{ClientError, client::Client};
+use chaos_test_support::{
+    eventually, free_port,
+    process::{ChildGuard, DieWithParent, log_tail, terminate, wait_timeout},
+};
 use serde_json::{Value as Json, json};
 
 use crate::netns::Netns;
@@ -69,11 +73,6 @@ pub struct AgentProcess {
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
-/// A TCP port that was free a moment ago (in the current namespace).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
-
 impl AgentProcess {
     /// Starts an agent (in `netns` when given) and waits until it answers `Chaos.status`.
     ///
@@ -122,10 +121,10 @@ impl AgentProcess {
         // No ZooKeeper unless the test gives one (the default would try lymph's 127.0.0.1:2181).
         cmd.args(["--zookeeper", opts.zookeeper.as_deref().unwrap_or("")]);
         let inherit = opts.inherit_fds.clone();
-        // SAFETY: prctl and fcntl in the child only affect the child.
+        cmd.die_with_parent();
+        // SAFETY: fcntl in the child only affects the child.
         unsafe {
             cmd.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 for &fd in &inherit {
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
@@ -145,16 +144,11 @@ impl AgentProcess {
             log,
             netns: netns.map(|n| n.name().to_owned()),
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if agent.call("status", json!({})).is_ok() {
-                return Ok(agent);
-            }
-            if Instant::now() > deadline {
-                bail!("the agent did not answer within 15 s; log:\n{}", agent.log_tail(40));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually("the agent to answer Chaos.status", Duration::from_secs(15), Duration::from_millis(100), || {
+            agent.call("status", json!({})).is_ok()
+        })
+        .map_err(|err| anyhow!("{err}; log:\n{}", agent.log_tail(40)))?;
+        Ok(agent)
     }
 
     /// The agent's pid.
@@ -164,26 +158,12 @@ impl AgentProcess {
 
     /// The last lines of its log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        log_tail(&self.log, lines)
     }
 
     fn in_ns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         match &self.netns {
-            Some(name) => {
-                let path = format!("/var/run/netns/{name}");
-                std::thread::scope(|s| {
-                    s.spawn(|| {
-                        let file = std::fs::File::open(&path).expect("netns file");
-                        nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET)
-                            .expect("setns");
-                        f()
-                    })
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
-                })
-            }
+            Some(name) => chaos_test_support::netns::run_in(name, f),
             None => f(),
         }
     }
@@ -237,14 +217,9 @@ impl AgentProcess {
     /// SIGTERM and wait (clean shutdown); returns whether it exited in time.
     pub fn stop(&mut self) -> bool {
         let Some(mut c) = self.child.take() else { return true };
-        // SAFETY: signalling our own, not yet reaped child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = c.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let _ = terminate(&c);
+        if let Ok(Some(_)) = wait_timeout(&mut c, Duration::from_secs(10)) {
+            return true;
         }
         let _ = c.kill();
         let _ = c.wait();
@@ -266,7 +241,7 @@ impl Drop for AgentProcess {
 
 /// A TCP echo server in a process of its own (python3), e.g. a service the agent may fault; killed on drop.
 pub struct EchoProcess {
-    child: Child,
+    child: ChildGuard,
     /// Its port.
     pub port: u16,
 }
@@ -305,44 +280,31 @@ impl EchoProcess {
              \tthreading.Thread(target=h,args=(c,),daemon=True).start()\n"
         );
         let mut cmd = netns.command("/usr/bin/python3");
-        cmd.args(["-c", &script, Self::MARKER, tag]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        // SAFETY: prctl in the child only affects the child.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("python3 echo server");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            let up = netns.run(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-            if up {
-                return EchoProcess { child, port };
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("echo server on port {port} did not come up");
+        cmd.args(["-c", &script, Self::MARKER, tag])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .die_with_parent();
+        let child = ChildGuard::new(cmd.spawn().expect("python3 echo server"));
+        eventually(
+            format_args!("the echo server to listen on port {port}"),
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+            || netns.run(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
+        EchoProcess { child, port }
     }
 
     /// Its pid.
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-}
-
-impl Drop for EchoProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.pid()
     }
 }
 
 /// A UDP-only service (a bound socket, no TCP listener) in a process of its own (python3); killed on drop.
 pub struct UdpProcess {
-    child: Child,
+    child: ChildGuard,
     /// Its port.
     pub port: u16,
 }
@@ -361,35 +323,22 @@ impl UdpProcess {
              print('bound',flush=True)\nwhile True: s.recvfrom(65536)\n"
         );
         let mut cmd = netns.command("/usr/bin/python3");
-        cmd.args(["-c", &script, Self::MARKER]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-        // SAFETY: prctl in the child only affects the child.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("python3 UDP service");
+        cmd.args(["-c", &script, Self::MARKER])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .die_with_parent();
+        let mut child = ChildGuard::new(cmd.spawn().expect("python3 UDP service"));
         let mut line = String::new();
-        let stdout = child.stdout.take().expect("stdout");
+        let stdout = child.child().and_then(|c| c.stdout.take()).expect("stdout");
         let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
-        if line.trim() != "bound" {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the UDP service could not bind {addr}:{port}");
-        }
+        // Dropping the guard kills it.
+        assert_eq!(line.trim(), "bound", "the UDP service could not bind {addr}:{port}");
         UdpProcess { child, port }
     }
 
     /// Its pid.
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-}
-
-impl Drop for UdpProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.pid()
     }
 }

@@ -1,4 +1,5 @@
-//! Test support for the integration tiers.
+//! Test support for the integration tiers (what xtask needs too — waiting, child processes, `/proc`, ports — is
+//! in `chaos-test-support`).
 //!
 //! - [`netns`] — fresh network namespaces (RAII), code and commands inside them
 //! - [`agent`] — a real `lymph-chaos agent` process with private state, optionally in a namespace
@@ -9,7 +10,6 @@
 //! - [`lymph`] — real lymph 0.15 peers (`CHAOS_LYMPH_VENV`): configs, `Echo` instances, a restart loop, the CLI
 
 pub mod agent;
-pub mod child;
 pub mod hostile;
 pub mod lymph;
 pub mod measure;

@@ -13,11 +13,12 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use chaos_test_support::{eventually, free_port};
 use chaos_tests::{
-    agent::{AgentOptions, AgentProcess, EchoProcess, free_port},
+    agent::{AgentOptions, AgentProcess, EchoProcess},
     netns::Netns,
 };
 use serde_json::json;
@@ -223,15 +224,14 @@ fn scrape(ns: &Netns, port: u16) -> Exposition {
 
 /// Scrapes until `pred` holds (counters are updated right after the reply is sent, so poll briefly).
 fn scrape_until(ns: &Netns, port: u16, what: &str, pred: impl Fn(&Exposition) -> bool) -> Exposition {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let mut last = None;
+    eventually(what, Duration::from_secs(10), Duration::from_millis(100), || {
         let e = scrape(ns, port);
-        if pred(&e) {
-            return e;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within 10 s; last scrape: {:#?}", e.samples);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        let held = pred(&e);
+        last = Some(e);
+        held.then(|| last.take()).flatten()
+    })
+    .unwrap_or_else(|err| panic!("{err}; last scrape: {:#?}", last.map(|e| e.samples)))
 }
 
 #[test]
