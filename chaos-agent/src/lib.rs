@@ -31,3 +31,4 @@ pub mod paths;
 pub mod rpc;
 pub mod scenario;
 pub mod unleash;
+mod util;

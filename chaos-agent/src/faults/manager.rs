@@ -17,7 +17,7 @@ use std::{
         Arc, Mutex as StdMutex, Weak,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
@@ -35,6 +35,7 @@ use crate::{
     discovery::{Discovery, Instance, Snapshot, sockets},
     events::{Action, Event, EventLog},
     journal::{Entry, Journal},
+    util::now_unix,
 };
 
 /// How long a kill waits to see the process exit before answering.
@@ -193,10 +194,6 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.counter.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-fn now_unix() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn new_id() -> String {
