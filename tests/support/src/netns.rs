@@ -7,8 +7,9 @@
 
 use std::{
     fs::File,
+    io,
     os::{fd::AsRawFd, unix::process::CommandExt},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     sync::Arc,
 };
@@ -43,16 +44,45 @@ pub fn enter_on_exec(cmd: &mut Command, name: &str) {
 /// When the namespace does not exist or cannot be entered, and when `f` panics.
 pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
     let path = path(name);
+    try_run_at(&path, f).unwrap_or_else(|e| panic!("entering {}: {e}", path.display()))
+}
+
+/// Runs `f` on a new thread inside the network namespace whose file is `netns` (`/run/netns/<name>`,
+/// `/proc/<pid>/ns/net`) and returns its result.
+///
+/// # Errors
+/// When the namespace file cannot be opened or `setns(2)` fails; a panic in `f` is propagated.
+pub fn try_run_at<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let file = File::open(netns)?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
             // SAFETY: setns on a descriptor we own; it changes only this (new) thread.
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                panic!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+                return Err(io::Error::last_os_error());
             }
-            f()
+            Ok(f())
         })
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_namespace_is_an_error() {
+        let err = try_run_at(Path::new("/nonexistent/netns"), || ()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn the_own_namespace_can_be_entered_where_allowed() {
+        // Entering our own namespace needs CAP_SYS_ADMIN; without it setns fails with EPERM, which is returned.
+        match try_run_at(Path::new("/proc/self/ns/net"), || 7) {
+            Ok(v) => assert_eq!(v, 7),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM)),
+        }
+    }
 }
