@@ -18,7 +18,10 @@ use chaos_test_support::{
 };
 use serde_json::{Value as Json, json};
 
-use crate::netns::Netns;
+use crate::{
+    lymph::{self, LymphConfig},
+    netns::Netns,
+};
 
 /// The `lymph-chaos` binary of this build (next to the test binary's `deps/` directory).
 pub fn agent_bin() -> PathBuf {
@@ -51,6 +54,18 @@ pub struct AgentOptions {
     pub env: Vec<(String, String)>,
     /// Descriptors of this process the agent inherits, at the same numbers (e.g. a socket a `lymph node` shares).
     pub inherit_fds: Vec<std::os::fd::RawFd>,
+}
+
+impl AgentOptions {
+    /// An agent registered in ZooKeeper at `zk_hosts` (with chroot) that controls no network
+    /// (`--no-network-control`): it can run in the test's own namespace next to real lymph peers.
+    pub fn in_zookeeper(zk_hosts: impl Into<String>) -> AgentOptions {
+        AgentOptions {
+            zookeeper: Some(zk_hosts.into()),
+            args: vec!["--no-network-control".into()],
+            ..Default::default()
+        }
+    }
 }
 
 /// A running agent.
@@ -149,6 +164,18 @@ impl AgentProcess {
         })
         .map_err(|err| anyhow!("{err}; log:\n{}", agent.log_tail(40)))?;
         Ok(agent)
+    }
+
+    /// Waits until `lymph discover` on `config` lists this agent (its endpoint) as `Chaos`.
+    ///
+    /// # Errors
+    /// Not listed within `timeout` (the log tail is in the error), or `lymph discover` fails.
+    pub fn wait_registered(&self, config: &LymphConfig, timeout: Duration) -> Result<()> {
+        eventually("the agent to register as Chaos in ZooKeeper", timeout, Duration::from_millis(100), || {
+            lymph::discover(config)
+                .map(|s| s.get("Chaos").is_some_and(|c| c.iter().any(|i| i["endpoint"] == self.endpoint.as_str())))
+        })
+        .map_err(|e| anyhow!("{e}; log:\n{}", self.log_tail(30)))
     }
 
     /// The agent's pid.

@@ -15,7 +15,7 @@ use chaos_test_support::{eventually, free_port, process::ChildGuard};
 use chaos_tests::{
     agent::{AgentOptions, AgentProcess},
     hostile::show,
-    lymph::{self, Instance, LymphConfig},
+    lymph::{Instance, LymphConfig},
 };
 use serde_json::json;
 
@@ -41,21 +41,11 @@ fn a_fake_registry_entry_on_a_web_servers_port_does_not_make_it_a_target() -> Re
     let port = free_port();
     let mut web = web_server(port)?;
     let web_pid = web.pid() as u32;
-    let agent = AgentProcess::start(
-        None,
-        AgentOptions {
-            zookeeper: Some(config.zk_hosts()),
-            args: vec!["--no-network-control".into()],
-            ..Default::default()
-        },
-    )?;
+    let agent = AgentProcess::start(None, AgentOptions::in_zookeeper(config.zk_hosts()))?;
     // One 10 s budget for the three waits.
     let deadline = Instant::now() + Duration::from_secs(10);
     let left = || deadline.saturating_duration_since(Instant::now());
-    eventually("the agent to register as Chaos", left(), Duration::from_millis(100), || {
-        lymph::discover(&config).map(|s| s.contains_key("Chaos"))
-    })
-    .map_err(|e| anyhow!("{e}; log:\n{}", agent.log_tail(30)))?;
+    agent.wait_registered(&config, left())?;
     eventually("the web server to listen", left(), Duration::from_millis(50), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })?;
@@ -100,14 +90,7 @@ fn a_fake_registry_entry_on_a_web_servers_port_does_not_make_it_a_target() -> Re
 #[ignore = "needs root and the harness's ZooKeeper: run by cargo xtask test"]
 fn a_stale_registry_entry_whose_port_a_web_server_took_does_not_make_it_a_target() -> Result<()> {
     let config = LymphConfig::for_test("hostile-stale")?;
-    let agent = AgentProcess::start(
-        None,
-        AgentOptions {
-            zookeeper: Some(config.zk_hosts()),
-            args: vec!["--no-network-control".into()],
-            ..Default::default()
-        },
-    )?;
+    let agent = AgentProcess::start(None, AgentOptions::in_zookeeper(config.zk_hosts()))?;
     let instance = Instance::start(&config)?;
     let (lymph_pid, identity) = (instance.pid(), instance.identity().to_owned());
     let port: u16 = instance.endpoint().rsplit(':').next().unwrap_or_default().parse()?;

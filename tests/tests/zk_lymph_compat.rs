@@ -17,19 +17,8 @@ use serde_json::{Value as Json, json};
 
 /// An agent on `config`'s ZooKeeper chroot, returned once ZooKeeper lists it.
 fn agent_for(config: &LymphConfig) -> Result<AgentProcess> {
-    let agent = AgentProcess::start(
-        None,
-        AgentOptions {
-            zookeeper: Some(config.zk_hosts()),
-            args: vec!["--no-network-control".into()],
-            ..Default::default()
-        },
-    )?;
-    eventually("the agent to register in ZooKeeper", Duration::from_secs(10), Duration::from_millis(100), || {
-        lymph::discover(config)
-            .map(|s| s.get("Chaos").is_some_and(|c| c.iter().any(|i| i["endpoint"] == agent.endpoint.as_str())))
-    })
-    .map_err(|e| anyhow!("{e}; log:\n{}", agent.log_tail(30)))?;
+    let agent = AgentProcess::start(None, AgentOptions::in_zookeeper(config.zk_hosts()))?;
+    agent.wait_registered(config, Duration::from_secs(10))?;
     Ok(agent)
 }
 
@@ -202,10 +191,7 @@ fn standalone_until_zookeeper_appears_then_registers_and_re_registers_and_leaves
     // The agent's ZooKeeper address has nothing behind it yet.
     let port = free_port();
     let hosts = format!("127.0.0.1:{port}{}", config.chroot());
-    let mut agent = AgentProcess::start(
-        None,
-        AgentOptions { zookeeper: Some(hosts), args: vec!["--no-network-control".into()], ..Default::default() },
-    )?;
+    let mut agent = AgentProcess::start(None, AgentOptions::in_zookeeper(hosts))?;
     // Standalone: the local Echo is found from its process title and asked what it serves.
     let services = wait_services(&agent, Duration::from_secs(10), |s| local_echo(s, echo.pid()))?;
     ensure!(services["Echo"][0]["source"] == "local", "{services}");
