@@ -7,6 +7,7 @@
 //! - [`measure`] — RTT samples, statistics, TCP echo server, UDP loss probe (used inside the VM guests)
 //! - [`vm`] — the qemu guest tier: initramfs builder, TCG boot, `RESULT` lines from the serial console
 //! - [`hostile`] — attackers for the hostile tier: an unprivileged local user created per test
+//! - [`raw_peer`] — hand-driven ZeroMQ ROUTER peers (sends retried until the peer is routable)
 //! - [`lymph`] — real lymph 0.15 peers (`CHAOS_LYMPH_VENV`): configs, `Echo` instances, a restart loop, the CLI
 
 pub mod agent;
@@ -14,5 +15,6 @@ pub mod hostile;
 pub mod lymph;
 pub mod measure;
 pub mod netns;
+pub mod raw_peer;
 pub mod vm;
 pub mod zk;

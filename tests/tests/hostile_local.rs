@@ -254,17 +254,9 @@ impl RawPeer {
         let id = wire::new_id();
         let frames =
             wire::frames(&id, Kind::Req, "Chaos.status", &Headers::default(), value::encode(&Value::Map(vec![])));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let parts = std::iter::once(agent.as_bytes().to_vec()).chain(frames.iter().cloned());
-            match self.send.send_multipart(parts, zmq::DONTWAIT) {
-                Ok(()) => return id,
-                Err(zmq::Error::EHOSTUNREACH | zmq::Error::EAGAIN) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                Err(e) => panic!("send: {e}"),
-            }
-        }
+        let sent = chaos_tests::raw_peer::send_routed(&self.send, agent.as_bytes(), &frames, Duration::from_secs(5));
+        assert!(sent.unwrap_or_else(|e| panic!("send: {e}")), "send: the agent stayed unroutable for 5 s");
+        id
     }
 
     /// The request ids of the replies that reach this peer within `wait`.

@@ -154,16 +154,10 @@ pub fn status_call(
     let frames = wire::frames(&id, Kind::Req, "Chaos.status", &Headers::default(), value::encode(&Value::Map(vec![])));
     let deadline = Instant::now() + timeout;
     // With ROUTER_MANDATORY a message can only leave once the agent accepted the handshake.
-    loop {
-        let parts = std::iter::once(peer_id.as_bytes().to_vec()).chain(frames.iter().cloned());
-        match send.send_multipart(parts, zmq::DONTWAIT) {
-            Ok(()) => break,
-            Err(zmq::Error::EHOSTUNREACH | zmq::Error::EAGAIN) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(zmq::Error::EHOSTUNREACH | zmq::Error::EAGAIN) => return None,
-            Err(e) => panic!("send: {e}"),
-        }
+    if !chaos_tests::raw_peer::send_routed(&send, peer_id.as_bytes(), &frames, timeout)
+        .unwrap_or_else(|e| panic!("send: {e}"))
+    {
+        return None;
     }
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
