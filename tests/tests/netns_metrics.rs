@@ -283,20 +283,20 @@ fn metrics_follow_faults_packets_drops_events_and_rpc_calls() {
     let traffic = {
         let (stop, attempts) = (stop.clone(), attempts.clone());
         let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let path = format!("/var/run/netns/{}", ns.name());
+        let name = ns.name().to_owned();
         std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                attempts.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
-                    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-                    let _ = s.write_all(b"ping");
-                    let mut buf = [0u8; 4];
-                    let _ = s.read_exact(&mut buf);
+            chaos_test_support::netns::run_in(&name, || {
+                while !stop.load(Ordering::Relaxed) {
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
+                        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                        let _ = s.write_all(b"ping");
+                        let mut buf = [0u8; 4];
+                        let _ = s.read_exact(&mut buf);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            })
         })
     };
 

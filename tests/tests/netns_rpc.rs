@@ -24,7 +24,7 @@ struct RawPeer {
 impl RawPeer {
     fn new(agent: &str) -> RawPeer {
         let ctx = zmq::Context::new();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = chaos_test_support::free_port();
         let me = format!("tcp://127.0.0.1:{port}");
         let recv = ctx.socket(zmq::ROUTER).unwrap();
         recv.set_identity(me.as_bytes()).unwrap();
