@@ -137,11 +137,7 @@ fn echo_logs(dir: &Path) -> String {
         .unwrap_or_default();
     logs.sort();
     logs.iter()
-        .map(|log| {
-            let text = fs::read_to_string(log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            format!("--- {} ---\n{}", log.display(), lines[lines.len().saturating_sub(15)..].join("\n"))
-        })
+        .map(|log| format!("--- {} ---\n{}", log.display(), chaos_test_support::process::log_tail(log, 15)))
         .collect::<Vec<_>>()
         .join("\n")
 }

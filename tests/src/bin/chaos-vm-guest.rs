@@ -2006,10 +2006,8 @@ impl Drop for Agent {
 }
 
 fn print_agent_log(lines: usize) {
-    let text = std::fs::read_to_string(Agent::log_path()).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
     println!("--- agent log ({}; last {lines} lines) ---", Agent::log_path().display());
-    for line in &all[all.len().saturating_sub(lines)..] {
+    for line in chaos_test_support::process::log_tail(&Agent::log_path(), lines).lines() {
         println!("agent| {line}");
     }
     println!("--- end of agent log ---");
