@@ -35,6 +35,50 @@ pub fn agent_bin() -> PathBuf {
     bin
 }
 
+/// The files, names and port of one test agent: the `lymph-chaos agent` command line that [`AgentProcess`] and
+/// the VM guest share.
+#[derive(Clone, Copy, Debug)]
+pub struct AgentLayout<'a> {
+    /// Configuration file.
+    pub config: &'a Path,
+    /// State directory (journal, guardian pid).
+    pub state_dir: &'a Path,
+    /// bpffs pin directory.
+    pub pin_dir: &'a Path,
+    /// IFB device name.
+    pub ifb: &'a str,
+    /// Event log file.
+    pub events_file: &'a Path,
+    /// ZooKeeper hosts (with chroot); `None`: standalone (the agent's default would try lymph's 127.0.0.1:2181).
+    pub zookeeper: Option<&'a str>,
+    /// RPC port; `None`: the agent's default.
+    pub port: Option<u16>,
+}
+
+impl AgentLayout<'_> {
+    /// Makes `cmd` (a `lymph-chaos` command, perhaps set up to enter a namespace or pinned to a CPU) run the agent
+    /// with this layout, logging `chaos_agent` at debug, stdin from /dev/null, without an inherited
+    /// `LYMPH_NODE_IP`, dying with the thread that spawns it. Callers add output, arguments and environment.
+    pub fn apply<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        cmd.arg("agent").arg("--config").arg(self.config);
+        if let Some(port) = self.port {
+            cmd.args(["--port", &port.to_string()]);
+        }
+        cmd.arg("--state-dir")
+            .arg(self.state_dir)
+            .arg("--pin-dir")
+            .arg(self.pin_dir)
+            .args(["--ifb", self.ifb])
+            .args(["--zookeeper", self.zookeeper.unwrap_or("")])
+            .arg("--events-file")
+            .arg(self.events_file)
+            .args(["--log-level", "info,chaos_agent=debug"])
+            .stdin(Stdio::null())
+            .env_remove("LYMPH_NODE_IP")
+            .die_with_parent()
+    }
+}
+
 /// How to start an agent.
 #[derive(Clone, Debug, Default)]
 pub struct AgentOptions {
@@ -117,26 +161,23 @@ impl AgentProcess {
             Some(ns) => ns.command(agent_bin().to_str().expect("utf-8 path")),
             None => Command::new(agent_bin()),
         };
-        cmd.arg("agent");
-        cmd.arg("--config")
-            .arg(&config)
-            .args(["--port", &port.to_string(), "--state-dir"])
-            .arg(&state_dir)
-            .arg("--pin-dir")
-            .arg(&pin_dir)
-            .arg("--events-file")
-            .arg(dir.path().join("events.jsonl"))
-            .args(["--ifb", &ifb, "--log-level", "info,chaos_agent=debug"])
+        let events_file = dir.path().join("events.jsonl");
+        let layout = AgentLayout {
+            config: &config,
+            state_dir: &state_dir,
+            pin_dir: &pin_dir,
+            ifb: &ifb,
+            events_file: &events_file,
+            zookeeper: opts.zookeeper.as_deref(),
+            port: Some(port),
+        };
+        layout
+            .apply(&mut cmd)
             .args(&opts.args)
-            .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::options().append(true).open(&log)?)
-            .env_remove("LYMPH_NODE_IP")
             .envs(opts.env.iter().map(|(k, v)| (k, v)));
-        // No ZooKeeper unless the test gives one (the default would try lymph's 127.0.0.1:2181).
-        cmd.args(["--zookeeper", opts.zookeeper.as_deref().unwrap_or("")]);
         let inherit = opts.inherit_fds.clone();
-        cmd.die_with_parent();
         // SAFETY: fcntl in the child only affects the child.
         unsafe {
             cmd.pre_exec(move || {

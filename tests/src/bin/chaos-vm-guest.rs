@@ -108,9 +108,10 @@ use chaos_agent::{
 };
 use chaos_test_support::{
     eventually, proc_stat,
-    process::{DieWithParent, terminate, wait_timeout},
+    process::{terminate, wait_timeout},
 };
 use chaos_tests::{
+    agent::AgentLayout,
     measure::{
         EchoServer, LossProbe, ReplyServer, RttProbe, Stats, available_cpus, in_netns, pin_command_to_cpu, pin_to_cpu,
         reply_rtt, tcp_rtt, udp_loss, udp_loss_from,
@@ -1825,24 +1826,24 @@ impl Agent {
         use std::io::Write as _;
         writeln!(&log, "===== chaos-vm-guest: agent start #{} =====", self.starts)?;
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("agent")
-            .arg("--config")
-            .arg(Path::new(AGENT_DIR).join("config.yml"))
-            .args(["--state-dir", AGENT_STATE_DIR, "--pin-dir", AGENT_PIN_DIR, "--ifb", AGENT_IFB])
-            // Standalone: no ZooKeeper in here.
-            .args(["--zookeeper", ""])
-            .arg("--events-file")
-            .arg(Path::new(AGENT_DIR).join("events.jsonl"))
-            .args(["--log-level", "info,chaos_agent=debug"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .env_remove("LYMPH_NODE_IP");
         if available_cpus() > AGENT_CPU {
             pin_command_to_cpu(&mut cmd, AGENT_CPU);
         }
-        // If we die, so does the agent (not its guardian).
-        cmd.die_with_parent();
+        let (config, events_file) =
+            (Path::new(AGENT_DIR).join("config.yml"), Path::new(AGENT_DIR).join("events.jsonl"));
+        // Standalone (no ZooKeeper in here), on the default port; if we die, so does the agent (not its guardian).
+        AgentLayout {
+            config: &config,
+            state_dir: Path::new(AGENT_STATE_DIR),
+            pin_dir: Path::new(AGENT_PIN_DIR),
+            ifb: AGENT_IFB,
+            events_file: &events_file,
+            zookeeper: None,
+            port: None,
+        }
+        .apply(&mut cmd)
+        .stdout(log.try_clone()?)
+        .stderr(log);
         let started = Instant::now();
         println!("+ {} agent … (start #{})", self.bin.display(), self.starts);
         self.child = Some(cmd.spawn().with_context(|| format!("spawning {}", self.bin.display()))?);
