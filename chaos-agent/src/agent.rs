@@ -5,13 +5,7 @@
 //! (removes leftovers of earlier runs, loads the classifier) → RPC node → discovery (registers `Chaos` in ZooKeeper
 //! when reachable) → fault manager (undoes what the journal says an earlier run left) → unleashed mode → serve.
 
-use std::{
-    future::Future,
-    net::IpAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{future::Future, net::IpAddr, path::PathBuf, sync::Arc};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +28,7 @@ use crate::{
         server::{LogControl, Server},
     },
     unleash::Unleasher,
+    util::now_unix,
 };
 
 /// Errors that stop the agent from starting.
@@ -73,10 +68,6 @@ pub struct Running {
     pub discovery: Arc<Discovery>,
     /// Events.
     pub events: Arc<EventLog>,
-}
-
-fn now_unix() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Runs the agent until `shutdown` resolves.

@@ -9,7 +9,6 @@ use std::{
     os::unix::fs::OpenOptionsExt,
     path::PathBuf,
     sync::Mutex,
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -204,7 +203,7 @@ impl EventLog {
         let mut inner = self.inner.lock().expect("poisoned");
         event.seq = inner.next_seq;
         inner.next_seq += 1;
-        event.time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        event.time = crate::util::now_unix();
         let mut line = serde_json::to_vec(&event).expect("plain data");
         if bound(&mut event, line.len()) {
             line = serde_json::to_vec(&event).expect("plain data");

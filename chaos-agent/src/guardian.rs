@@ -26,7 +26,7 @@ use std::{
     },
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -239,10 +239,6 @@ fn stop_leftover(state_dir: &Path) {
     let _ = std::fs::remove_file(file);
 }
 
-fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
-}
-
 /// Entry point of the guardian process (called by `main` when [`GUARDIAN_ENV`] is set). Never returns.
 pub fn guardian_main(orders: &str) -> ! {
     let Ok(orders) = serde_json::from_str::<Orders>(orders) else { std::process::exit(2) };
@@ -276,7 +272,7 @@ pub fn guardian_main(orders: &str) -> ! {
     loop {
         let mut entries = journal::read(&orders.journal);
         let before = entries.len();
-        let t = now();
+        let t = crate::util::now_unix();
         entries.retain(|e| {
             if e.expires_at > t {
                 return true;

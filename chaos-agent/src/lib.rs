@@ -32,3 +32,4 @@ pub mod rpc;
 pub mod scenario;
 pub mod selection;
 pub mod unleash;
+mod util;

@@ -7,14 +7,21 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow};
 use chaos_agent::rpc::{ClientError, client::Client};
+use chaos_test_support::{
+    eventually, free_port,
+    process::{ChildGuard, DieWithParent, log_tail, terminate, wait_timeout},
+};
 use serde_json::{Value as Json, json};
 
-use crate::netns::Netns;
+use crate::{
+    lymph::{self, LymphConfig},
+    netns::Netns,
+};
 
 /// The `lymph-chaos` binary of this build (next to the test binary's `deps/` directory).
 pub fn agent_bin() -> PathBuf {
@@ -26,6 +33,50 @@ pub fn agent_bin() -> PathBuf {
     let bin = dir.join("lymph-chaos");
     assert!(bin.exists(), "{} is missing: build it first (cargo build -p chaos-agent)", bin.display());
     bin
+}
+
+/// The files, names and port of one test agent: the `lymph-chaos agent` command line that [`AgentProcess`] and
+/// the VM guest share.
+#[derive(Clone, Copy, Debug)]
+pub struct AgentLayout<'a> {
+    /// Configuration file.
+    pub config: &'a Path,
+    /// State directory (journal, guardian pid).
+    pub state_dir: &'a Path,
+    /// bpffs pin directory.
+    pub pin_dir: &'a Path,
+    /// IFB device name.
+    pub ifb: &'a str,
+    /// Event log file.
+    pub events_file: &'a Path,
+    /// ZooKeeper hosts (with chroot); `None`: standalone (the agent's default would try lymph's 127.0.0.1:2181).
+    pub zookeeper: Option<&'a str>,
+    /// RPC port; `None`: the agent's default.
+    pub port: Option<u16>,
+}
+
+impl AgentLayout<'_> {
+    /// Makes `cmd` (a `lymph-chaos` command, perhaps set up to enter a namespace or pinned to a CPU) run the agent
+    /// with this layout, logging `chaos_agent` at debug, stdin from /dev/null, without an inherited
+    /// `LYMPH_NODE_IP`, dying with the thread that spawns it. Callers add output, arguments and environment.
+    pub fn apply<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        cmd.arg("agent").arg("--config").arg(self.config);
+        if let Some(port) = self.port {
+            cmd.args(["--port", &port.to_string()]);
+        }
+        cmd.arg("--state-dir")
+            .arg(self.state_dir)
+            .arg("--pin-dir")
+            .arg(self.pin_dir)
+            .args(["--ifb", self.ifb])
+            .args(["--zookeeper", self.zookeeper.unwrap_or("")])
+            .arg("--events-file")
+            .arg(self.events_file)
+            .args(["--log-level", "info,chaos_agent=debug"])
+            .stdin(Stdio::null())
+            .env_remove("LYMPH_NODE_IP")
+            .die_with_parent()
+    }
 }
 
 /// How to start an agent.
@@ -52,6 +103,18 @@ pub struct AgentOptions {
     pub resolv_conf: Option<PathBuf>,
 }
 
+impl AgentOptions {
+    /// An agent registered in ZooKeeper at `zk_hosts` (with chroot) that controls no network
+    /// (`--no-network-control`): it can run in the test's own namespace next to real lymph peers.
+    pub fn in_zookeeper(zk_hosts: impl Into<String>) -> AgentOptions {
+        AgentOptions {
+            zookeeper: Some(zk_hosts.into()),
+            args: vec!["--no-network-control".into()],
+            ..Default::default()
+        }
+    }
+}
+
 /// A running agent.
 pub struct AgentProcess {
     child: Option<Child>,
@@ -71,11 +134,6 @@ pub struct AgentProcess {
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
-
-/// A TCP port that was free a moment ago (in the current namespace).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
 
 impl AgentProcess {
     /// Starts an agent (in `netns` when given) and waits until it answers `Chaos.status`.
@@ -106,34 +164,31 @@ impl AgentProcess {
             Some(ns) => ns.command(agent_bin().to_str().expect("utf-8 path")),
             None => Command::new(agent_bin()),
         };
-        cmd.arg("agent");
-        cmd.arg("--config")
-            .arg(&config)
-            .args(["--port", &port.to_string(), "--state-dir"])
-            .arg(&state_dir)
-            .arg("--pin-dir")
-            .arg(&pin_dir)
-            .arg("--events-file")
-            .arg(dir.path().join("events.jsonl"))
-            .args(["--ifb", &ifb, "--log-level", "info,chaos_agent=debug"])
+        let events_file = dir.path().join("events.jsonl");
+        let layout = AgentLayout {
+            config: &config,
+            state_dir: &state_dir,
+            pin_dir: &pin_dir,
+            ifb: &ifb,
+            events_file: &events_file,
+            zookeeper: opts.zookeeper.as_deref(),
+            port: Some(port),
+        };
+        layout
+            .apply(&mut cmd)
             .args(&opts.args)
-            .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::options().append(true).open(&log)?)
-            .env_remove("LYMPH_NODE_IP")
             .envs(opts.env.iter().map(|(k, v)| (k, v)));
-        // No ZooKeeper unless the test gives one (the default would try lymph's 127.0.0.1:2181).
-        cmd.args(["--zookeeper", opts.zookeeper.as_deref().unwrap_or("")]);
         let inherit = opts.inherit_fds.clone();
         let resolv = match &opts.resolv_conf {
             Some(path) => Some(std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?),
             None => None,
         };
-        // SAFETY: prctl, fcntl, unshare and mount in the child only affect the child (and its own mount
-        // namespace); the strings were made before the fork.
+        // SAFETY: fcntl, unshare and mount in the child only affect the child (and its own mount namespace); the
+        // strings were made before the fork.
         unsafe {
             cmd.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 if let Some(resolv) = &resolv {
                     let root = c"/";
                     let target = c"/etc/resolv.conf";
@@ -175,16 +230,23 @@ impl AgentProcess {
             log,
             netns: netns.map(|n| n.name().to_owned()),
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if agent.call("status", json!({})).is_ok() {
-                return Ok(agent);
-            }
-            if Instant::now() > deadline {
-                bail!("the agent did not answer within 15 s; log:\n{}", agent.log_tail(40));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually("the agent to answer Chaos.status", Duration::from_secs(15), Duration::from_millis(100), || {
+            agent.call("status", json!({})).is_ok()
+        })
+        .map_err(|err| anyhow!("{err}; log:\n{}", agent.log_tail(40)))?;
+        Ok(agent)
+    }
+
+    /// Waits until `lymph discover` on `config` lists this agent (its endpoint) as `Chaos`.
+    ///
+    /// # Errors
+    /// Not listed within `timeout` (the log tail is in the error), or `lymph discover` fails.
+    pub fn wait_registered(&self, config: &LymphConfig, timeout: Duration) -> Result<()> {
+        eventually("the agent to register as Chaos in ZooKeeper", timeout, Duration::from_millis(100), || {
+            lymph::discover(config)
+                .map(|s| s.get("Chaos").is_some_and(|c| c.iter().any(|i| i["endpoint"] == self.endpoint.as_str())))
+        })
+        .map_err(|e| anyhow!("{e}; log:\n{}", self.log_tail(30)))
     }
 
     /// The agent's pid.
@@ -194,26 +256,12 @@ impl AgentProcess {
 
     /// The last lines of its log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        log_tail(&self.log, lines)
     }
 
     fn in_ns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         match &self.netns {
-            Some(name) => {
-                let path = format!("/var/run/netns/{name}");
-                std::thread::scope(|s| {
-                    s.spawn(|| {
-                        let file = std::fs::File::open(&path).expect("netns file");
-                        nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET)
-                            .expect("setns");
-                        f()
-                    })
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
-                })
-            }
+            Some(name) => chaos_test_support::netns::run_in(name, f),
             None => f(),
         }
     }
@@ -267,14 +315,9 @@ impl AgentProcess {
     /// SIGTERM and wait (clean shutdown); returns whether it exited in time.
     pub fn stop(&mut self) -> bool {
         let Some(mut c) = self.child.take() else { return true };
-        // SAFETY: signalling our own, not yet reaped child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = c.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let _ = terminate(&c);
+        if let Ok(Some(_)) = wait_timeout(&mut c, Duration::from_secs(10)) {
+            return true;
         }
         let _ = c.kill();
         let _ = c.wait();
@@ -296,7 +339,7 @@ impl Drop for AgentProcess {
 
 /// A TCP echo server in a process of its own (python3), e.g. a service the agent may fault; killed on drop.
 pub struct EchoProcess {
-    child: Child,
+    child: ChildGuard,
     /// Its port.
     pub port: u16,
 }
@@ -335,44 +378,31 @@ impl EchoProcess {
              \tthreading.Thread(target=h,args=(c,),daemon=True).start()\n"
         );
         let mut cmd = netns.command("/usr/bin/python3");
-        cmd.args(["-c", &script, Self::MARKER, tag]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        // SAFETY: prctl in the child only affects the child.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("python3 echo server");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            let up = netns.run(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-            if up {
-                return EchoProcess { child, port };
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("echo server on port {port} did not come up");
+        cmd.args(["-c", &script, Self::MARKER, tag])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .die_with_parent();
+        let child = ChildGuard::new(cmd.spawn().expect("python3 echo server"));
+        eventually(
+            format_args!("the echo server to listen on port {port}"),
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+            || netns.run(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
+        EchoProcess { child, port }
     }
 
     /// Its pid.
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-}
-
-impl Drop for EchoProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.pid()
     }
 }
 
 /// A UDP-only service (a bound socket, no TCP listener) in a process of its own (python3); killed on drop.
 pub struct UdpProcess {
-    child: Child,
+    child: ChildGuard,
     /// Its port.
     pub port: u16,
 }
@@ -391,35 +421,22 @@ impl UdpProcess {
              print('bound',flush=True)\nwhile True: s.recvfrom(65536)\n"
         );
         let mut cmd = netns.command("/usr/bin/python3");
-        cmd.args(["-c", &script, Self::MARKER]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-        // SAFETY: prctl in the child only affects the child.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("python3 UDP service");
+        cmd.args(["-c", &script, Self::MARKER])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .die_with_parent();
+        let mut child = ChildGuard::new(cmd.spawn().expect("python3 UDP service"));
         let mut line = String::new();
-        let stdout = child.stdout.take().expect("stdout");
+        let stdout = child.child().and_then(|c| c.stdout.take()).expect("stdout");
         let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
-        if line.trim() != "bound" {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the UDP service could not bind {addr}:{port}");
-        }
+        // Dropping the guard kills it.
+        assert_eq!(line.trim(), "bound", "the UDP service could not bind {addr}:{port}");
         UdpProcess { child, port }
     }
 
     /// Its pid.
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-}
-
-impl Drop for UdpProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.pid()
     }
 }

@@ -3,7 +3,7 @@
 //! test's network namespace.
 
 use std::{
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::unix::process::CommandExt,
     process::{Command, Output},
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -50,19 +50,14 @@ impl LocalUser {
     /// `program` run as this user (supplementary groups dropped), inside `ns` when given.
     pub fn command(&self, ns: Option<&Netns>, program: &str) -> Command {
         let mut cmd = Command::new(program);
-        let netns = ns.map(|n| {
-            let path = format!("/var/run/netns/{}", n.name());
-            std::sync::Arc::new(std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}")))
-        });
+        // First the namespace (entering it needs root), then the user: pre_exec closures run in order.
+        if let Some(n) = ns {
+            crate::netns::enter_on_exec(&mut cmd, n.name());
+        }
         let (uid, gid) = (self.uid, self.gid);
-        // SAFETY: setns/setgroups/setgid/setuid are async-signal-safe and only touch the child.
+        // SAFETY: setgroups/setgid/setuid are async-signal-safe and only touch the child.
         unsafe {
             cmd.pre_exec(move || {
-                if let Some(f) = &netns
-                    && libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
                 if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }

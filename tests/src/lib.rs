@@ -1,4 +1,5 @@
-//! Test support for the integration tiers.
+//! Test support for the integration tiers (what xtask needs too — waiting, child processes, `/proc`, ports — is
+//! in `chaos-test-support`).
 //!
 //! - [`netns`] — fresh network namespaces (RAII), code and commands inside them
 //! - [`agent`] — a real `lymph-chaos agent` process with private state, optionally in a namespace
@@ -6,13 +7,14 @@
 //! - [`measure`] — RTT samples, statistics, TCP echo server, UDP loss probe (used inside the VM guests)
 //! - [`vm`] — the qemu guest tier: initramfs builder, TCG boot, `RESULT` lines from the serial console
 //! - [`hostile`] — attackers for the hostile tier: an unprivileged local user created per test
+//! - [`raw_peer`] — hand-driven ZeroMQ ROUTER peers (sends retried until the peer is routable)
 //! - [`lymph`] — real lymph 0.15 peers (`CHAOS_LYMPH_VENV`): configs, `Echo` instances, a restart loop, the CLI
 
 pub mod agent;
-pub mod child;
 pub mod hostile;
 pub mod lymph;
 pub mod measure;
 pub mod netns;
+pub mod raw_peer;
 pub mod vm;
 pub mod zk;

@@ -34,10 +34,12 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
-use crate::{
-    child::{die_with_parent, log_tail as tail, stop_child},
-    zk,
+use chaos_test_support::{
+    eventually,
+    process::{DieWithParent, log_tail as tail, stop_child, wait_timeout},
 };
+
+use crate::zk;
 
 /// Environment variable with the path of the lymph venv (built by `cargo xtask test`).
 pub const VENV_ENV: &str = "CHAOS_LYMPH_VENV";
@@ -99,16 +101,6 @@ pub fn lymph_bin() -> PathBuf {
 /// `tests/lymph`: `echo.py`, the config template, the patch script (on `PYTHONPATH` of every lymph process).
 pub fn services_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("lymph")
-}
-
-/// A TCP port that was free on 127.0.0.1 a moment ago (bind to port 0, read it back, close), for
-/// [`InstanceOptions::port`].
-///
-/// # Errors
-/// Binding fails.
-pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -300,16 +292,13 @@ fn lists(services: &BTreeMap<String, Vec<Value>>, service: &str, identity: &str)
 /// Still listed after `timeout`, or lymph fails.
 pub fn wait_unregistered(config: &LymphConfig, service: &str, identity: &str, timeout: Duration) -> Result<Duration> {
     let started = Instant::now();
-    let deadline = started + timeout;
-    loop {
-        if !lists(&discover(config)?, service, identity) {
-            return Ok(started.elapsed());
-        }
-        if Instant::now() >= deadline {
-            bail!("{service} instance {identity} still in ZooKeeper ({}) after {timeout:?}", config.zk_hosts());
-        }
-        thread::sleep(DISCOVER_POLL);
-    }
+    eventually(
+        format_args!("{service} instance {identity} gone from ZooKeeper ({})", config.zk_hosts()),
+        timeout,
+        DISCOVER_POLL,
+        || discover(config).map(|services| !lists(&services, service, identity)),
+    )?;
+    Ok(started.elapsed())
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -464,22 +453,23 @@ fn wait_registered(
     mut current: impl FnMut() -> Result<Option<Registration>>,
 ) -> Result<Registration> {
     let deadline = Instant::now() + timeout;
-    loop {
-        let titled = match current()? {
-            Some(registration) => {
-                let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-                if lists(&discover_with_timeout(config, remaining)?, service, &registration.identity) {
-                    return Ok(registration);
-                }
-                true
+    // The title is read every TITLE_POLL; ZooKeeper is asked at most every DISCOVER_POLL.
+    let mut next_discover = Instant::now();
+    eventually(
+        format_args!("registered as {service} in ZooKeeper ({})", config.zk_hosts()),
+        timeout,
+        TITLE_POLL,
+        || -> Result<Option<Registration>> {
+            let Some(registration) = current()? else { return Ok(None) };
+            if Instant::now() < next_discover {
+                return Ok(None);
             }
-            None => false,
-        };
-        if Instant::now() >= deadline {
-            bail!("not registered as {service} in ZooKeeper ({}) within {timeout:?}", config.zk_hosts());
-        }
-        thread::sleep(if titled { DISCOVER_POLL } else { TITLE_POLL });
-    }
+            let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+            let listed = lists(&discover_with_timeout(config, remaining)?, service, &registration.identity);
+            next_discover = Instant::now() + DISCOVER_POLL;
+            Ok(listed.then_some(registration))
+        },
+    )
 }
 
 /// The registration a lymph process announces in its title, once it has registered.
@@ -723,7 +713,7 @@ impl Launcher {
             cmd.arg(format!("--port={port}"));
         }
         cmd.stdout(file.try_clone().context("duplicating the log fd")?).stderr(file);
-        die_with_parent(&mut cmd);
+        cmd.die_with_parent();
         let child = cmd.spawn().with_context(|| format!("starting {}", self.lymph.display()))?;
         Ok(Process { child, log })
     }
@@ -778,26 +768,18 @@ impl Drop for Process {
 
 /// Runs `cmd` with stdout/stderr captured; kills it after `timeout`.
 fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    die_with_parent(&mut cmd);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).die_with_parent();
     let mut child = cmd.spawn().with_context(|| format!("starting {}", cmd.get_program().to_string_lossy()))?;
     let readers = [child.stdout.take().map(drain), child.stderr.take().map(drain)];
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            child.kill()?;
-            child.wait()?;
-            let [stdout, stderr] = readers.map(|r| r.map(|h| h.join().unwrap_or_default()).unwrap_or_default());
-            bail!(
-                "timed out after {timeout:?}; stdout: {}; stderr: {}",
-                String::from_utf8_lossy(&stdout),
-                String::from_utf8_lossy(&stderr)
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
+    let Some(status) = wait_timeout(&mut child, timeout)? else {
+        child.kill()?;
+        child.wait()?;
+        let [stdout, stderr] = readers.map(|r| r.map(|h| h.join().unwrap_or_default()).unwrap_or_default());
+        bail!(
+            "timed out after {timeout:?}; stdout: {}; stderr: {}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
     };
     let [stdout, stderr] = readers.map(|r| r.map(|h| h.join().unwrap_or_default()).unwrap_or_default());
     Ok(Output { status, stdout, stderr })

@@ -30,7 +30,7 @@ use std::{
     collections::{HashMap, HashSet, hash_map::Entry},
     io::{self, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::unix::process::CommandExt,
     path::Path,
     process::Command,
     sync::{
@@ -92,18 +92,7 @@ pub fn pin_command_to_cpu(cmd: &mut Command, cpu: usize) -> &mut Command {
 /// # Errors
 /// When the namespace file cannot be opened or `setns(2)` fails; a panic in `f` is propagated.
 pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-    let file = std::fs::File::open(netns)?;
-    thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on a valid fd changes only this thread's namespace.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
+    chaos_test_support::netns::try_run_at(netns, f)
 }
 
 /// A TCP echo server on its own threads; stopped (and its listener closed) on drop.

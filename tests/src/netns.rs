@@ -6,8 +6,6 @@
 //! context) stay in the namespace they were created in.
 
 use std::{
-    fs::File,
-    os::fd::AsFd,
     process::{Command, Output},
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -77,17 +75,7 @@ impl Netns {
 
     /// Runs `f` on a new thread inside the namespace and returns its result (panics propagate).
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .unwrap_or_else(|e| panic!("setns {path}: {e}"));
-                f()
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
+        chaos_test_support::netns::run_in(&self.name, f)
     }
 
     /// Like [`Netns::run`] with a current-thread tokio runtime.
@@ -121,22 +109,7 @@ impl Netns {
     }
 }
 
-/// Makes `cmd` enter the named namespace (only the network namespace) between fork and exec. The namespace file
-/// stays open as long as `cmd` does (the closure owns it) and is closed on exec in the child (CLOEXEC).
-pub fn enter_on_exec(cmd: &mut Command, name: &str) {
-    use std::os::{fd::AsRawFd, unix::process::CommandExt};
-    let path = format!("/var/run/netns/{name}");
-    let file = std::sync::Arc::new(File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}")));
-    // SAFETY: setns(2) is async-signal-safe and only touches the child.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
+pub use chaos_test_support::netns::enter_on_exec;
 
 /// A TCP forwarder from a port on the namespace's loopback to an address in the test's own namespace (e.g. the
 /// harness's ZooKeeper), so processes in the namespace can reach it. Stops on drop.

@@ -519,8 +519,7 @@ impl GuestRun {
 
     /// The last `lines` lines of the console (and qemu's stderr, if any).
     pub fn console_tail(&self, lines: usize) -> String {
-        let all: Vec<&str> = self.console.lines().collect();
-        let mut tail = all[all.len().saturating_sub(lines)..].join("\n");
+        let mut tail = chaos_test_support::process::tail_of(&self.console, lines);
         if !self.qemu_stderr.trim().is_empty() {
             let _ = write!(tail, "\n--- qemu stderr ---\n{}", self.qemu_stderr.trim_end());
         }

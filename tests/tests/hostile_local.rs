@@ -9,9 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chaos_agent::faults::process::proc_info;
+use chaos_test_support::{eventually, free_port};
 use chaos_tests::{
-    agent::{AgentOptions, AgentProcess, EchoProcess, free_port},
+    agent::{AgentOptions, AgentProcess, EchoProcess},
     hostile::{LocalUser, show},
     netns::Netns,
 };
@@ -27,7 +27,7 @@ fn agent(ns: &Netns) -> AgentProcess {
 }
 
 fn state(pid: i32) -> char {
-    proc_info(pid).map_or('?', |p| p.state)
+    chaos_test_support::proc_stat::state(pid).unwrap_or('?')
 }
 
 #[test]
@@ -103,16 +103,21 @@ fn idle_connections_do_not_keep_a_paused_process_stopped() {
     let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.pid())).map_or(0, |d| d.count());
     println!("{} connections open; the agent holds {fds} descriptors", conns.len());
     // The pause ends on time although the connections are still open.
-    let deadline = Instant::now() + Duration::from_secs(8);
-    while state(victim.pid()) == 'T' && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let resumed =
+        eventually("the paused process to resume", Duration::from_secs(8), Duration::from_millis(100), || {
+            state(victim.pid()) != 'T'
+        });
     let st = state(victim.pid());
     if st == 'T' {
         // SAFETY: our own child; resume it so cleanup is clean.
         unsafe { libc::kill(victim.pid(), libc::SIGCONT) };
     }
-    assert_ne!(st, 'T', "the paused process stayed stopped after its lifetime; agent log:\n{}", agent.log_tail(20));
+    assert_ne!(
+        st,
+        'T',
+        "the paused process stayed stopped after its lifetime ({resumed:?}); agent log:\n{}",
+        agent.log_tail(20)
+    );
     // And the agent still answers.
     assert!(agent.call("status", json!({})).is_ok(), "the agent stopped answering; log:\n{}", agent.log_tail(20));
     drop(conns);
@@ -249,17 +254,9 @@ impl RawPeer {
         let id = wire::new_id();
         let frames =
             wire::frames(&id, Kind::Req, "Chaos.status", &Headers::default(), value::encode(&Value::Map(vec![])));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let parts = std::iter::once(agent.as_bytes().to_vec()).chain(frames.iter().cloned());
-            match self.send.send_multipart(parts, zmq::DONTWAIT) {
-                Ok(()) => return id,
-                Err(zmq::Error::EHOSTUNREACH | zmq::Error::EAGAIN) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                Err(e) => panic!("send: {e}"),
-            }
-        }
+        let sent = chaos_tests::raw_peer::send_routed(&self.send, agent.as_bytes(), &frames, Duration::from_secs(5));
+        assert!(sent.unwrap_or_else(|e| panic!("send: {e}")), "send: the agent stayed unroutable for 5 s");
+        id
     }
 
     /// The request ids of the replies that reach this peer within `wait`.

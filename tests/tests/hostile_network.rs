@@ -5,8 +5,9 @@
 //! is a validation error, given before the agent needs netem (which the host kernel here lacks; the VM tier runs
 //! netem).
 
+use chaos_test_support::free_port;
 use chaos_tests::{
-    agent::{AgentOptions, AgentProcess, EchoProcess, UdpProcess, free_port},
+    agent::{AgentOptions, AgentProcess, EchoProcess, UdpProcess},
     netns::Netns,
 };
 use serde_json::json;

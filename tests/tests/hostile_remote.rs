@@ -93,16 +93,10 @@ fn raw_call(
     let id = wire::new_id();
     let frames = [id.as_bytes().to_vec(), Kind::Req.as_bytes().to_vec(), subject.as_bytes().to_vec(), headers, body];
     let deadline = Instant::now() + timeout;
-    loop {
-        let parts = std::iter::once(peer_id.as_bytes().to_vec()).chain(frames.iter().cloned());
-        match send.send_multipart(parts, zmq::DONTWAIT) {
-            Ok(()) => break,
-            Err(zmq::Error::EHOSTUNREACH | zmq::Error::EAGAIN) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(zmq::Error::EHOSTUNREACH | zmq::Error::EAGAIN) => return None,
-            Err(e) => panic!("send: {e}"),
-        }
+    if !chaos_tests::raw_peer::send_routed(&send, peer_id.as_bytes(), &frames, timeout)
+        .unwrap_or_else(|e| panic!("send: {e}"))
+    {
+        return None;
     }
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

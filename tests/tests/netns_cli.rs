@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use chaos_test_support::{eventually, proc_stat::alive};
 use chaos_tests::{
     agent::{AgentOptions, AgentProcess, EchoProcess, agent_bin},
     netns::Netns,
@@ -13,10 +14,6 @@ use serde_json::{Value as Json, json};
 fn agent(ns: &Netns) -> AgentProcess {
     let yaml = format!("faults: {{allowed_processes: [\"{}\"], terminate_grace: 1}}\n", EchoProcess::MARKER);
     AgentProcess::start(Some(ns), AgentOptions { config_yaml: yaml, ..Default::default() }).expect("agent")
-}
-
-fn alive(pid: i32) -> bool {
-    chaos_agent::faults::process::proc_info(pid).is_some_and(|p| p.state != 'Z')
 }
 
 #[test]
@@ -122,22 +119,19 @@ fn terminate_sends_sigterm_then_sigkill_and_revert_is_idempotent() {
     // python's default SIGTERM handler exits at once.
     let r = agent.ok("terminate", json!({"pid": echo.pid()}));
     assert!(r["message"].as_str().unwrap().contains("SIGTERM"), "{r}");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while alive(echo.pid()) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(!alive(echo.pid()), "terminate left the process running");
+    eventually("the process to exit", Duration::from_secs(3), Duration::from_millis(20), || !alive(echo.pid()))
+        .unwrap_or_else(|e| panic!("terminate left the process running: {e}"));
 
     // A process that ignores SIGTERM is killed after the grace period.
     let stubborn = EchoProcess::start(&ns, 7712);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(stubborn.pid()), nix::sys::signal::Signal::SIGSTOP).unwrap();
     let started = Instant::now();
     agent.ok("terminate", json!({"pid": stubborn.pid()}));
-    while alive(stubborn.pid()) && started.elapsed() < Duration::from_secs(4) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually("the stopped process to die", Duration::from_secs(4), Duration::from_millis(20), || {
+        !alive(stubborn.pid())
+    })
+    .unwrap_or_else(|e| panic!("a process ignoring SIGTERM survived: {e}"));
     let took = started.elapsed();
-    assert!(!alive(stubborn.pid()), "a process ignoring SIGTERM survived");
     assert!(took >= Duration::from_millis(900), "SIGKILL came before the 1 s grace: {took:?}");
 
     // Revert twice: the second call reports the fault as already ended.

@@ -8,7 +8,7 @@ use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
     process::Output,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use chaos_tests::{agent::agent_bin, netns::Netns};
@@ -86,15 +86,16 @@ fn serial_install_starts_an_agent_that_answers_status_and_uninstall_leaves_nothi
                 .unwrap(),
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        let out = run(&ns, installed, &["--json", "status"]);
-        if out.status.success() {
-            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
-        }
-        assert!(Instant::now() < deadline, "the installed agent never answered `lymph-chaos status`");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = chaos_test_support::eventually(
+        "the installed agent to answer `lymph-chaos status`",
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || {
+            let out = run(&ns, installed, &["--json", "status"]);
+            out.status.success().then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap())
+        },
+    )
+    .unwrap();
     assert_eq!(status["agent"], "lymph-chaos");
     assert_eq!(status["endpoint"], "tcp://127.0.0.1:4575");
     let pid = status["pid"].as_i64().unwrap() as i32;

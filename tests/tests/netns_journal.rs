@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use chaos_test_support::{eventually, proc_stat};
 use chaos_tests::{
     agent::{AgentOptions, AgentProcess, EchoProcess},
     netns::Netns,
@@ -15,7 +16,7 @@ fn config() -> String {
 }
 
 fn state_of(pid: i32) -> Option<char> {
-    chaos_agent::faults::process::proc_info(pid).map(|p| p.state)
+    proc_stat::state(pid)
 }
 
 fn answers(ns: &Netns, port: u16) -> bool {
@@ -108,10 +109,13 @@ fn without_a_restart_the_guardian_ends_the_faults_on_time_and_removes_our_object
     assert_eq!(state_of(paused.pid()), Some('T'));
     assert!(!our_objects(&ns).is_empty());
     // Until the lifetime ends the faults stay; then the guardian (and the kernel, for the rule) end them.
-    let deadline = applied + Duration::from_secs(6);
-    while Instant::now() < deadline && (state_of(paused.pid()) == Some('T') || !our_objects(&ns).is_empty()) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // Whether it happened in time is asserted below, with what is left.
+    let _ = eventually(
+        "the pause to end and our objects to be removed",
+        (applied + Duration::from_secs(6)).saturating_duration_since(Instant::now()),
+        Duration::from_millis(100),
+        || state_of(paused.pid()) != Some('T') && our_objects(&ns).is_empty(),
+    );
     let took = applied.elapsed();
     println!("guardian: pause resumed and objects removed {took:?} after a 2 s fault");
     assert!(took >= Duration::from_millis(1900), "ended early: {took:?}");

@@ -13,11 +13,12 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use chaos_test_support::{eventually, free_port};
 use chaos_tests::{
-    agent::{AgentOptions, AgentProcess, EchoProcess, free_port},
+    agent::{AgentOptions, AgentProcess, EchoProcess},
     netns::Netns,
 };
 use serde_json::json;
@@ -223,15 +224,14 @@ fn scrape(ns: &Netns, port: u16) -> Exposition {
 
 /// Scrapes until `pred` holds (counters are updated right after the reply is sent, so poll briefly).
 fn scrape_until(ns: &Netns, port: u16, what: &str, pred: impl Fn(&Exposition) -> bool) -> Exposition {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let mut last = None;
+    eventually(what, Duration::from_secs(10), Duration::from_millis(100), || {
         let e = scrape(ns, port);
-        if pred(&e) {
-            return e;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within 10 s; last scrape: {:#?}", e.samples);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        let held = pred(&e);
+        last = Some(e);
+        held.then(|| last.take()).flatten()
+    })
+    .unwrap_or_else(|err| panic!("{err}; last scrape: {:#?}", last.map(|e| e.samples)))
 }
 
 #[test]
@@ -283,20 +283,20 @@ fn metrics_follow_faults_packets_drops_events_and_rpc_calls() {
     let traffic = {
         let (stop, attempts) = (stop.clone(), attempts.clone());
         let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let path = format!("/var/run/netns/{}", ns.name());
+        let name = ns.name().to_owned();
         std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                attempts.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
-                    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-                    let _ = s.write_all(b"ping");
-                    let mut buf = [0u8; 4];
-                    let _ = s.read_exact(&mut buf);
+            chaos_test_support::netns::run_in(&name, || {
+                while !stop.load(Ordering::Relaxed) {
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
+                        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                        let _ = s.write_all(b"ping");
+                        let mut buf = [0u8; 4];
+                        let _ = s.read_exact(&mut buf);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            })
         })
     };
 

@@ -469,15 +469,10 @@ fn an_expired_fault_is_removed_from_the_kernel_and_recorded() {
     let fault = agent.ok("inject", json!({"kind": "rate", "port": 7901, "rate": "1mbit", "lifetime": 1}));
     assert!(ns.tc(&["class", "show", "dev", "lchaos0"]).contains("c4a0:"), "no IFB class for the rate fault");
     assert_eq!(agent.ok("status", json!({}))["network"]["rules"], 2);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let expired = agent.events().into_iter().any(|e| e["action"] == "expired" && e["fault"] == fault["id"]);
-        if expired {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no expiry recorded; events: {:?}", agent.events());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    chaos_test_support::eventually("an expiry event", Duration::from_secs(5), Duration::from_millis(100), || {
+        agent.events().into_iter().any(|e| e["action"] == "expired" && e["fault"] == fault["id"])
+    })
+    .unwrap_or_else(|e| panic!("{e}; events: {:?}", agent.events()));
     assert!(agent.ok("faults", json!({})).as_array().unwrap().is_empty());
     assert_eq!(agent.ok("status", json!({}))["network"]["rules"], 0, "rules left in the map after expiry");
     let classes = ns.tc(&["class", "show", "dev", "lchaos0"]);

@@ -24,7 +24,7 @@ struct RawPeer {
 impl RawPeer {
     fn new(agent: &str) -> RawPeer {
         let ctx = zmq::Context::new();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = chaos_test_support::free_port();
         let me = format!("tcp://127.0.0.1:{port}");
         let recv = ctx.socket(zmq::ROUTER).unwrap();
         recv.set_identity(me.as_bytes()).unwrap();
@@ -39,17 +39,9 @@ impl RawPeer {
     }
 
     fn send(&self, frames: Vec<Vec<u8>>) {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        loop {
-            let parts = std::iter::once(self.agent.as_bytes().to_vec()).chain(frames.iter().cloned());
-            match self.send.send_multipart(parts, 0) {
-                Ok(()) => return,
-                Err(zmq::Error::EHOSTUNREACH) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Err(e) => panic!("send: {e}"),
-            }
-        }
+        let sent =
+            chaos_tests::raw_peer::send_routed(&self.send, self.agent.as_bytes(), &frames, Duration::from_secs(3));
+        assert!(sent.unwrap_or_else(|e| panic!("send: {e}")), "send: the agent stayed unroutable for 3 s");
     }
 
     /// The reply to request `id` (pings from the agent are skipped), or None after `timeout`.

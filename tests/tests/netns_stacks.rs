@@ -21,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use chaos_test_support::eventually;
 use chaos_tests::{
     agent::{AgentOptions, AgentProcess, UdpProcess},
     netns::Netns,
@@ -251,10 +252,10 @@ fn traffic_forwarded_to_another_machines_port_is_untouched_by_a_fault_on_the_loc
     // … and never touches what the router forwards to the same port of another machine (after a first exchange
     // in each family, so neighbour discovery is done before counting).
     for target in [format!("10.65.0.2:{}", port + 10), format!("[fd00:65::2]:{}", port + 10)] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while udp_run(&far, addr(&target), &cli, 5).received < 5 {
-            assert!(Instant::now() < deadline, "no path from cli to {target} at all");
-        }
+        eventually(format_args!("a path from cli to {target}"), Duration::from_secs(10), Duration::ZERO, || {
+            udp_run(&far, addr(&target), &cli, 5).received >= 5
+        })
+        .unwrap();
     }
     for target in [format!("10.65.0.2:{port}"), format!("[fd00:65::2]:{port}")] {
         let run = udp_run(&far, addr(&target), &cli, 500);
@@ -314,35 +315,34 @@ fn a_thousand_interfaces_that_come_and_go_leave_nothing_behind_and_the_next_one_
     assert!(out.status.success(), "ip -batch: {}", String::from_utf8_lossy(&out.stderr));
     // The next interface: a veth to a client, created after the churn; its traffic must be counted.
     srv.veth_to(&cli, 66).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let covered = loop {
-        let filters = String::from_utf8_lossy(&srv.exec("tc", &["filter", "show", "dev", "veth0", "ingress"]).stdout)
-            .into_owned();
-        if filters.contains("lymph-chaos") {
-            break true;
-        }
-        if Instant::now() > deadline {
-            break false;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
-    assert!(covered, "the classifier never attached to an interface created after the churn");
+    eventually(
+        "the classifier to attach to an interface created after the churn",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            String::from_utf8_lossy(&srv.exec("tc", &["filter", "show", "dev", "veth0", "ingress"]).stdout)
+                .contains("lymph-chaos")
+        },
+    )
+    .unwrap();
     let run = udp_run(&srv, addr(&format!("10.66.0.1:{port}")), &cli, 300);
     assert_eq!(run.received, run.sent);
     assert_eq!(counters(&agent, &id).0, 300, "traffic on the new interface was not counted exactly once");
     // Nothing of the 1,000 left: the interface map holds only interfaces that exist.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let entries = iface_map_entries(&agent.pin_dir);
-        let links = link_indexes(&srv);
-        let stale: Vec<u32> = entries.iter().copied().filter(|i| !links.contains(i)).collect();
-        if stale.is_empty() {
-            assert!(entries.len() <= links.len(), "{entries:?} vs links {links:?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "{} interface map entries of deleted interfaces: {stale:?}", stale.len());
-        thread::sleep(Duration::from_millis(200));
-    }
+    let mut stale: Vec<u32> = Vec::new();
+    let (entries, links) = eventually(
+        "the interface map to hold only interfaces that exist",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let entries = iface_map_entries(&agent.pin_dir);
+            let links = link_indexes(&srv);
+            stale = entries.iter().copied().filter(|i| !links.contains(i)).collect();
+            stale.is_empty().then_some((entries, links))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {} entries of deleted interfaces: {stale:?}", stale.len()));
+    assert!(entries.len() <= links.len(), "{entries:?} vs links {links:?}");
     let status = agent.ok("status", json!({}));
     eprintln!("status network: {}", status["network"]);
 }

@@ -12,11 +12,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use chaos_agent::{
     rpc::{ClientError, client::Client},
     scenario::Scenario,
 };
+use chaos_test_support::{eventually, proc_stat::ProcStat};
 use chaos_tests::{
     agent::{AgentOptions, AgentProcess},
     lymph::{self, Instance, LymphConfig, Supervised},
@@ -34,29 +35,25 @@ fn start_agent(netns: Option<&Netns>, config: &LymphConfig, yaml: &str, network:
         netns,
         AgentOptions { zookeeper: Some(config.zk_hosts()), config_yaml: yaml.to_owned(), args, ..Default::default() },
     )?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !lymph::discover(config)?.contains_key("Chaos") {
-        ensure!(Instant::now() < deadline, "agent not registered; log:\n{}", agent.log_tail(30));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually("the agent to register as Chaos", Duration::from_secs(10), Duration::from_millis(100), || {
+        lymph::discover(config).map(|services| services.contains_key("Chaos"))
+    })
+    .map_err(|e| anyhow!("{e}; log:\n{}", agent.log_tail(30)))?;
     Ok(agent)
 }
 
 fn wait_local(agent: &AgentProcess, pid: u32, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = agent.ok("list_services", json!({}));
-        if s["Echo"].as_array().is_some_and(|l| l.iter().any(|i| i["local"] == true && i["pid"] == pid)) {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "the agent never saw Echo pid {pid} as local: {s}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut s = Json::Null;
+    eventually(format_args!("the agent to see Echo pid {pid} as local"), timeout, Duration::from_millis(50), || {
+        s = agent.ok("list_services", json!({}));
+        s["Echo"].as_array().is_some_and(|l| l.iter().any(|i| i["local"] == true && i["pid"] == pid))
+    })
+    .map_err(|e| anyhow!("{e}: {s}"))
 }
 
 /// Whether a process has exited (gone, or a zombie waiting for its parent).
 fn exited(pid: u32) -> bool {
-    chaos_agent::faults::process::proc_info(pid as i32).is_none_or(|p| p.state == 'Z' || p.state == 'X')
+    ProcStat::read(pid as i32).is_none_or(|p| p.state == 'Z' || p.state == 'X')
 }
 
 fn kill_events(agent: &AgentProcess) -> Vec<Json> {
@@ -189,7 +186,7 @@ fn pause_stops_echo_answering_and_it_answers_again_after_the_lifetime_on_its_own
             .await?
             .to_json();
         ensure!(reply["state"] == "active" && reply["pids"] == json!([echo.pid()]), "{reply}");
-        let state = chaos_agent::faults::process::proc_info(echo.pid() as i32).map(|p| p.state);
+        let state = chaos_test_support::proc_stat::state(echo.pid() as i32);
         ensure!(state == Some('T'), "Echo is not stopped: {state:?}");
         ensure!(
             matches!(upper(Duration::from_millis(700)).await, Err(ClientError::Timeout { .. })),
@@ -291,15 +288,12 @@ unleash:
     - {kind: kill, params: {signal: SIGTERM, count: 2}}
 "#;
     let agent = start_agent(None, &config, yaml, false)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while agent.ok("list_services", json!({}))["Echo"]
-        .as_array()
-        .map_or(0, |l| l.iter().filter(|i| i["local"] == true).count())
-        < 3
-    {
-        ensure!(Instant::now() < deadline, "the agent does not see 3 local Echo instances");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually("the agent to see 3 local Echo instances", Duration::from_secs(10), Duration::from_millis(50), || {
+        agent.ok("list_services", json!({}))["Echo"]
+            .as_array()
+            .map_or(0, |l| l.iter().filter(|i| i["local"] == true).count())
+            >= 3
+    })?;
     let run = |seed: u64| -> Result<Vec<Choice>> {
         let since = agent.ok("status", json!({}))["last_event"].as_u64().unwrap_or(0);
         let state = agent.ok("unleash", json!({"seed": seed, "mean_interval": 0.03, "min_gap": 0.01, "dry_run": true}));
@@ -378,17 +372,22 @@ fn a_network_fault_on_a_service_follows_a_restarted_instance_to_its_new_port() -
     unsafe { libc::kill(first.pid as i32, libc::SIGKILL) };
     let second = echo.wait_for_restart(first.pid, Duration::from_secs(10))?;
     wait_local(&agent, second, Duration::from_secs(10))?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let moved = loop {
-        let faults = agent.ok("faults", json!({}));
-        let f =
-            faults.as_array().and_then(|l| l.iter().find(|f| f["id"] == fault["id"])).cloned().context("fault gone")?;
-        if f["ports"] != json!([old_port]) {
-            break f;
-        }
-        ensure!(Instant::now() < deadline, "the fault stayed on the dead instance's port {old_port}: {f}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut f = Json::Null;
+    let moved = eventually(
+        format_args!("the fault to leave the dead instance's port {old_port}"),
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || -> Result<Option<Json>> {
+            let faults = agent.ok("faults", json!({}));
+            f = faults
+                .as_array()
+                .and_then(|l| l.iter().find(|f| f["id"] == fault["id"]))
+                .cloned()
+                .context("fault gone")?;
+            Ok((f["ports"] != json!([old_port])).then(|| f.clone()))
+        },
+    )
+    .map_err(|e| anyhow!("{e}: {f}"))?;
     ensure!(moved["pids"] == json!([second]), "{moved}");
     let new_port = moved["ports"][0].as_u64().context("new port")?;
     // The rule is on the new port: a call to Echo is counted.

@@ -14,7 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use chaos_test_support::{eventually, now_unix, process::wait_timeout};
 use chaos_tests::{
     agent::{AgentOptions, AgentProcess, agent_bin},
     lymph::{self, LymphConfig, Supervised},
@@ -38,18 +39,21 @@ fn with_echo_and_agent(
     let echo = ns.run(|| Supervised::start(&config))?;
     let agent =
         AgentProcess::start(Some(&ns), AgentOptions { zookeeper: Some(config.zk_hosts()), ..Default::default() })?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = agent.ok("status", json!({}));
-        let services = agent.ok("list_services", json!({}));
-        let local =
-            services["Echo"].as_array().is_some_and(|l| l.iter().any(|i| i["local"] == true && i["pid"] == echo.pid()));
-        if status["zookeeper"]["registered"].is_string() && local {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "agent not ready: {status} {services}\n{}", agent.log_tail(30));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (mut status, mut services) = (Json::Null, Json::Null);
+    eventually(
+        "the agent to register and see the local Echo",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            status = agent.ok("status", json!({}));
+            services = agent.ok("list_services", json!({}));
+            let local = services["Echo"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|i| i["local"] == true && i["pid"] == echo.pid()));
+            status["zookeeper"]["registered"].is_string() && local
+        },
+    )
+    .map_err(|e| anyhow!("{e}: {status} {services}\n{}", agent.log_tail(30)))?;
     let dir = tempfile::Builder::new().prefix("zk-experiment-").tempdir()?;
     let result = f(&ns, &config, &agent, dir.path());
     if result.is_err() {
@@ -90,17 +94,10 @@ impl Run {
 }
 
 fn wait(mut child: Child, dir: &Path) -> Result<Run> {
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if started.elapsed() > RUN_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("lymph-chaos run did not finish within {RUN_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(status) = wait_timeout(&mut child, RUN_TIMEOUT)? else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("lymph-chaos run did not finish within {RUN_TIMEOUT:?}");
     };
     let report =
         std::fs::read(dir.join("report").join("report.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
@@ -291,17 +288,13 @@ method:
 "#;
         let child = run_command(ns, config, dir, yaml)?.spawn()?;
         let pid = child.id() as i32;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let id = loop {
-            let faults = agent.ok("faults", json!({}));
-            if let Some(f) = faults.as_array().and_then(|l| l.iter().find(|f| f["kind"] == "blackhole")) {
-                break f["id"].clone();
-            }
-            ensure!(Instant::now() < deadline, "the blackhole never became active");
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let id =
+            eventually("the blackhole to become active", Duration::from_secs(30), Duration::from_millis(100), || {
+                let faults = agent.ok("faults", json!({}));
+                faults.as_array().and_then(|l| l.iter().find(|f| f["kind"] == "blackhole")).map(|f| f["id"].clone())
+            })?;
         std::thread::sleep(Duration::from_millis(500));
-        let interrupted = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+        let interrupted = now_unix();
         // SAFETY: signalling the child this test started and has not reaped.
         unsafe { libc::kill(pid, libc::SIGINT) };
         let r = wait(child, dir)?;

@@ -6,29 +6,32 @@
 //! registration, still in ZooKeeper after the instance died, whose port a web server holds now.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
+use chaos_test_support::{eventually, free_port, process::ChildGuard};
 use chaos_tests::{
-    agent::{AgentOptions, AgentProcess, free_port},
+    agent::{AgentOptions, AgentProcess},
     hostile::show,
-    lymph::{self, Instance, LymphConfig},
+    lymph::{Instance, LymphConfig},
 };
 use serde_json::json;
 
-struct WebServer(Child);
-
-impl Drop for WebServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `python3 -m http.server` (killed on drop).
+fn web_server(port: u16) -> Result<ChildGuard> {
+    let child = Command::new("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("python3 -m http.server")?;
+    Ok(ChildGuard::new(child))
 }
 
-fn alive(child: &mut Child) -> bool {
-    matches!(child.try_wait(), Ok(None))
+fn alive(web: &mut ChildGuard) -> bool {
+    web.exited().is_none()
 }
 
 #[test]
@@ -36,32 +39,16 @@ fn alive(child: &mut Child) -> bool {
 fn a_fake_registry_entry_on_a_web_servers_port_does_not_make_it_a_target() -> Result<()> {
     let config = LymphConfig::for_test("hostile-registry")?;
     let port = free_port();
-    let mut web = WebServer(
-        Command::new("python3")
-            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("python3 -m http.server")?,
-    );
-    let web_pid = web.0.id();
-    let agent = AgentProcess::start(
-        None,
-        AgentOptions {
-            zookeeper: Some(config.zk_hosts()),
-            args: vec!["--no-network-control".into()],
-            ..Default::default()
-        },
-    )?;
+    let mut web = web_server(port)?;
+    let web_pid = web.pid() as u32;
+    let agent = AgentProcess::start(None, AgentOptions::in_zookeeper(config.zk_hosts()))?;
+    // One 10 s budget for the three waits.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !lymph::discover(&config)?.contains_key("Chaos") {
-        ensure!(Instant::now() < deadline, "agent not registered; log:\n{}", agent.log_tail(30));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        ensure!(Instant::now() < deadline, "the web server never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let left = || deadline.saturating_duration_since(Instant::now());
+    agent.wait_registered(&config, left())?;
+    eventually("the web server to listen", left(), Duration::from_millis(50), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })?;
 
     // The attacker's raw ZooKeeper write: a `Fake` instance whose endpoint is the web server's port.
     let hostname = nix::unistd::gethostname()?.into_string().unwrap_or_default();
@@ -80,21 +67,19 @@ fn a_fake_registry_entry_on_a_web_servers_port_does_not_make_it_a_target() -> Re
         anyhow::Ok(())
     })?;
     // The agent sees it as a local instance with the web server's pid.
-    loop {
-        let s = agent.ok("list_services", json!({}));
-        if s["Fake"].as_array().is_some_and(|l| l.iter().any(|i| i["local"] == true && i["pid"] == web_pid)) {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "the agent never resolved the fake entry to the web server: {s}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut s = serde_json::Value::Null;
+    eventually("the agent to resolve the fake entry to the web server", left(), Duration::from_millis(100), || {
+        s = agent.ok("list_services", json!({}));
+        s["Fake"].as_array().is_some_and(|l| l.iter().any(|i| i["local"] == true && i["pid"] == web_pid))
+    })
+    .map_err(|e| anyhow!("{e}: {s}"))?;
 
     let by_service = agent.cli(&["kill", "Fake", "--all"]);
     std::thread::sleep(Duration::from_millis(300));
-    ensure!(alive(&mut web.0), "the web server was killed through a fake registry entry: {}", show(&by_service));
+    ensure!(alive(&mut web), "the web server was killed through a fake registry entry: {}", show(&by_service));
     let by_pid = agent.cli(&["kill", "--pid", &web_pid.to_string()]);
     std::thread::sleep(Duration::from_millis(300));
-    ensure!(alive(&mut web.0), "the web server was killed by pid after the fake entry: {}", show(&by_pid));
+    ensure!(alive(&mut web), "the web server was killed by pid after the fake entry: {}", show(&by_pid));
     ensure!(!by_service.status.success() && !by_pid.status.success(), "{}\n{}", show(&by_service), show(&by_pid));
     let refused = agent.events().into_iter().filter(|e| e["action"] == "refused" && e["kind"] == "kill").count();
     ensure!(refused == 2, "expected 2 recorded refusals, got {refused}: {:?}", agent.events());
@@ -105,28 +90,20 @@ fn a_fake_registry_entry_on_a_web_servers_port_does_not_make_it_a_target() -> Re
 #[ignore = "needs root and the harness's ZooKeeper: run by cargo xtask test"]
 fn a_stale_registry_entry_whose_port_a_web_server_took_does_not_make_it_a_target() -> Result<()> {
     let config = LymphConfig::for_test("hostile-stale")?;
-    let agent = AgentProcess::start(
-        None,
-        AgentOptions {
-            zookeeper: Some(config.zk_hosts()),
-            args: vec!["--no-network-control".into()],
-            ..Default::default()
-        },
-    )?;
+    let agent = AgentProcess::start(None, AgentOptions::in_zookeeper(config.zk_hosts()))?;
     let instance = Instance::start(&config)?;
     let (lymph_pid, identity) = (instance.pid(), instance.identity().to_owned());
     let port: u16 = instance.endpoint().rsplit(':').next().unwrap_or_default().parse()?;
-    let deadline = Instant::now() + Duration::from_secs(15);
     let echo_pids = |agent: &AgentProcess| -> Vec<u64> {
         let s = agent.ok("list_services", json!({}));
         s["Echo"]
             .as_array()
             .map_or(Vec::new(), |l| l.iter().filter(|i| i["local"] == true).filter_map(|i| i["pid"].as_u64()).collect())
     };
-    while !echo_pids(&agent).contains(&u64::from(lymph_pid)) {
-        ensure!(Instant::now() < deadline, "the agent never saw the lymph instance; log:\n{}", agent.log_tail(30));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually("the agent to see the lymph instance", Duration::from_secs(15), Duration::from_millis(100), || {
+        echo_pids(&agent).contains(&u64::from(lymph_pid))
+    })
+    .map_err(|e| anyhow!("{e}; log:\n{}", agent.log_tail(30)))?;
     // Its registration as ZooKeeper holds it.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let zkc = rt.block_on(zookeeper_client::Client::connect(&config.zk_hosts()))?;
@@ -149,32 +126,25 @@ fn a_stale_registry_entry_whose_port_a_web_server_took_does_not_make_it_a_target
         zkc.create("/services/Echo/stale", &registration, &opts).await?;
         anyhow::Ok(())
     })?;
-    let mut web = WebServer(
-        Command::new("python3")
-            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("python3 -m http.server")?,
-    );
-    let web_pid = web.0.id();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !echo_pids(&agent).contains(&u64::from(web_pid)) {
-        ensure!(alive(&mut web.0), "the web server could not take port {port}");
-        ensure!(
-            Instant::now() < deadline,
-            "the agent never resolved the stale entry to the web server: {:?}",
-            agent.ok("list_services", json!({}))
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut web = web_server(port)?;
+    let web_pid = web.pid() as u32;
+    eventually(
+        "the agent to resolve the stale entry to the web server",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || -> Result<bool> {
+            ensure!(alive(&mut web), "the web server could not take port {port}");
+            Ok(echo_pids(&agent).contains(&u64::from(web_pid)))
+        },
+    )
+    .map_err(|e| anyhow!("{e}: {:?}", agent.ok("list_services", json!({}))))?;
 
     let by_service = agent.cli(&["kill", "Echo", "--all"]);
     std::thread::sleep(Duration::from_millis(300));
-    ensure!(alive(&mut web.0), "the web server was killed through a stale registry entry: {}", show(&by_service));
+    ensure!(alive(&mut web), "the web server was killed through a stale registry entry: {}", show(&by_service));
     let by_instance = agent.cli(&["kill", "--instance", &identity]);
     std::thread::sleep(Duration::from_millis(300));
-    ensure!(alive(&mut web.0), "the web server was killed as the dead instance: {}", show(&by_instance));
+    ensure!(alive(&mut web), "the web server was killed as the dead instance: {}", show(&by_instance));
     ensure!(
         !by_service.status.success() && !by_instance.status.success(),
         "{}\n{}",

@@ -6,46 +6,30 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use chaos_agent::rpc::{ClientError, client::Client};
+use chaos_test_support::{eventually, free_port};
 use chaos_tests::{
-    agent::{AgentOptions, AgentProcess, free_port},
+    agent::{AgentOptions, AgentProcess},
     lymph::{self, Instance, LymphConfig, Supervised},
 };
 use serde_json::{Value as Json, json};
 
 /// An agent on `config`'s ZooKeeper chroot, returned once ZooKeeper lists it.
 fn agent_for(config: &LymphConfig) -> Result<AgentProcess> {
-    let agent = AgentProcess::start(
-        None,
-        AgentOptions {
-            zookeeper: Some(config.zk_hosts()),
-            args: vec!["--no-network-control".into()],
-            ..Default::default()
-        },
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !lymph::discover(config)?
-        .get("Chaos")
-        .is_some_and(|c| c.iter().any(|i| i["endpoint"] == agent.endpoint.as_str()))
-    {
-        ensure!(Instant::now() < deadline, "the agent never registered in ZooKeeper; log:\n{}", agent.log_tail(30));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let agent = AgentProcess::start(None, AgentOptions::in_zookeeper(config.zk_hosts()))?;
+    agent.wait_registered(config, Duration::from_secs(10))?;
     Ok(agent)
 }
 
 /// Polls `Chaos.list_services` until `pred` holds (bounded).
 fn wait_services(agent: &AgentProcess, timeout: Duration, pred: impl Fn(&Json) -> bool) -> Result<Json> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let services = agent.ok("list_services", json!({}));
-        if pred(&services) {
-            return Ok(services);
-        }
-        ensure!(Instant::now() < deadline, "condition not met within {timeout:?}; list_services = {services}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut services = Json::Null;
+    eventually("list_services to meet the condition", timeout, Duration::from_millis(50), || {
+        services = agent.ok("list_services", json!({}));
+        pred(&services).then(|| services.clone())
+    })
+    .map_err(|e| anyhow!("{e}; list_services = {services}"))
 }
 
 fn local_echo(services: &Json, pid: u32) -> bool {
@@ -207,10 +191,7 @@ fn standalone_until_zookeeper_appears_then_registers_and_re_registers_and_leaves
     // The agent's ZooKeeper address has nothing behind it yet.
     let port = free_port();
     let hosts = format!("127.0.0.1:{port}{}", config.chroot());
-    let mut agent = AgentProcess::start(
-        None,
-        AgentOptions { zookeeper: Some(hosts), args: vec!["--no-network-control".into()], ..Default::default() },
-    )?;
+    let mut agent = AgentProcess::start(None, AgentOptions::in_zookeeper(hosts))?;
     // Standalone: the local Echo is found from its process title and asked what it serves.
     let services = wait_services(&agent, Duration::from_secs(10), |s| local_echo(s, echo.pid()))?;
     ensure!(services["Echo"][0]["source"] == "local", "{services}");
@@ -228,17 +209,12 @@ fn standalone_until_zookeeper_appears_then_registers_and_re_registers_and_leaves
             .get("Chaos")
             .and_then(|c| c.iter().find(|i| i["endpoint"] == endpoint.as_str()).cloned()))
     };
-    let node = loop {
-        if let Some(node) = registered(&config)? {
-            break node;
-        }
-        ensure!(
-            appeared.elapsed() < Duration::from_secs(20),
-            "not registered {:?} after ZooKeeper appeared",
-            appeared.elapsed()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let node = eventually(
+        "registered after ZooKeeper appeared",
+        Duration::from_secs(20).saturating_sub(appeared.elapsed()),
+        Duration::from_millis(200),
+        || registered(&config),
+    )?;
     println!("registered {:?} after ZooKeeper appeared", appeared.elapsed());
     let services = wait_services(&agent, Duration::from_secs(10), |s| s["Echo"][0]["source"] == "zookeeper")?;
     ensure!(local_echo(&services, echo.pid()), "{services}");
@@ -253,10 +229,12 @@ fn standalone_until_zookeeper_appears_then_registers_and_re_registers_and_leaves
     })?;
     let deleted = Instant::now();
     ensure!(registered(&config)?.is_none(), "node still there after delete");
-    while registered(&config)?.is_none() {
-        ensure!(deleted.elapsed() < Duration::from_secs(15), "not re-registered after its node vanished");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually(
+        "re-registered after its node vanished",
+        Duration::from_secs(15).saturating_sub(deleted.elapsed()),
+        Duration::from_millis(200),
+        || registered(&config).map(|node| node.is_some()),
+    )?;
     println!("re-registered {:?} after its node vanished", deleted.elapsed());
 
     // A clean shutdown removes the node at once (not after the session timeout).

@@ -14,15 +14,19 @@
 //! the agent cleanly (SIGTERM) and it leaves ZooKeeper.
 
 use std::{
-    os::unix::process::CommandExt,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use chaos_agent::rpc::client::Client;
+use chaos_test_support::{
+    eventually, free_port,
+    proc_stat::{self, ProcStat},
+    process::{DieWithParent, terminate, wait_timeout},
+};
 use chaos_tests::{
-    agent::{agent_bin, free_port},
+    agent::agent_bin,
     lymph::{self, LymphConfig},
     zk,
 };
@@ -56,14 +60,8 @@ impl Node {
             .args(["node", &format!("--config={}", config.path().display()), "--loglevel=INFO"])
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
-            .stderr(file);
-        // SAFETY: prctl in the child only affects the child.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+            .stderr(file)
+            .die_with_parent();
         Ok(Node { child: Some(cmd.spawn().context("starting lymph node")?), log })
     }
 
@@ -78,20 +76,13 @@ impl Node {
     /// SIGTERM; waits for the node (which stops its instances first) to exit.
     fn stop(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("already stopped")?;
-        // SAFETY: signalling our own, not yet reaped child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("lymph node did not exit within {timeout:?} of SIGTERM; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        terminate(&child)?;
+        if let Some(status) = wait_timeout(&mut child, timeout)? {
+            return Ok(status);
         }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("lymph node did not exit within {timeout:?} of SIGTERM; log:\n{}", self.log());
     }
 }
 
@@ -117,13 +108,11 @@ fn call(endpoint: &str, method: &str, kwargs: Json) -> Result<Json> {
 }
 
 fn parent_of(pid: i64) -> Option<i64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+    ProcStat::read(i32::try_from(pid).ok()?).map(|s| i64::from(s.ppid))
 }
 
 fn alive(pid: i64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rfind(')').is_some_and(|i| !s[i + 1..].trim_start().starts_with('Z')))
+    i32::try_from(pid).is_ok_and(proc_stat::alive)
 }
 
 /// The local pid of the `Echo` instance the agent sees, if any.
@@ -132,16 +121,8 @@ fn echo_pid(endpoint: &str) -> Option<i64> {
     services["Echo"].as_array()?.iter().find(|i| i["local"] == true).and_then(|i| i["pid"].as_i64())
 }
 
-fn wait<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        ensure!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+/// How often the waits below look.
+const POLL: Duration = Duration::from_millis(100);
 
 #[test]
 #[ignore = "needs ZooKeeper, lymph venv and root: run by cargo xtask test"]
@@ -173,7 +154,7 @@ fn a_lymph_node_runs_the_agent_which_registers_as_chaos_and_kills_echo_which_the
     let mut node = Node::start(&config)?;
     let endpoint = format!("tcp://127.0.0.1:{port}");
     // Registered as Chaos in the node's ZooKeeper chroot, at the node's IP.
-    wait(Duration::from_secs(40), "Chaos registered under the node's chroot", || {
+    eventually("Chaos registered under the node's chroot", Duration::from_secs(40), POLL, || {
         let services = lymph::discover(&config).ok()?;
         services.get("Chaos")?.iter().any(|i| i["endpoint"] == endpoint.as_str()).then_some(())
     })
@@ -187,16 +168,18 @@ fn a_lymph_node_runs_the_agent_which_registers_as_chaos_and_kills_echo_which_the
     assert!(node.log().contains("running as an instance of a lymph node"), "LYMPH_SERVICE_NAME not seen");
 
     // Echo, started by the node, is a local instance the agent can target.
-    let old = wait(Duration::from_secs(40), "the agent sees the node's Echo", || echo_pid(&endpoint))?;
+    let old = eventually("the agent sees the node's Echo", Duration::from_secs(40), POLL, || echo_pid(&endpoint))?;
     assert_eq!(parent_of(old), Some(i64::from(node.pid())), "Echo is not the node's child");
     let killed = call(&endpoint, "kill", json!({"name": "Echo"}))?;
     assert_eq!(killed["kind"], "kill", "{killed}");
-    wait(Duration::from_secs(5), "Echo killed", || (!alive(old)).then_some(()))?;
+    eventually("Echo killed", Duration::from_secs(5), POLL, || !alive(old))?;
     // lymph node's watch_processes restarts it within about a second; it registers again.
-    let new = wait(Duration::from_secs(40), "the node restarts Echo", || echo_pid(&endpoint).filter(|p| *p != old))?;
+    let new = eventually("the node restarts Echo", Duration::from_secs(40), POLL, || {
+        echo_pid(&endpoint).filter(|p| *p != old)
+    })?;
     assert_eq!(parent_of(new), Some(i64::from(node.pid())), "the new Echo is not the node's child");
     // Once the killed instance's session expired, Echo answers again through ZooKeeper.
-    let answered = wait(Duration::from_secs(30), "Echo answers after the restart", || {
+    let answered = eventually("Echo answers after the restart", Duration::from_secs(30), POLL, || {
         let out = lymph::lymph_cli(&config, &["request", "Echo.upper", r#"{"text":"back"}"#]).ok()?;
         String::from_utf8_lossy(&out.stdout).contains("BACK").then_some(())
     });
@@ -205,7 +188,7 @@ fn a_lymph_node_runs_the_agent_which_registers_as_chaos_and_kills_echo_which_the
     // Stopping the node stops the agent with SIGTERM: it exits cleanly and leaves ZooKeeper.
     let status = node.stop(Duration::from_secs(30))?;
     assert!(status.success(), "lymph node exited with {status}");
-    wait(Duration::from_secs(15), "the agent exits with the node", || (!alive(agent_pid)).then_some(()))?;
+    eventually("the agent exits with the node", Duration::from_secs(15), POLL, || !alive(agent_pid))?;
     let services = lymph::discover(&config)?;
     assert!(
         !services.get("Chaos").is_some_and(|c| c.iter().any(|i| i["endpoint"] == endpoint.as_str())),

@@ -131,7 +131,7 @@ fn supervised_echo_comes_back_after_a_kill() -> Result<()> {
     // A fixed port, as under `lymph node` (shared sockets): the restarted instance has the same endpoint, hence the
     // same identity and znode, which it re-creates at once. On a random port the dead instance's znode would stay
     // until its session expires, and `lymph request` picks instances at random.
-    let echo = Supervised::start_with(&config, &InstanceOptions::echo_on_port(lymph::free_port()?))?;
+    let echo = Supervised::start_with(&config, &InstanceOptions::echo_on_port(chaos_test_support::free_port()))?;
     let first = echo.wait_registered(Duration::from_secs(5))?;
 
     // Kill our own child, as a chaos agent would.

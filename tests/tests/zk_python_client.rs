@@ -27,6 +27,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use chaos_test_support::{eventually, fnv1a64, process::wait_timeout};
 use chaos_tests::{
     agent::{AgentOptions, AgentProcess},
     lymph::{self, ECHO_SERVICE, InstanceOptions, LymphConfig, Supervised},
@@ -87,7 +88,7 @@ fn run_suite(tag: &str, venv: &Path, extra_env: &[(&str, &str)]) -> Result<()> {
     ns.run(|| -> Result<()> {
         let config = LymphConfig::new(&zk_in_ns, &chroot)?;
         // Echo first: its kazoo creates the chroot node, which the agent cannot register without.
-        let echo = Supervised::start_with(&config, &InstanceOptions::echo_on_port(lymph::free_port()?))
+        let echo = Supervised::start_with(&config, &InstanceOptions::echo_on_port(chaos_test_support::free_port()))
             .map_err(|err| anyhow::anyhow!("{err:#}\n{}", echo_logs(config.dir())))?;
         let agent =
             AgentProcess::start(Some(&ns), AgentOptions { zookeeper: Some(hosts.clone()), ..Default::default() })?;
@@ -136,37 +137,36 @@ fn echo_logs(dir: &Path) -> String {
         .unwrap_or_default();
     logs.sort();
     logs.iter()
-        .map(|log| {
-            let text = fs::read_to_string(log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            format!("--- {} ---\n{}", log.display(), lines[lines.len().saturating_sub(15)..].join("\n"))
-        })
+        .map(|log| format!("--- {} ---\n{}", log.display(), chaos_test_support::process::log_tail(log, 15)))
         .collect::<Vec<_>>()
         .join("\n")
 }
 
 /// Waits until the agent is registered in ZooKeeper and lists a local Echo with its pid.
 fn wait_agent_ready(agent: &AgentProcess) -> Result<()> {
-    let deadline = Instant::now() + AGENT_SEES_ECHO;
-    loop {
-        let status = agent.ok("status", json!({}));
-        let services = agent.ok("list_services", json!({}));
-        let registered = status["zookeeper"]["registered"].is_string();
-        let echo_local = services[ECHO_SERVICE]
-            .as_array()
-            .is_some_and(|v| v.iter().any(|i| i["local"] == Value::Bool(true) && i["pid"].is_i64()));
-        if registered && echo_local {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "after {AGENT_SEES_ECHO:?}: registered {registered}, local Echo {echo_local}; status {status}; \
-                 services {services}\nagent log:\n{}",
-                agent.log_tail(40)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (mut status, mut services) = (Value::Null, Value::Null);
+    let (mut registered, mut echo_local) = (false, false);
+    eventually(
+        "the agent to register and list a local Echo with its pid",
+        AGENT_SEES_ECHO,
+        Duration::from_millis(200),
+        || {
+            status = agent.ok("status", json!({}));
+            services = agent.ok("list_services", json!({}));
+            registered = status["zookeeper"]["registered"].is_string();
+            echo_local = services[ECHO_SERVICE]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|i| i["local"] == Value::Bool(true) && i["pid"].is_i64()));
+            registered && echo_local
+        },
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: registered {registered}, local Echo {echo_local}; status {status}; services {services}\n\
+             agent log:\n{}",
+            agent.log_tail(40)
+        )
+    })
 }
 
 /// Runs the pytest suite with `env`; fails unless everything passed (one venv-specific test is skipped).
@@ -195,16 +195,10 @@ fn pytest(venv: &Path, env: &[(&str, &str)]) -> Result<()> {
     }
     let started = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("starting {}", python.display()))?;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if started.elapsed() > PYTEST_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("pytest did not finish within {PYTEST_TIMEOUT:?}:\n{}", fs::read_to_string(&log).unwrap_or_default());
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let Some(status) = wait_timeout(&mut child, PYTEST_TIMEOUT)? else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("pytest did not finish within {PYTEST_TIMEOUT:?}:\n{}", fs::read_to_string(&log).unwrap_or_default());
     };
     let output = fs::read_to_string(&log)?;
     eprintln!("{output}");
@@ -316,10 +310,6 @@ fn standalone_venv() -> Result<PathBuf> {
     pip(&dir, &["install", &package, PYTEST])?;
     fs::write(&stamp_path, stamp)?;
     Ok(dir)
-}
-
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// An exclusive `flock` on `target/<name>.lock`: two test runs sharing a target dir (developers, CI) never

@@ -1,5 +1,5 @@
 //! `cargo xtask bench [rpc|network|changes|kill|classifier|accuracy|all]`: the performance claims, each measured side by side with the
-//! baseline it beats, in one run of the release benchmark binary `chaos-bench` (`tests/src/bin/chaos-bench.rs`).
+//! baseline it beats, in one run of the release benchmark binary `chaos-bench` (`tests/src/bin/chaos-bench/`).
 //!
 //! Layout:
 //! 1. prepare what the chosen benchmarks need, the way `cargo xtask test` does: the BPF object

@@ -36,6 +36,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use chaos_test_support::{
+    eventually,
+    process::{DieWithParent, log_tail as tail},
+    try_free_port,
+};
 
 use crate::{install, services, util};
 
@@ -80,6 +85,14 @@ extern "C" fn on_sigint(_: libc::c_int) {
 
 fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Fails once Ctrl-C was pressed (a wait gives up then).
+fn check_interrupted() -> Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
 }
 
 /// Sleeps, waking early on Ctrl-C.
@@ -295,23 +308,23 @@ impl Demo {
         let mut agent = self.start_agent(&hosts)?;
         self.say(format!("agent on {} (pid {}), registered as Chaos in {hosts}", agent.endpoint, agent.pid()));
         // The agent lists Echo with its pid once discovery has run: wait, so the first fault finds it.
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let out = self.cli(&agent, &["services"])?;
-            if String::from_utf8_lossy(&out.stdout).contains(&format!("local pid {first}")) {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("the agent never listed Echo pid {first}; agent log:\n{}", tail(&agent.log, 30));
-            }
-            pause(Duration::from_millis(200))?;
-        }
+        eventually(
+            format_args!("the agent to list Echo pid {first}"),
+            READY_TIMEOUT,
+            Duration::from_millis(200),
+            || -> Result<bool> {
+                check_interrupted()?;
+                let out = self.cli(&agent, &["services"])?;
+                Ok(String::from_utf8_lossy(&out.stdout).contains(&format!("local pid {first}")))
+            },
+        )
+        .map_err(|err| anyhow::anyhow!("{err}; agent log:\n{}", tail(&agent.log, 30)))?;
         self.header(format!("lymph-chaos run {}", file.display()));
         let mut cmd = Command::new(&self.agent_bin);
         cmd.arg("run").arg(file).arg("--out").arg(out);
         self.lymph_env(&mut cmd, &config);
         cmd.stdin(Stdio::null());
-        crate::child::die_with_parent(&mut cmd);
+        cmd.die_with_parent();
         // Ctrl-C reaches the run too (same process group): it reverts and exits 3.
         let status = cmd.status().context("running lymph-chaos run")?;
         self.header("cleaning up (only what the demo started, by pid)");
@@ -367,7 +380,7 @@ impl Demo {
     }
 
     fn start_agent(&self, hosts: &str) -> Result<Agent> {
-        let port = free_port()?;
+        let port = try_free_port().context("binding 127.0.0.1:0")?;
         let config = self.run_dir.join("agent.yml");
         // An empty file: the agent's defaults, never a system-wide /etc/lymph-chaos/config.yml.
         fs::write(&config, "")?;
@@ -389,25 +402,26 @@ impl Demo {
         for var in ["LYMPH_NODE_IP", "LYMPH_CONFIG", "LYMPH_NODE_CONFIG", "LYMPH_CHAOS_CONFIG", "RUST_LOG"] {
             cmd.env_remove(var);
         }
-        crate::child::die_with_parent(&mut cmd);
+        cmd.die_with_parent();
         let child = cmd.spawn().with_context(|| format!("starting {}", self.agent_bin.display()))?;
         let mut agent = Agent { child: Some(child), endpoint: format!("tcp://127.0.0.1:{port}"), log, pin_dir };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let status = self.cli(&agent, &["status"]);
-            if status.as_ref().is_ok_and(|o| o.status.success()) {
-                return Ok(agent);
+        let ready = eventually("the agent to answer `status`", READY_TIMEOUT, Duration::from_millis(200), || {
+            if self.cli(&agent, &["status"]).is_ok_and(|o| o.status.success()) {
+                return Ok(true);
             }
             if let Some(c) = agent.child.as_mut()
                 && let Some(st) = c.try_wait()?
             {
-                bail!("the agent exited ({st}); log:\n{}", tail(&agent.log, 30));
+                bail!("the agent exited ({st})");
             }
-            if Instant::now() > deadline || interrupted() {
+            check_interrupted().map(|()| false)
+        });
+        match ready {
+            Ok(()) => Ok(agent),
+            Err(err) => {
                 agent.stop(self);
-                bail!("the agent did not answer within {READY_TIMEOUT:?}; log:\n{}", tail(&agent.log, 30));
+                bail!("{err}; log:\n{}", tail(&agent.log, 30))
             }
-            thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -419,7 +433,7 @@ impl Demo {
             .args(["--rate", CLIENT_RATE, "--timeout", CLIENT_TIMEOUT])
             .stdout(Stdio::piped())
             .stderr(fs::File::create(self.run_dir.join("client.log"))?);
-        crate::child::die_with_parent(&mut cmd);
+        cmd.die_with_parent();
         let mut child = cmd.spawn().context("starting the lymph client")?;
         let stdout = child.stdout.take().expect("piped");
         let board = board.clone();
@@ -465,16 +479,9 @@ impl Demo {
 
     /// Waits until `pred` holds for the calls so far.
     fn wait_calls(&self, board: &Board, timeout: Duration, what: &str, pred: impl Fn(&[Call]) -> bool) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if pred(&board.calls.lock().expect("poisoned")) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("{what}: not within {timeout:?}");
-            }
-            pause(Duration::from_millis(50))?;
-        }
+        eventually(what, timeout, Duration::from_millis(50), || {
+            check_interrupted().map(|()| pred(&board.calls.lock().expect("poisoned")))
+        })
     }
 
     fn script(&self, board: &Board, echo: &Supervisor, agent: &Agent) -> Result<String> {
@@ -583,21 +590,9 @@ fn summary(calls: &[Call], fault: &str) -> String {
     out
 }
 
-/// A port that was free a moment ago on this namespace's loopback.
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind(("127.0.0.1", 0)).context("binding 127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
-/// [`crate::child::stop_child`], ignoring errors (the demo's cleanup carries on).
+/// [`chaos_test_support::process::stop_child`], ignoring errors (the demo's cleanup carries on).
 fn stop_child(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
-    crate::child::stop_child(child, grace).ok()
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    chaos_test_support::process::stop_child(child, grace).ok()
 }
 
 struct Agent {
@@ -682,7 +677,7 @@ impl Supervisor {
         let thread = thread::Builder::new().name("supervisor".into()).spawn({
             let (state, stop) = (state.clone(), stop.clone());
             move || {
-                crate::child::die_with_parent(&mut command);
+                command.die_with_parent();
                 let mut n = 0;
                 let mut current: Option<Child> = None;
                 while !stop.load(Ordering::SeqCst) {
@@ -745,19 +740,16 @@ impl Supervisor {
 
     /// Waits until the current process has registered (its title becomes `lymph-instance (identity: …)`).
     fn wait_registered(&self, timeout: Duration) -> Result<u32> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        eventually("Echo to register", timeout, Duration::from_millis(50), || {
+            check_interrupted()?;
             let pid = self.pid();
             let title = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if pid != 0 && title.starts_with(b"lymph-instance (identity: ") {
-                return Ok(pid);
-            }
-            if Instant::now() > deadline {
-                let err = self.state.lock().expect("poisoned").error.clone().unwrap_or_default();
-                bail!("Echo did not register within {timeout:?} {err}");
-            }
-            pause(Duration::from_millis(50))?;
-        }
+            anyhow::Ok((pid != 0 && title.starts_with(b"lymph-instance (identity: ")).then_some(pid))
+        })
+        .map_err(|err| {
+            let last = self.state.lock().expect("poisoned").error.clone().unwrap_or_default();
+            anyhow::anyhow!("{err} {last}")
+        })
     }
 }
 

@@ -29,6 +29,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use chaos_test_support::{TimedOut, eventually, fnv1a64, proc_stat::ProcStat};
 
 use crate::{
     ebpf,
@@ -253,11 +254,6 @@ fn under(prefix: &Path, path: &str) -> PathBuf {
     prefix.join(path.trim_start_matches('/'))
 }
 
-/// FNV-1a 64: stable across Rust releases; tells "the config we wrote" from "a config somebody edited".
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
 /// One manifest line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Entry {
@@ -394,6 +390,7 @@ fn install(prefix: &Path, payload: &Payload) -> Result<Manifest> {
     eprintln!("    {BIN} ({:.1} MiB)", bin.len() as f64 / (1 << 20) as f64);
 
     let config_path = under(prefix, CONFIG);
+    // FNV-1a 64: stable across Rust releases; tells "the config we wrote" from "a config somebody edited".
     let shipped_hash = fnv1a64(payload.config.as_bytes());
     match fs::read(&config_path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -519,20 +516,24 @@ fn start_agent(prefix: &Path) -> Result<(i32, u64)> {
     let mut child = cmd.spawn().with_context(|| format!("starting {BIN}"))?;
     let pid = i32::try_from(child.id()).context("pid")?;
     let t = start_time(pid).context("reading the agent's start time")?;
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("the agent exited at once ({status}); see {}", log_path.display());
-        }
-        if std::net::TcpStream::connect_timeout(&AGENT_RPC.parse().expect("valid"), Duration::from_millis(200)).is_ok()
-        {
-            break;
-        }
-        if Instant::now() > deadline {
+    let listening = eventually(
+        format_args!("the agent to listen on {AGENT_RPC}"),
+        START_TIMEOUT,
+        Duration::from_millis(100),
+        || -> Result<bool> {
+            if let Some(status) = child.try_wait()? {
+                bail!("the agent exited at once ({status}); see {}", log_path.display());
+            }
+            let addr = AGENT_RPC.parse().expect("valid");
+            Ok(std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+        },
+    );
+    match listening {
+        Ok(()) => {}
+        Err(err) if err.is::<TimedOut>() => {
             eprintln!("    (the agent runs but does not listen on {AGENT_RPC} yet; see {})", log_path.display());
-            break;
         }
-        thread::sleep(Duration::from_millis(100));
+        Err(err) => return Err(err),
     }
     eprintln!(
         "    agent running: pid {pid}, tcp://{AGENT_RPC}; stop: cargo xtask install --uninstall (or kill -TERM {pid})"
@@ -544,10 +545,7 @@ fn start_agent(prefix: &Path) -> Result<(i32, u64)> {
 
 /// `/proc/<pid>/stat` field 22 (start time in clock ticks after boot): with the pid, identifies one process.
 fn start_time(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: fields after the last ')' are fixed.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    ProcStat::read(pid).map(|s| s.starttime)
 }
 
 /// Whether `pid` is still the agent we started (same start time, running our binary).
@@ -567,30 +565,18 @@ fn running_agent() -> Option<i32> {
 /// SIGTERM (the agent reverts its faults and exits), SIGKILL after [`STOP_TIMEOUT`].
 fn stop_agent(pid: i32) -> Result<()> {
     let t = start_time(pid);
-    let alive = || start_time(pid).is_some_and(|now| Some(now) == t) && !is_zombie(pid);
+    let alive = || ProcStat::read(pid).is_some_and(|s| Some(s.starttime) == t && !s.is_zombie());
     // SAFETY: kill has no memory-safety preconditions; pid was just identified by pid + start time.
     if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
         return Ok(()); // already gone
     }
-    let deadline = Instant::now() + STOP_TIMEOUT;
-    while alive() {
-        if Instant::now() > deadline {
-            eprintln!("    pid {pid} did not exit within {STOP_TIMEOUT:?} of SIGTERM: SIGKILL");
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            break;
-        }
-        thread::sleep(Duration::from_millis(50));
+    if eventually(format_args!("pid {pid} to exit"), STOP_TIMEOUT, Duration::from_millis(50), || !alive()).is_err() {
+        eprintln!("    pid {pid} did not exit within {STOP_TIMEOUT:?} of SIGTERM: SIGKILL");
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     eprintln!("    stopped the agent (pid {pid})");
     Ok(())
-}
-
-fn is_zombie(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().starts_with('Z')))
-        .unwrap_or(false)
 }
 
 /// `cargo xtask install --uninstall`.

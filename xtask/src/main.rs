@@ -11,8 +11,6 @@
 //! - `demo`  — the agent against a real lymph Echo and client, in a private network namespace
 
 mod bench;
-#[path = "../../tests/src/child.rs"]
-mod child;
 mod deb;
 mod demo;
 mod ebpf;

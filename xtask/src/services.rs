@@ -14,19 +14,20 @@
 use std::{
     fs,
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-
-use crate::{
-    child::{die_with_parent, log_tail as tail, stop_child},
-    util::{self, apt_install, run, step},
+use chaos_test_support::{
+    TimedOut, eventually, fnv1a64,
+    process::{DieWithParent, log_tail as tail, stop_child},
+    try_free_port,
 };
+
+use crate::util::{self, apt_install, run, step};
 
 /// Environment variable that gives tests the ZooKeeper address (`127.0.0.1:<port>`).
 pub const ZK_ENV: &str = "CHAOS_TEST_ZK";
@@ -115,7 +116,7 @@ impl ZooKeeper {
         remove_dir_if_exists(&data_dir)?;
         fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         fs::create_dir_all(&conf_dir).with_context(|| format!("creating {}", conf_dir.display()))?;
-        let port = free_loopback_port()?;
+        let port = try_free_port().context("binding 127.0.0.1:0")?;
         let cfg = dir.join("zoo.cfg");
         write(&cfg, &zoo_cfg(&data_dir, port))?;
         write(&conf_dir.join("log4j.properties"), LOG4J_PROPERTIES)?;
@@ -136,35 +137,27 @@ impl ZooKeeper {
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().context("duplicating the log fd")?)
             .stderr(log_file);
-        die_with_parent(&mut cmd);
+        cmd.die_with_parent();
         eprintln!("    $ {}", util::show(&cmd));
         let child = cmd.spawn().with_context(|| format!("starting {JAVA}"))?;
         let mut zk = ZooKeeper { port, child, data_dir, log };
 
-        let deadline = Instant::now() + ZK_READY_TIMEOUT;
-        loop {
-            if let Some(status) = zk.child.try_wait().context("waiting for java")? {
-                let tail = tail(&zk.log, LOG_TAIL_LINES);
-                let err =
-                    anyhow::anyhow!("ZooKeeper exited during start ({status}); tail of {}:\n{tail}", zk.log.display());
-                return Err(if tail.contains("Address already in use") {
-                    StartError::PortTaken(err)
-                } else {
-                    err.into()
-                });
-            }
-            if matches!(four_letter_word(zk.port, "ruok"), Ok(answer) if answer == "imok") {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(anyhow::anyhow!(
-                    "ZooKeeper on 127.0.0.1:{port} did not answer `ruok` within {ZK_READY_TIMEOUT:?}; tail of {}:\n{}",
-                    zk.log.display(),
-                    tail(&zk.log, LOG_TAIL_LINES)
-                )
-                .into());
-            }
-            thread::sleep(Duration::from_millis(100));
+        let ready = eventually(
+            format_args!("ZooKeeper on 127.0.0.1:{port} to answer `ruok`"),
+            ZK_READY_TIMEOUT,
+            Duration::from_millis(100),
+            || -> Result<bool> {
+                if let Some(status) = zk.child.try_wait().context("waiting for java")? {
+                    bail!("ZooKeeper exited during start ({status})");
+                }
+                Ok(matches!(four_letter_word(zk.port, "ruok"), Ok(answer) if answer == "imok"))
+            },
+        );
+        if let Err(err) = ready {
+            let tail = tail(&zk.log, LOG_TAIL_LINES);
+            let port_taken = err.downcast_ref::<TimedOut>().is_none() && tail.contains("Address already in use");
+            let err = anyhow::anyhow!("{err}; tail of {}:\n{tail}", zk.log.display());
+            return Err(if port_taken { StartError::PortTaken(err) } else { err.into() });
         }
         eprintln!("    ZooKeeper ready on {} (pid {}) after {:.1?}", zk.addr(), zk.pid(), started.elapsed());
         Ok(zk)
@@ -235,12 +228,6 @@ log4j.appender.CONSOLE=org.apache.log4j.ConsoleAppender
 log4j.appender.CONSOLE.layout=org.apache.log4j.PatternLayout
 log4j.appender.CONSOLE.layout.ConversionPattern=%d{ISO8601} - %-5p [%t:%C{1}@%L] - %m%n
 ";
-
-/// A port that was free on 127.0.0.1 a moment ago (bind to port 0, read it back, close).
-fn free_loopback_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
 
 /// Sends a four-letter word (`ruok`, `srvr`, …) to the local ZooKeeper and returns its answer.
 pub fn four_letter_word(port: u16, word: &str) -> std::io::Result<String> {
@@ -368,11 +355,6 @@ fn venv_stamp(python_version: &str, patch_source: &[u8]) -> String {
     stamp
 }
 
-/// FNV-1a, 64 bit: a hash that is stable across Rust releases (unlike `DefaultHasher`), for stamps.
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // process and file helpers
 
@@ -391,13 +373,6 @@ fn write(path: &Path, contents: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fnv1a64_matches_reference_values() {
-        // Reference values of FNV-1a 64 (http://www.isthe.com/chongo/tech/comp/fnv/).
-        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
-    }
 
     #[test]
     fn stamp_changes_with_the_patch_script() {

@@ -86,8 +86,7 @@ fn cache_key() -> String {
         inputs.push_str(&part);
         inputs.push('\0');
     }
-    let hash = inputs.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    format!("{hash:016x}")
+    format!("{:016x}", chaos_test_support::fnv1a64(inputs.as_bytes()))
 }
 
 /// The image for the current inputs (it may not be built yet).

@@ -20,6 +20,7 @@
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
+use chaos_test_support::process::{ChildGuard, DieWithParent};
 
 use crate::{
     deb, ebpf, services, systemd_guest,
@@ -446,38 +447,24 @@ pub fn vm_runs(hog: bool, runs: u32, mutant: Option<&str>) -> Result<()> {
 }
 
 /// One busy-loop process per core (`sh -c 'while :; do :; done'`), stopped by pid on drop.
-struct Hogs(Vec<std::process::Child>);
+struct Hogs {
+    _busy: Vec<ChildGuard>,
+}
 
 impl Hogs {
     fn start() -> Result<Self> {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        let mut hogs = Self(Vec::new());
+        let mut hogs = Vec::new();
         for _ in 0..cores {
             let mut cmd = std::process::Command::new("sh");
-            cmd.args(["-c", "while :; do :; done"]).stdin(std::process::Stdio::null());
-            // SAFETY: prctl only affects the child: it dies with us even when we are killed.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn().context("starting a busy loop")?;
-            hogs.0.push(child);
+            // It dies with us even when we are killed.
+            cmd.args(["-c", "while :; do :; done"]).stdin(std::process::Stdio::null()).die_with_parent();
+            hogs.push(ChildGuard::new(cmd.spawn().context("starting a busy loop")?));
         }
         eprintln!(
             "    CPU hog: {cores} busy loops (pids {})",
-            hogs.0.iter().map(|c| c.id().to_string()).collect::<Vec<_>>().join(" ")
+            hogs.iter().map(|c| c.pid().to_string()).collect::<Vec<_>>().join(" ")
         );
-        Ok(hogs)
-    }
-}
-
-impl Drop for Hogs {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        Ok(Self { _busy: hogs })
     }
 }

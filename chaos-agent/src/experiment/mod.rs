@@ -39,7 +39,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use tokio::{
@@ -123,8 +123,7 @@ pub async fn run(
     let seed = opts.seed.or(exp.seed).unwrap_or_else(rand::random);
     let dry_run = opts.dry_run || exp.dry_run;
     let ctx = Arc::new(Ctx::new(driver, &exp.method, seed, dry_run, opts.lease, log.clone()));
-    let started_at =
-        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()) - ctx.t0.elapsed().as_secs_f64();
+    let started_at = crate::util::now_unix() - ctx.t0.elapsed().as_secs_f64();
     let body = {
         let (exp, ctx, opts, cancel) = (exp.clone(), ctx.clone(), opts.clone(), cancel.clone());
         tokio::spawn(async move { phases(&exp, &ctx, &opts, &cancel).await })

@@ -41,12 +41,18 @@ pub fn proc_info(pid: i32) -> Option<ProcInfo> {
     parse_stat(pid, &stat, crate::discovery::local::cmdline(pid).unwrap_or_default())
 }
 
-fn parse_stat(pid: i32, stat: &str, cmdline: String) -> Option<ProcInfo> {
+/// The text of `/proc/<pid>/stat` split into `comm` (field 2, without its parentheses) and the fields after it
+/// (the first is field 3).
+pub(crate) fn split_stat(stat: &str) -> Option<(&str, Vec<&str>)> {
     // comm is in parentheses and may itself contain spaces or parentheses: split at the last ')'.
     let open = stat.find('(')?;
     let close = stat.rfind(')')?;
-    let comm = stat[open + 1..close].to_owned();
-    let rest: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    Some((stat.get(open + 1..close)?, stat[close + 1..].split_whitespace().collect()))
+}
+
+fn parse_stat(pid: i32, stat: &str, cmdline: String) -> Option<ProcInfo> {
+    let (comm, rest) = split_stat(stat)?;
+    let comm = comm.to_owned();
     // rest[0] = state (field 3), rest[1] = ppid (4), rest[6] = flags (9), rest[19] = starttime (22).
     let state = rest.first()?.chars().next()?;
     let ppid = rest.get(1)?.parse().ok()?;

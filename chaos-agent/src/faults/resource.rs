@@ -504,8 +504,8 @@ pub fn proc_usage(pid: i32) -> (u64, f64) {
     let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime (field 14) + stime (15).
+            let (_, f) = super::process::split_stat(&s)?;
             Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
         })
         .unwrap_or(0.0);

@@ -95,7 +95,6 @@ use std::{
     cell::{Cell, RefCell},
     io::{BufRead, BufReader},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
     thread,
@@ -107,7 +106,12 @@ use chaos_agent::{
     cli::{Cli, request_for},
     rpc::client::Client,
 };
+use chaos_test_support::{
+    eventually, proc_stat,
+    process::{terminate, wait_timeout},
+};
 use chaos_tests::{
+    agent::AgentLayout,
     measure::{
         EchoServer, LossProbe, ReplyServer, RttProbe, Stats, available_cpus, in_netns, pin_command_to_cpu, pin_to_cpu,
         reply_rtt, tcp_rtt, udp_loss, udp_loss_from,
@@ -885,19 +889,18 @@ impl Stack {
         // Up and forwarding before the scenarios: a bridge port learns and a bond elects its active slave.
         let probe = SocketAddr::new(IpAddr::V4(self.host), 9);
         let ns_path = Path::new("/run/netns").join(ns);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let reached = in_netns(&ns_path, || {
-                // Refused (RST) means the host answered: the path works.
-                matches!(TcpStream::connect_timeout(&probe, Duration::from_millis(300)),
-                    Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
-            })?;
-            if reached {
-                return Ok(());
-            }
-            ensure!(Instant::now() < deadline, "{}: {} never reached {} from {ns}", self.name, self.caller, self.host);
-            thread::sleep(Duration::from_millis(200));
-        }
+        eventually(
+            format_args!("{}: {} reaching {} from {ns}", self.name, self.caller, self.host),
+            Duration::from_secs(10),
+            Duration::from_millis(200),
+            || {
+                in_netns(&ns_path, || {
+                    // Refused (RST) means the host answered: the path works.
+                    matches!(TcpStream::connect_timeout(&probe, Duration::from_millis(300)),
+                        Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+                })
+            },
+        )
     }
 
     fn teardown(&self) {
@@ -1403,7 +1406,10 @@ fn kill9_expiry(agent: &mut Agent) -> Result<Outcome> {
         println!("+ kill -CONT {pid} (guardian)");
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGCONT) };
-        wait_until(GUARDIAN_WAIT, || AgentObjects::now().is_empty())
+        let resumed = Instant::now();
+        let cleaned =
+            eventually("the guardian to remove our objects", GUARDIAN_WAIT, POLL, || AgentObjects::now().is_empty());
+        cleaned.ok().map(|()| resumed.elapsed())
     });
     let extra_after_kill = right_after.median_ms - base;
     let extra_expired = expired.median_ms - base;
@@ -1458,7 +1464,7 @@ fn restart_with_leftovers(agent: &mut Agent) -> Result<Outcome> {
     if let Some(pid) = guardian {
         // SAFETY: signalling a pid we read from the agent's state directory and checked to be the guardian.
         unsafe { libc::kill(pid, libc::SIGKILL) };
-        wait_until(Duration::from_secs(5), || !process_alive(pid));
+        let _ = eventually("the guardian to die", Duration::from_secs(5), POLL, || !proc_stat::alive(pid));
     }
     let quick = RttProbe { samples: 3, warmup: 1, ..RttProbe::default() };
     let leftover_delay = Stats::of(&tcp_rtt(SocketAddr::new(v4, PORT_FAULTED), quick)?).median_ms;
@@ -1483,27 +1489,8 @@ fn restart_with_leftovers(agent: &mut Agent) -> Result<Outcome> {
     })
 }
 
-/// Polls `done` every 50 ms for up to `limit`; the time it took, or `None`.
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
-    let started = Instant::now();
-    loop {
-        if done() {
-            return Some(started.elapsed());
-        }
-        if started.elapsed() >= limit {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Alive and not a zombie.
-fn process_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next()))
-        .is_some_and(|state| state != Some('Z') && state.is_some())
-}
+/// How often the waits of the scenarios look.
+const POLL: Duration = Duration::from_millis(50);
 
 // ---------------------------------------------------------------------------------------------------------------
 // Kernel objects
@@ -1839,45 +1826,39 @@ impl Agent {
         use std::io::Write as _;
         writeln!(&log, "===== chaos-vm-guest: agent start #{} =====", self.starts)?;
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("agent")
-            .arg("--config")
-            .arg(Path::new(AGENT_DIR).join("config.yml"))
-            .args(["--state-dir", AGENT_STATE_DIR, "--pin-dir", AGENT_PIN_DIR, "--ifb", AGENT_IFB])
-            // Standalone: no ZooKeeper in here.
-            .args(["--zookeeper", ""])
-            .arg("--events-file")
-            .arg(Path::new(AGENT_DIR).join("events.jsonl"))
-            .args(["--log-level", "info,chaos_agent=debug"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .env_remove("LYMPH_NODE_IP");
         if available_cpus() > AGENT_CPU {
             pin_command_to_cpu(&mut cmd, AGENT_CPU);
         }
-        // SAFETY: prctl only affects the child; if we die, so does the agent (not its guardian).
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
+        let (config, events_file) =
+            (Path::new(AGENT_DIR).join("config.yml"), Path::new(AGENT_DIR).join("events.jsonl"));
+        // Standalone (no ZooKeeper in here), on the default port; if we die, so does the agent (not its guardian).
+        AgentLayout {
+            config: &config,
+            state_dir: Path::new(AGENT_STATE_DIR),
+            pin_dir: Path::new(AGENT_PIN_DIR),
+            ifb: AGENT_IFB,
+            events_file: &events_file,
+            zookeeper: None,
+            port: None,
         }
+        .apply(&mut cmd)
+        .stdout(log.try_clone()?)
+        .stderr(log);
         let started = Instant::now();
         println!("+ {} agent … (start #{})", self.bin.display(), self.starts);
         self.child = Some(cmd.spawn().with_context(|| format!("spawning {}", self.bin.display()))?);
-        loop {
+        let what = format_args!("the agent to answer {AGENT_ENDPOINT}");
+        eventually(what, AGENT_START_TIMEOUT, Duration::from_millis(200), || {
             if self.cli_quiet(&["status"]).is_ok() {
-                println!("agent answered after {:.2} s", started.elapsed().as_secs_f64());
-                return Ok(());
+                return Ok(true);
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("the agent exited during start-up ({status}); its log follows the results");
             }
-            if started.elapsed() > AGENT_START_TIMEOUT {
-                bail!("the agent did not answer {AGENT_ENDPOINT} within {AGENT_START_TIMEOUT:?}");
-            }
-            thread::sleep(Duration::from_millis(200));
-        }
+            Ok(false)
+        })?;
+        println!("agent answered after {:.2} s", started.elapsed().as_secs_f64());
+        Ok(())
     }
 
     /// `lymph-chaos --agent … --json <args>`, echoed; its JSON answer.
@@ -2009,9 +1990,8 @@ impl Agent {
     fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else { return true };
         println!("+ kill -TERM {} (agent)", child.id());
-        // SAFETY: signalling our own, not yet reaped child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let exited = wait_until(Duration::from_secs(20), || matches!(child.try_wait(), Ok(Some(_)))).is_some();
+        let _ = terminate(&child);
+        let exited = matches!(wait_timeout(&mut child, Duration::from_secs(20)), Ok(Some(_)));
         if !exited {
             let _ = child.kill();
         }
@@ -2027,10 +2007,8 @@ impl Drop for Agent {
 }
 
 fn print_agent_log(lines: usize) {
-    let text = std::fs::read_to_string(Agent::log_path()).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
     println!("--- agent log ({}; last {lines} lines) ---", Agent::log_path().display());
-    for line in &all[all.len().saturating_sub(lines)..] {
+    for line in chaos_test_support::process::log_tail(&Agent::log_path(), lines).lines() {
         println!("agent| {line}");
     }
     println!("--- end of agent log ---");

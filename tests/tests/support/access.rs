@@ -3,7 +3,6 @@
 //! use CURVE.
 
 use std::{
-    os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -13,10 +12,11 @@ use chaos_agent::rpc::{
     value::{self, Value},
     wire::{self, Headers, Incoming, Kind},
 };
-use chaos_tests::{
-    agent::{agent_bin, free_port},
-    netns::Netns,
+use chaos_test_support::{
+    eventually, free_port,
+    process::{DieWithParent, stop_child},
 };
+use chaos_tests::{agent::agent_bin, netns::Netns};
 use serde_json::Value as Json;
 
 /// How long a refused client waits before we call it unanswered.
@@ -77,27 +77,26 @@ impl Agent {
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
             .env_remove("LYMPH_NODE_IP")
             .env_remove("LYMPH_NODE_CONFIG")
-            .env_remove("LYMPH_CONFIG");
-        // SAFETY: prctl in the child only affects the child.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+            .env_remove("LYMPH_CONFIG")
+            .die_with_parent();
         let mut child = cmd.spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("agent ready") {
-                return Ok(Agent { child, port, log, _dir: dir });
-            }
-            if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+        let ready =
+            eventually("the agent to log `agent ready`", Duration::from_secs(15), Duration::from_millis(50), || {
+                if std::fs::read_to_string(&log).unwrap_or_default().contains("agent ready") {
+                    return Ok(true);
+                }
+                match child.try_wait().unwrap() {
+                    Some(status) => Err(anyhow::anyhow!("the agent exited ({status})")),
+                    None => Ok(false),
+                }
+            });
+        match ready {
+            Ok(()) => Ok(Agent { child, port, log, _dir: dir }),
+            Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(std::fs::read_to_string(&log).unwrap_or_default());
+                Err(std::fs::read_to_string(&log).unwrap_or_default())
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -113,17 +112,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // SAFETY: signalling our own, not yet reaped child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = stop_child(&mut self.child, Duration::from_secs(10));
     }
 }
 
@@ -165,16 +154,10 @@ pub fn status_call(
     let frames = wire::frames(&id, Kind::Req, "Chaos.status", &Headers::default(), value::encode(&Value::Map(vec![])));
     let deadline = Instant::now() + timeout;
     // With ROUTER_MANDATORY a message can only leave once the agent accepted the handshake.
-    loop {
-        let parts = std::iter::once(peer_id.as_bytes().to_vec()).chain(frames.iter().cloned());
-        match send.send_multipart(parts, zmq::DONTWAIT) {
-            Ok(()) => break,
-            Err(zmq::Error::EHOSTUNREACH | zmq::Error::EAGAIN) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(zmq::Error::EHOSTUNREACH | zmq::Error::EAGAIN) => return None,
-            Err(e) => panic!("send: {e}"),
-        }
+    if !chaos_tests::raw_peer::send_routed(&send, peer_id.as_bytes(), &frames, timeout)
+        .unwrap_or_else(|e| panic!("send: {e}"))
+    {
+        return None;
     }
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

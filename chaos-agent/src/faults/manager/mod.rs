@@ -35,7 +35,7 @@ mod table;
 use std::{
     collections::BTreeSet,
     sync::{Arc, Mutex as StdMutex, atomic::AtomicUsize},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use tokio::{
@@ -56,6 +56,7 @@ use super::{
     process::{Guards, PatternError},
     resource,
 };
+pub(crate) use crate::util::now_unix;
 use crate::{
     config::FaultsConfig,
     discovery::Discovery,
@@ -117,10 +118,6 @@ pub struct FaultManager {
     /// Ends the expiry task and the follower.
     stop: CancellationToken,
     tasks: StdMutex<Vec<JoinHandle<()>>>,
-}
-
-fn now_unix() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn new_id() -> String {

@@ -1191,14 +1191,10 @@ mod tests {
         fnv1a64: u64,
     }
 
-    fn fnv1a64(bytes: &[u8]) -> u64 {
-        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
-    }
-
     fn assert_fixture(ours: &[u8], fixture: &Fixture) {
         assert_eq!(&ours[..fixture.head.len().min(ours.len())], fixture.head, "leading bytes");
         assert_eq!(ours.len(), fixture.len, "payload length");
-        assert_eq!(fnv1a64(ours), fixture.fnv1a64, "payload hash");
+        assert_eq!(chaos_test_support::fnv1a64(ours), fixture.fnv1a64, "payload hash");
     }
 
     fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
