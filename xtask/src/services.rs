@@ -369,7 +369,7 @@ fn venv_stamp(python_version: &str, patch_source: &[u8]) -> String {
 }
 
 /// FNV-1a, 64 bit: a hash that is stable across Rust releases (unlike `DefaultHasher`), for stamps.
-fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
