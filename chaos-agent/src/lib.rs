@@ -10,7 +10,7 @@
 //! - [`faults`] — fault model and lifecycle; process, network and resource faults
 //! - [`journal`], [`events`], [`guardian`] — what to undo, what happened, who undoes it if the agent dies
 //! - [`unleash`] — random fault schedule
-//! - [`scenario`] — the client library for test code (`Scenario`)
+//! - [`scenario`] — the client library for test code (`Scenario`); [`selection`] — which instances it hits
 //! - [`experiment`] — chaos experiments: steady state, method, safeguards, report (`lymph-chaos run`)
 //! - [`config`], [`paths`], [`metrics`]
 pub mod agent;
@@ -30,4 +30,5 @@ pub mod metrics;
 pub mod paths;
 pub mod rpc;
 pub mod scenario;
+pub mod selection;
 pub mod unleash;

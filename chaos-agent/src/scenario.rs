@@ -15,13 +15,20 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Multi-host: it finds every `Chaos` agent in ZooKeeper and sends each action to the agent(s) whose host runs an
-//! instance of the target service (`Chaos.list_services` marks local instances). Faults get ids derived from the
-//! scenario, so re-applying refreshes them instead of stacking new ones, and reverting reverts exactly them.
+//! Multi-host: it finds every `Chaos` agent in ZooKeeper, asks each which instances run on its host
+//! (`Chaos.list_services` marks them `local`), and sends each action to the agents whose hosts run the instances
+//! it selects. Which instances, how many and with which fault ids is defined once in [`crate::selection`] (the
+//! Python client follows the same definition): a kill hits one instance of the whole cluster, chosen uniformly
+//! over instances with the scenario's seed ([`Scenario::seed`] replays a run); network faults go to every host of
+//! the service. Faults get ids derived from the scenario, so re-applying refreshes them instead of stacking new ones,
+//! and reverting reverts exactly them.
 
 use std::{
-    collections::BTreeSet,
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -31,6 +38,7 @@ use tokio::task::JoinHandle;
 use crate::{
     paths,
     rpc::{ClientError, client::Client},
+    selection::{self, Amount, Listed, RegistryView, SelectionError, Target},
 };
 
 /// Errors of a scenario.
@@ -39,9 +47,9 @@ pub enum ScenarioError {
     /// No agent found or reachable.
     #[error("no lymph-chaos agent reachable: {0}")]
     NoAgent(String),
-    /// No agent has an instance of the service.
-    #[error("no agent has an instance of service `{0}` on its host")]
-    UnknownService(String),
+    /// The action cannot be routed (unknown service, no agent hosting it) or asks for an invalid selection.
+    #[error(transparent)]
+    Selection(#[from] SelectionError),
     /// An agent refused or failed a request.
     #[error("agent {endpoint}: {source}")]
     Agent {
@@ -55,8 +63,12 @@ pub enum ScenarioError {
 #[derive(Clone, Debug)]
 struct Action {
     method: &'static str,
+    /// The service name as given (resolved every round).
     service: String,
-    kwargs: Map<String, Json>,
+    /// Keyword arguments besides the target and `id`.
+    params: Map<String, Json>,
+    /// The action's fault id (see [`selection::fault_id`]).
+    id: String,
     /// Whether the fault lasts (and must be reverted at the end).
     lasting: bool,
 }
@@ -68,6 +80,8 @@ struct Shared {
     timeout: Duration,
     prefix: String,
     applied: Mutex<BTreeSet<(String, String)>>,
+    /// Rounds applied so far (every `apply` and every repeat round that got the agents' listings).
+    rounds: AtomicU64,
 }
 
 /// A scenario (see the module docs).
@@ -75,6 +89,7 @@ pub struct Scenario {
     shared: Arc<Shared>,
     actions: Vec<Action>,
     dry_run: bool,
+    seed: u64,
 }
 
 impl Scenario {
@@ -110,9 +125,11 @@ impl Scenario {
                 timeout: Duration::from_secs(3),
                 prefix: format!("sn-{:08x}", rand::random::<u32>()),
                 applied: Mutex::new(BTreeSet::new()),
+                rounds: AtomicU64::new(0),
             }),
             actions: Vec::new(),
             dry_run: false,
+            seed: rand::random(),
         }
     }
 
@@ -127,20 +144,37 @@ impl Scenario {
         self
     }
 
-    fn push(&mut self, method: &'static str, service: &str, kwargs: Json, lasting: bool) -> &mut Self {
-        let mut map = kwargs.as_object().cloned().unwrap_or_default();
-        map.insert("name".into(), service.into());
-        map.insert("id".into(), format!("{}-{}", self.shared.prefix, self.actions.len()).into());
-        self.actions.push(Action { method, service: service.to_owned(), kwargs: map, lasting });
+    /// Selects instances with this seed instead of a random one: the same seed, actions and registry select the
+    /// same instances (see [`crate::selection`]), so a run can be replayed.
+    pub fn seed(&mut self, seed: u64) -> &mut Self {
+        self.seed = seed;
         self
     }
 
-    /// Queues a kill of one random instance of `service`.
+    /// The seed this scenario selects instances with (random unless [`Scenario::seed`] set it; also logged when the
+    /// scenario first applies).
+    pub fn selection_seed(&self) -> u64 {
+        self.seed
+    }
+
+    fn push(&mut self, method: &'static str, service: &str, kwargs: Json, lasting: bool) -> &mut Self {
+        let mut params = kwargs.as_object().cloned().unwrap_or_default();
+        // Your own fault id, else one derived from the scenario's.
+        let id = match params.remove("id") {
+            Some(Json::String(id)) => id,
+            _ => format!("{}-{}", self.shared.prefix, self.actions.len()),
+        };
+        self.actions.push(Action { method, service: service.to_owned(), params, id, lasting });
+        self
+    }
+
+    /// Queues a kill of one instance of `service` in the whole cluster (see [`crate::selection`]).
     pub fn kill(&mut self, service: &str) -> &mut Self {
         self.push("kill", service, json!({}), false)
     }
 
-    /// Queues a kill with options (`signal`, `count`, `percent`, `all`, `seed`, `deregister`).
+    /// Queues a kill with options (`signal`, `count`, `percent`, `all`, `seed`, `deregister`); `count`, `percent` and
+    /// `all` count instances over the whole cluster, `seed` fixes this action's selection.
     pub fn kill_with(&mut self, service: &str, options: Json) -> &mut Self {
         self.push("kill", service, options, false)
     }
@@ -154,7 +188,7 @@ impl Scenario {
     pub fn inject(&mut self, service: &str, kind: &str, params: Json) -> &mut Self {
         let mut map = params.as_object().cloned().unwrap_or_default();
         map.insert("kind".into(), kind.into());
-        let lasting = !matches!(kind, "kill" | "terminate");
+        let lasting = !selection::is_instant_kind(kind);
         self.push("inject", service, Json::Object(map), lasting)
     }
 
@@ -168,7 +202,7 @@ impl Scenario {
     /// # Errors
     /// Unknown services, unreachable agents, refusals.
     pub async fn apply(&self) -> Result<Vec<Json>, ScenarioError> {
-        apply_all(&self.shared, &self.actions, self.dry_run).await
+        apply_all(&self.shared, &self.actions, self.dry_run, self.seed).await
     }
 
     /// Applies now and then every `interval` until the returned guard is dropped; dropping it reverts every lasting
@@ -177,12 +211,12 @@ impl Scenario {
     /// # Errors
     /// The first application's errors (later rounds log and carry on, as a monkey should).
     pub async fn repeat(&self, interval: Duration) -> Result<RepeatGuard, ScenarioError> {
-        apply_all(&self.shared, &self.actions, self.dry_run).await?;
-        let (shared, actions, dry_run) = (self.shared.clone(), self.actions.clone(), self.dry_run);
+        apply_all(&self.shared, &self.actions, self.dry_run, self.seed).await?;
+        let (shared, actions, dry_run, seed) = (self.shared.clone(), self.actions.clone(), self.dry_run, self.seed);
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
-                if let Err(err) = apply_all(&shared, &actions, dry_run).await {
+                if let Err(err) = apply_all(&shared, &actions, dry_run, seed).await {
                     tracing::warn!(%err, "scenario round failed");
                 }
             }
@@ -255,9 +289,8 @@ async fn call(shared: &Shared, endpoint: &str, method: &str, kwargs: Json) -> Re
         .map_err(|source| ScenarioError::Agent { endpoint: endpoint.to_owned(), source })
 }
 
-/// The agents that have a local instance of each service (names matched like the agent does: exact, else a unique
-/// case-insensitive match).
-async fn route(shared: &Shared, services: &BTreeSet<String>) -> Result<Vec<(String, String)>, ScenarioError> {
+/// Every reachable agent's `Chaos.list_services` answer, by agent endpoint.
+async fn listings(shared: &Shared) -> Result<Map<String, Json>, ScenarioError> {
     if let Some(hosts) = &shared.zookeeper {
         // Agents come and go: refresh the list when a registry is known.
         if let Ok(client) = Client::new()
@@ -273,55 +306,147 @@ async fn route(shared: &Shared, services: &BTreeSet<String>) -> Result<Vec<(Stri
     if agents.is_empty() {
         return Err(ScenarioError::NoAgent("none registered".into()));
     }
-    let mut routes = Vec::new();
-    let mut reached = 0;
+    let mut view = Map::new();
     let mut last_err = None;
     for endpoint in &agents {
-        let listing = match call(shared, endpoint, "list_services", json!({})).await {
-            Ok(l) => l,
-            Err(err) => {
-                last_err = Some(err);
-                continue;
+        match call(shared, endpoint, "list_services", json!({})).await {
+            Ok(listing) => {
+                view.insert(endpoint.clone(), listing);
             }
-        };
-        reached += 1;
-        let Some(map) = listing.as_object() else { continue };
-        for service in services {
-            let key = map.keys().find(|k| *k == service).or_else(|| {
-                let mut m = map.keys().filter(|k| k.eq_ignore_ascii_case(service));
-                let first = m.next();
-                if m.next().is_none() { first } else { None }
-            });
-            let local = key.and_then(|k| map[k].as_array()).is_some_and(|list| list.iter().any(|i| i["local"] == true));
-            if local {
-                routes.push((service.clone(), endpoint.clone()));
-            }
+            Err(err) => last_err = Some(err),
         }
     }
-    if reached == 0 {
+    if view.is_empty() {
         return Err(last_err.unwrap_or(ScenarioError::NoAgent("no agent answered".into())));
     }
-    Ok(routes)
+    Ok(view)
 }
 
-async fn apply_all(shared: &Shared, actions: &[Action], dry_run: bool) -> Result<Vec<Json>, ScenarioError> {
-    let services: BTreeSet<String> = actions.iter().map(|a| a.service.clone()).collect();
-    let routes = route(shared, &services).await?;
+/// The selection's view of agents' `Chaos.list_services` answers (agent endpoint → answer): entries that are no
+/// map, and instances without a string `id`, are left out; `local` counts only when it is `true`.
+pub fn registry_view(listings: &Map<String, Json>) -> RegistryView {
+    listings
+        .iter()
+        .map(|(agent, listing)| {
+            let services = listing
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(service, instances)| {
+                    let instances = instances
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|i| {
+                            let id = i.get("id")?.as_str()?.to_owned();
+                            Some(Listed { id, local: i.get("local") == Some(&Json::Bool(true)) })
+                        })
+                        .collect();
+                    (service.clone(), instances)
+                })
+                .collect::<BTreeMap<_, _>>();
+            (agent.clone(), services)
+        })
+        .collect()
+}
+
+/// The fault kind of an agent method and its arguments (`inject` names it in `kind`).
+fn kind_of<'a>(method: &'a str, params: &'a Map<String, Json>) -> &'a str {
+    match method {
+        "inject" => params.get("kind").and_then(Json::as_str).unwrap_or(""),
+        "inject_latency" => "latency",
+        other => other,
+    }
+}
+
+/// An action's `count`, `percent` and `all` options (absent or `null`: not given).
+fn amount(params: &Map<String, Json>) -> Result<Amount, SelectionError> {
+    let given = |key: &str| params.get(key).filter(|v| !v.is_null());
+    let wrong = |key: &str, what: &str| SelectionError::BadArguments(format!("{key} must be {what}"));
+    let count = given("count")
+        .map(|v| v.as_i64().or_else(|| v.as_u64().map(|_| i64::MAX)).ok_or_else(|| wrong("count", "an integer")))
+        .transpose()?;
+    let percent = given("percent").map(|v| v.as_f64().ok_or_else(|| wrong("percent", "a number"))).transpose()?;
+    let all = given("all").map(|v| v.as_bool().ok_or_else(|| wrong("all", "true or false"))).transpose()?;
+    Amount::from_options(count, percent, all.unwrap_or(false))
+}
+
+/// The seed action number `index` (queue order, 0-based) of a scenario seeded with `seed` selects with in round
+/// `round` (0-based): the action's own `seed` option, else [`selection::action_seed`] from the scenario's seed.
+pub fn round_seed(seed: u64, index: usize, round: u64, method: &str, params: &Map<String, Json>) -> u64 {
+    let instant = selection::is_instant_kind(kind_of(method, params));
+    params
+        .get("seed")
+        .and_then(Json::as_u64)
+        .unwrap_or_else(|| selection::action_seed(seed, index as u64, round, instant))
+}
+
+/// One request of a plan: the agent endpoint and the keyword arguments of the agent method.
+pub type AgentRequest = (String, Map<String, Json>);
+
+/// Where one action goes: (agent endpoint, keyword arguments) for each request, given every agent's
+/// `Chaos.list_services` answer (agent endpoint → answer) and the seed to select with. [`crate::selection`] defines
+/// every step; the Python client's `lymph_chaos.scenario.plan` gives the same answer for the same inputs.
+///
+/// `method` is the agent method (`kill`, `terminate`, `pause`, `inject_latency`, `inject`), `name` the service as
+/// given, `params` the other arguments (`count`, `percent`, `all` included), `id` the action's fault id.
+///
+/// # Errors
+/// [`ScenarioError::Selection`]: unknown or ambiguous service, no agent hosting it, invalid `count`/`percent`/`all`.
+pub fn plan(
+    method: &str,
+    name: &str,
+    params: &Map<String, Json>,
+    id: &str,
+    listings: &Map<String, Json>,
+    seed: u64,
+) -> Result<Vec<AgentRequest>, ScenarioError> {
+    let amount = amount(params)?;
+    let requests = selection::plan(&registry_view(listings), name, kind_of(method, params), amount, seed, id)?;
+    Ok(requests
+        .into_iter()
+        .map(|request| {
+            let mut kwargs = params.clone();
+            match request.target {
+                Target::Name(service) => {
+                    kwargs.insert("name".into(), service.into());
+                }
+                Target::Instance(instance) => {
+                    for key in ["count", "percent", "all"] {
+                        kwargs.remove(key);
+                    }
+                    kwargs.insert("instance".into(), instance.into());
+                }
+            }
+            kwargs.insert("id".into(), request.id.into());
+            (request.agent, kwargs)
+        })
+        .collect())
+}
+
+async fn apply_all(shared: &Shared, actions: &[Action], dry_run: bool, seed: u64) -> Result<Vec<Json>, ScenarioError> {
+    let listings = listings(shared).await?;
+    let round = shared.rounds.fetch_add(1, Ordering::SeqCst);
+    if round == 0 {
+        tracing::info!(scenario = %shared.prefix, seed, "selecting instances with this seed (Scenario::seed replays it)");
+    }
+    // Every action is planned before anything is sent: an unknown service fails the round as a whole.
+    let mut planned = Vec::new();
+    for (index, action) in actions.iter().enumerate() {
+        let seed = round_seed(seed, index, round, action.method, &action.params);
+        let requests = plan(action.method, &action.service, &action.params, &action.id, &listings, seed)?;
+        planned.push((action, requests));
+    }
     let mut answers = Vec::new();
     // Lasting faults first, kills last: a kill could end an instance before its agent resolved the round's other
     // faults (a dead instance is no local target).
-    let (lasting, instant): (Vec<&Action>, Vec<&Action>) = actions.iter().partition(|a| a.lasting);
-    for action in lasting.into_iter().chain(instant) {
-        let targets: Vec<&String> = routes.iter().filter(|(s, _)| *s == action.service).map(|(_, e)| e).collect();
-        if targets.is_empty() {
-            return Err(ScenarioError::UnknownService(action.service.clone()));
-        }
-        for endpoint in targets {
-            let mut kwargs = action.kwargs.clone();
+    let (lasting, instant): (Vec<_>, Vec<_>) = planned.into_iter().partition(|(a, _)| a.lasting);
+    for (action, requests) in lasting.into_iter().chain(instant) {
+        for (endpoint, mut kwargs) in requests {
             if dry_run {
                 kwargs.insert("dry_run".into(), true.into());
             }
-            let answer = call(shared, endpoint, action.method, Json::Object(kwargs)).await?;
+            let answer = call(shared, &endpoint, action.method, Json::Object(kwargs)).await?;
             if action.lasting
                 && !dry_run
                 && let Some(id) = answer["id"].as_str()
@@ -345,5 +470,93 @@ async fn revert_all(shared: &Shared) {
                 if type_name == "UnknownFault" => {}
             Err(err) => tracing::warn!(%err, %id, "could not revert a scenario fault"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listings() -> Map<String, Json> {
+        let inst = |id: &str, local: bool| json!({"id": id, "identity": "i", "endpoint": "tcp://h:1", "local": local});
+        json!({
+            "tcp://a:4575": {"Echo": [inst("e1", true), inst("e2", true), inst("e3", false)], "Demo": [inst("d", false)]},
+            "tcp://b:4575": {"Echo": [inst("e1", false), inst("e2", false), inst("e3", true)], "Demo": [inst("d", true)]},
+        })
+        .as_object()
+        .cloned()
+        .unwrap()
+    }
+
+    fn params(v: Json) -> Map<String, Json> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn registry_view_keeps_what_selection_needs_and_skips_the_rest() {
+        let mut listings = listings();
+        listings.insert("tcp://c:4575".into(), json!(null));
+        listings["tcp://a:4575"]["Echo"].as_array_mut().unwrap().extend([
+            json!({"local": true}),
+            json!({"id": 3, "local": true}),
+            json!({"id": "e9", "local": 1}),
+            json!("junk"),
+        ]);
+        let view = registry_view(&listings);
+        assert!(view["tcp://c:4575"].is_empty());
+        let echo_on_a: Vec<(&str, bool)> =
+            view["tcp://a:4575"]["Echo"].iter().map(|l| (l.id.as_str(), l.local)).collect();
+        assert_eq!(echo_on_a, [("e1", true), ("e2", true), ("e3", false), ("e9", false)]);
+    }
+
+    #[test]
+    fn each_chosen_instance_goes_to_its_agent_as_an_instance_request() {
+        let listings = listings();
+        let kill = plan("kill", "echo", &params(json!({"count": 2, "signal": "SIGTERM"})), "k", &listings, 3).unwrap();
+        assert_eq!(kill.len(), 2);
+        for (slot, (agent, kwargs)) in kill.iter().enumerate() {
+            let instance = kwargs["instance"].as_str().unwrap();
+            assert_eq!(agent, if instance == "e3" { "tcp://b:4575" } else { "tcp://a:4575" });
+            let id = if slot == 0 { "k".to_owned() } else { format!("k.{slot}") };
+            assert_eq!(Json::Object(kwargs.clone()), json!({"instance": instance, "signal": "SIGTERM", "id": id}));
+        }
+        let latency = plan("inject_latency", "Echo", &params(json!({"latency": 1})), "l", &listings, 3).unwrap();
+        let want = ["tcp://a:4575", "tcp://b:4575"]
+            .map(|a| (a.to_owned(), params(json!({"latency": 1, "name": "Echo", "id": "l"}))));
+        assert_eq!(latency, want);
+    }
+
+    #[test]
+    fn invalid_or_unroutable_actions_fail_before_anything_is_sent() {
+        let listings = listings();
+        let err = |method, name, p| plan(method, name, &params(p), "i", &listings, 1).unwrap_err();
+        assert!(matches!(
+            err("kill", "Echo", json!({"count": 0})),
+            ScenarioError::Selection(SelectionError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            err("kill", "Echo", json!({"count": "2"})),
+            ScenarioError::Selection(SelectionError::BadArguments(_))
+        ));
+        assert!(matches!(
+            err("inject", "Nope", json!({"kind": "loss"})),
+            ScenarioError::Selection(SelectionError::UnknownService { .. })
+        ));
+    }
+
+    #[test]
+    fn kills_pick_anew_every_round_and_lasting_faults_keep_their_instances() {
+        let listings = listings();
+        let pick = |method: &str, p: Json, round| {
+            let p = params(p);
+            let seed = round_seed(11, 0, round, method, &p);
+            plan(method, "Echo", &p, "i", &listings, seed).unwrap()[0].1["instance"].clone()
+        };
+        let pauses: BTreeSet<String> = (0..20).map(|r| pick("pause", json!({"lifetime": 1}), r).to_string()).collect();
+        assert_eq!(pauses.len(), 1, "a refreshed pause stays on its instance");
+        let kills: BTreeSet<String> = (0..20).map(|r| pick("kill", json!({}), r).to_string()).collect();
+        assert_eq!(kills.len(), 3, "kills move around");
+        let own: BTreeSet<String> = (0..20).map(|r| pick("kill", json!({"seed": 5}), r).to_string()).collect();
+        assert_eq!(own.len(), 1, "an action's own seed fixes its choice");
     }
 }

@@ -47,6 +47,9 @@ pub struct AgentOptions {
     pub env: Vec<(String, String)>,
     /// Descriptors of this process the agent inherits, at the same numbers (e.g. a socket a `lymph node` shares).
     pub inherit_fds: Vec<std::os::fd::RawFd>,
+    /// The agent sees this file as `/etc/resolv.conf` (bind-mounted in a private mount namespace): its own DNS
+    /// servers, nobody else's.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// A running agent.
@@ -122,10 +125,37 @@ impl AgentProcess {
         // No ZooKeeper unless the test gives one (the default would try lymph's 127.0.0.1:2181).
         cmd.args(["--zookeeper", opts.zookeeper.as_deref().unwrap_or("")]);
         let inherit = opts.inherit_fds.clone();
-        // SAFETY: prctl and fcntl in the child only affect the child.
+        let resolv = match &opts.resolv_conf {
+            Some(path) => Some(std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?),
+            None => None,
+        };
+        // SAFETY: prctl, fcntl, unshare and mount in the child only affect the child (and its own mount
+        // namespace); the strings were made before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(resolv) = &resolv {
+                    let root = c"/";
+                    let target = c"/etc/resolv.conf";
+                    if libc::unshare(libc::CLONE_NEWNS) != 0
+                        || libc::mount(
+                            std::ptr::null(),
+                            root.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_REC | libc::MS_PRIVATE,
+                            std::ptr::null(),
+                        ) != 0
+                        || libc::mount(
+                            resolv.as_ptr(),
+                            target.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 for &fd in &inherit {
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());

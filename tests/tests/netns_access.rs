@@ -65,6 +65,45 @@ fn without_an_allowlist_a_non_loopback_bind_refuses_to_start_and_a_loopback_one_
     assert!(t.srv.run(|| status_call("127.0.0.1", &id, &id, None, ANSWER_WAIT)).is_some());
 }
 
+/// `lymph-chaos --agent <endpoint> status` from `ns`: its exit status and output.
+fn cli_status(ns: &chaos_tests::netns::Netns, endpoint: &str) -> std::process::Output {
+    ns.command(chaos_tests::agent::agent_bin().to_str().unwrap())
+        .args(["--agent", endpoint, "--timeout", "5", "--json", "status"])
+        .output()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn the_cli_reaches_the_agent_by_any_address_it_listens_on() {
+    // lymph peers name each other by the advertised endpoint; a client that dials another address of the agent
+    // (its loopback address on its own host, or a second interface) must still get the answer.
+    let t = topology("dial");
+    let agent = Agent::start(
+        &t.srv,
+        "rpc:\n  bind: 0.0.0.0\n  advertise: 10.41.0.1\n  allowed_clients: [127.0.0.0/8, 10.41.0.0/24, 10.42.0.0/24]\n",
+    )
+    .unwrap_or_else(|log| panic!("agent did not start:\n{log}"));
+    let port = agent.port;
+    for (ns, endpoint) in [
+        (&t.srv, format!("tcp://127.0.0.1:{port}")),
+        (&t.srv, format!("tcp://10.42.0.1:{port}")),
+        (&t.good, format!("tcp://10.41.0.1:{port}")),
+        (&t.bad, format!("tcp://10.42.0.1:{port}")),
+    ] {
+        let out = cli_status(ns, &endpoint);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("lymph-chaos"),
+            "status through {endpoint} from {} (agent advertises tcp://10.41.0.1:{port}): {}\n{stdout}{}\nagent log:\n{}",
+            ns.name(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            agent.log()
+        );
+    }
+}
+
 fn write_secret_key(dir: &Path, secret: &[u8; 32]) -> PathBuf {
     let path = dir.join("agent.key");
     std::fs::write(&path, format!("{}\n", zmq::z85_encode(secret).unwrap())).unwrap();

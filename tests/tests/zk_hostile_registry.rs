@@ -185,3 +185,128 @@ fn a_stale_registry_entry_whose_port_a_web_server_took_does_not_make_it_a_target
     ensure!(refused == 2, "expected 2 recorded refusals, got {refused}: {:?}", agent.events());
     Ok(())
 }
+
+/// A DNS server that never answers: it counts the queries that name `marker` and lets them time out.
+struct SilentDns {
+    queries: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SilentDns {
+    fn start(addr: &str, marker: &'static str) -> Result<SilentDns> {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicUsize, Ordering},
+        };
+        let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let queries = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (q, s) = (queries.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok(n) = socket.recv(&mut buf)
+                    && buf[..n].windows(marker.len()).any(|w| w == marker.as_bytes())
+                {
+                    q.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Ok(SilentDns { queries, stop, thread: Some(thread) })
+    }
+
+    fn queries(&self) -> usize {
+        self.queries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for SilentDns {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and the harness's ZooKeeper: run by cargo xtask test"]
+fn registry_host_names_that_never_resolve_do_not_stall_discovery_or_rpc() -> Result<()> {
+    // The attacker registers instances whose endpoints name hosts that the DNS server never answers for (each
+    // lookup then takes timeout × attempts). The agent must go on answering requests and keep its view of the
+    // real services current: a lymph instance started after the attack is seen, with its pid, as quickly as
+    // without it.
+    const MARKER: &str = "chaosdnstest";
+    let dns = SilentDns::start("127.0.9.53:53", MARKER)?;
+    let dir = tempfile::tempdir()?;
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.9.53\noptions timeout:5 attempts:2\n")?;
+    let config = LymphConfig::for_test("hostile-dns")?;
+    let agent = AgentProcess::start(
+        None,
+        AgentOptions {
+            zookeeper: Some(config.zk_hosts()),
+            args: vec!["--no-network-control".into()],
+            resolv_conf: Some(resolv),
+            ..Default::default()
+        },
+    )?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let zkc = zookeeper_client::Client::connect(&config.zk_hosts()).await?;
+        let opts = zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+        zkc.create("/services/Slow", b"", &opts).await?;
+        for i in 0..12 {
+            let registration = json!({
+                "endpoint": format!("tcp://h{i}.{MARKER}.example:4242"),
+                "identity": format!("{i:032x}"),
+                "ip": "127.0.0.1",
+            });
+            zkc.create(&format!("/services/Slow/s{i}"), &serde_json::to_vec(&registration)?, &opts).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while dns.queries() == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the agent never asked the test's DNS server for the registered host names (is the agent's \
+             /etc/resolv.conf the test's?); log:\n{}",
+            agent.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // While the lookups hang: requests are answered, and a new real instance is seen as local with its pid.
+    let instance = Instance::start(&config)?;
+    let pid = u64::from(instance.pid());
+    let started = Instant::now();
+    loop {
+        let services = agent.call("list_services", json!({})).map_err(|e| {
+            anyhow::anyhow!("the agent stopped answering while registry host names were being resolved: {e}")
+        })?;
+        let echo_local =
+            services["Echo"].as_array().is_some_and(|l| l.iter().any(|i| i["local"] == true && i["pid"] == pid));
+        if echo_local {
+            ensure!(
+                services["Slow"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().all(|i| i["local"] == false && i["pid"].is_null())),
+                "an instance whose host name never resolved counts as local: {services}"
+            );
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(15),
+            "the agent did not see the new lymph instance (pid {pid}) within 15 s while {} DNS queries for registry \
+             host names hung: its discovery waits for DNS; list_services: {services}; log:\n{}",
+            dns.queries(),
+            agent.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    agent.ok("status", json!({}));
+    Ok(())
+}

@@ -2,8 +2,9 @@
 //!
 //! Tiers (a test's tier is its binary: `tests/tests/<tier>_*.rs`; privileged tests are `#[ignore]`d so a plain
 //! `cargo test` never runs them half-prepared):
-//! 1. `unit` — unit tests, no privileges; first the Python client's checks (ruff, mypy --strict, its pytest tests
-//!    that need no agent: see [`crate::python`]), which stop the run when they fail, as `cargo fmt` and clippy do;
+//! 1. `unit` — unit tests, no privileges (plus binaries `unit_*`: integration tests that need nothing either); first
+//!    the Python client's checks (ruff, mypy --strict, its pytest tests that need no agent: see [`crate::python`]),
+//!    which stop the run when they fail, as `cargo fmt` and clippy do;
 //! 2. `netns` — root, each test in fresh network namespaces (binaries `netns_*`, plus `#[ignore]`d unit tests
 //!    that need root);
 //! 3. `hostile` — root, the agent attacked as a local unprivileged user, a remote peer in another namespace, or a
@@ -382,7 +383,9 @@ fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Res
         .flatten()
         .filter_map(|e| e.path().file_stem().and_then(|s| s.to_str()).map(str::to_owned))
         .filter(|name| {
-            let tier = if name.starts_with("hostile_") {
+            let tier = if name.starts_with("unit_") {
+                Tier::Unit
+            } else if name.starts_with("hostile_") {
                 Tier::Hostile
             } else if name.starts_with("zk_") {
                 Tier::Zk

@@ -3,7 +3,6 @@ fake lymph peer built from plain pyzmq (replies of every type, heartbeats, timeo
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -11,7 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import pytest
 
 import lymph_chaos
-from lymph_chaos import errors
+from lymph_chaos import errors, scenario
 from lymph_chaos.codec import pack, unpack
 from lymph_chaos.rpc import ACK, ERROR, NACK, REP, REQ, RpcNode, request_frames, zmq_module
 from lymph_chaos.scenario import Action, plan, resolve_service
@@ -84,53 +83,161 @@ def test_service_names_resolve_like_the_agent() -> None:
 
 
 def _inst(local: bool, n: int = 0) -> Dict[str, Any]:
-    return {"local": local, "pid": 100 + n if local else None, "endpoint": f"tcp://10.0.0.{n}:1", "hostname": f"h{n}"}
+    return {
+        "id": f"i{n}",
+        "local": local,
+        "pid": 100 + n if local else None,
+        "endpoint": f"tcp://10.0.0.{n}:1",
+        "hostname": f"h{n}",
+    }
 
 
 A, B, C = "tcp://10.0.0.1:4575", "tcp://10.0.0.2:4575", "tcp://10.0.0.3:4575"
-# Every agent sees every registration; `local` only where the instance runs.
+# Every agent sees every registration; `local` only where the instance runs: Echo i1, i2 on A, i3 on B; Demo i4 on B.
 VIEW = {
     A: {"Echo": [_inst(True, 1), _inst(True, 2), _inst(False, 3)], "Demo": [_inst(False, 4)]},
     B: {"Echo": [_inst(False, 1), _inst(False, 2), _inst(True, 3)], "Demo": [_inst(True, 4)]},
     C: {"Echo": [_inst(False, 1), _inst(False, 2), _inst(False, 3)], "Demo": [_inst(False, 4)]},
 }
+HOST_OF = {"i1": A, "i2": A, "i3": B}
+
+# The same vectors as the Rust unit tests of chaos_agent::selection (the definition this client follows).
 
 
-def test_process_faults_hit_one_instance_on_one_host_by_default() -> None:
-    seen = set()
+def test_splitmix64_matches_the_reference_outputs() -> None:
+    rng = scenario.SplitMix64(1234567)
+    assert [rng.next() for _ in range(5)] == [
+        6457827717110365317,
+        3203168211198807973,
+        9817491932198370423,
+        4593380528125082431,
+        16408922859458223821,
+    ]
+    assert scenario.SplitMix64(0).next() == 0xE220A8397B1DCDAF
+
+
+def test_choose_is_a_seeded_partial_permutation() -> None:
+    for seed in range(100):
+        for n in range(7):
+            for k in range(n + 1):
+                chosen = scenario.choose(n, k, seed)
+                assert len(chosen) == len(set(chosen)) == k and all(0 <= i < n for i in chosen)
+                assert chosen == scenario.choose(n, k, seed)
+                assert scenario.choose(n, max(k - 1, 0), seed) == chosen[: max(k - 1, 0)]
+    assert len({tuple(scenario.choose(10, 3, seed)) for seed in range(50)}) > 40
+    with pytest.raises(ValueError):
+        scenario.choose(2, 3, 1)
+
+
+def test_choose_is_uniform_over_positions() -> None:
+    for k, expected in ((1, 4000), (2, 8000)):
+        hits = [0] * 5
+        for seed in range(20000):
+            for i in scenario.choose(5, k, scenario.derive_seed(seed, 99)):
+                hits[i] += 1
+        assert all(abs(h - expected) < 300 for h in hits), (k, hits)
+
+
+def test_candidates_are_local_sorted_and_each_instance_once() -> None:
+    view = {
+        agent: {name: [dict(i) for i in insts] for name, insts in services.items()} for agent, services in VIEW.items()
+    }
+    view[C]["Echo"][0]["local"] = True  # i1 also listed as local by C: counts once, for A (first by endpoint)
+    view[A]["Echo"].append({"local": True})  # no id: cannot be targeted
+    view[A]["Echo"].append({"id": "i9", "local": 1})  # `local` counts only when it is true
+    assert scenario.candidates(view, "Echo") == [("i1", A), ("i2", A), ("i3", B)]
+    assert scenario.candidates(view, "Nope") == []
+
+
+def test_amounts_are_bounded() -> None:
+    def k(n: int, process: bool = True, **params: Any) -> Optional[int]:
+        return scenario.instances_to_choose(params, n, process)
+
+    assert (k(4), k(4, False), k(4, all=True), k(4, False, all=True)) == (1, None, 4, None)
+    assert (k(4, False, count=3), k(4, count=9), k(4, percent=25), k(4, percent=26)) == (3, 4, 1, 2)
+    assert (k(4, percent=0.1), k(4, percent=100), k(4, False, percent=50.0), k(4, all=False)) == (1, 4, 2, 1)
+    for bad in ({"count": 0}, {"count": -2}, {"percent": 0}, {"percent": 100.5}, {"percent": float("nan")}):
+        with pytest.raises(lymph_chaos.InvalidArgument):
+            k(4, **bad)
+    for wrong in (
+        {"count": 1, "percent": 5},
+        {"count": 1, "all": True},
+        {"percent": 5, "all": True},
+        {"count": 2.0},
+        {"count": True},
+        {"percent": "5"},
+        {"all": 1},
+    ):
+        with pytest.raises(lymph_chaos.BadArguments):
+            k(4, **wrong)
+
+
+def test_process_faults_hit_one_instance_of_the_cluster_by_default() -> None:
     for seed in range(40):
-        targets = plan(Action("kill", "echo", {}, "sn-x-1"), VIEW, random.Random(seed))
+        targets = plan(Action("kill", "echo", {}, "sn-x-1"), VIEW, seed)
         assert len(targets) == 1
         agent, kwargs = targets[0]
-        assert agent in (A, B) and kwargs == {"name": "Echo", "id": "sn-x-1"}
-        seen.add(agent)
-    assert seen == {A, B}  # weighted, but both hosts get picked
+        assert kwargs == {"instance": kwargs["instance"], "id": "sn-x-1"} and agent == HOST_OF[kwargs["instance"]]
+        assert targets == plan(Action("kill", "Echo", {}, "sn-x-1"), VIEW, seed), "replayable"
 
 
-def test_network_faults_and_all_go_to_every_host_with_an_instance() -> None:
+def test_the_default_is_uniform_over_instances_not_hosts() -> None:
+    # Echo: i1 and i2 on A, i3 on B: over 6000 seeds each instance ~2000 times (σ ≈ 37), so A ~4000.
+    hits: Dict[str, int] = {}
+    for seed in range(6000):
+        ((_, kwargs),) = plan(Action("pause", "Echo", {"lifetime": 3}, "p"), VIEW, scenario.derive_seed(seed, 1))
+        hits[kwargs["instance"]] = hits.get(kwargs["instance"], 0) + 1
+    assert sorted(hits) == ["i1", "i2", "i3"] and all(abs(n - 2000) < 200 for n in hits.values()), hits
+
+
+def test_counts_and_percentages_are_cluster_wide() -> None:
+    for seed in range(50):
+        targets = plan(Action("kill", "Echo", {"count": 2, "signal": "SIGTERM"}, "i"), VIEW, seed)
+        assert [kw["id"] for _, kw in targets] == ["i", "i.1"]
+        assert len({kw["instance"] for _, kw in targets}) == 2
+        assert all(
+            agent == HOST_OF[kw["instance"]] and kw["signal"] == "SIGTERM" and "count" not in kw
+            for agent, kw in targets
+        )
+        # Network kinds select the same way once a count is given.
+        net = plan(Action("inject", "Echo", {"kind": "loss", "loss": 5, "count": 2}, "i"), VIEW, seed)
+        assert [(a, kw["instance"], kw["id"]) for a, kw in net] == [(a, kw["instance"], kw["id"]) for a, kw in targets]
+    assert len(plan(Action("kill", "Echo", {"count": 9}, "i"), VIEW, 1)) == 3
+    assert len(plan(Action("terminate", "Echo", {"percent": 50}, "i"), VIEW, 1)) == 2
+    every = plan(Action("pause", "Echo", {"all": True, "lifetime": 3}, "i"), VIEW, 1)
+    assert sorted((agent, kw["instance"]) for agent, kw in every) == [(A, "i1"), (A, "i2"), (B, "i3")]
+
+
+def test_network_and_resource_faults_go_to_every_host_with_an_instance() -> None:
     targets = plan(Action("inject", "Echo", {"kind": "blackhole"}, "sn-x-2"), VIEW)
-    assert [t[0] for t in targets] == [A, B]
-    assert all(kw == {"kind": "blackhole", "name": "Echo", "id": "sn-x-2"} for _, kw in targets)
-    assert [t[0] for t in plan(Action("kill", "Echo", {"all": True}, "i"), VIEW)] == [A, B]
-    assert [t[0] for t in plan(Action("pause", "Echo", {"percent": 50, "lifetime": 3}, "i"), VIEW)] == [A, B]
-    assert [t[0] for t in plan(Action("inject_latency", "demo", {"latency": 1}, "i"), VIEW)] == [B]
-
-
-def test_count_is_split_over_hosts() -> None:
-    for seed in range(10):
-        targets = plan(Action("kill", "Echo", {"count": 2}, "i"), VIEW, random.Random(seed))
-        assert sum(kw["count"] for _, kw in targets) == 2
-        assert all(kw["count"] <= (2 if agent == A else 1) for agent, kw in targets)
-    targets = plan(Action("kill", "Echo", {"count": 9}, "i"), VIEW)
-    assert sorted((agent, kw["count"]) for agent, kw in targets) == [(A, 2), (B, 1)]
+    assert targets == [(a, {"kind": "blackhole", "name": "Echo", "id": "sn-x-2"}) for a in (A, B)]
+    assert [t[0] for t in plan(Action("inject", "ECHO", {"kind": "blackhole", "all": True}, "i"), VIEW)] == [A, B]
+    assert [t[0] for t in plan(Action("inject", "Echo", {"kind": "cpu"}, "i"), VIEW)] == [A, B]
+    assert plan(Action("inject_latency", "demo", {"latency": 1}, "i"), VIEW) == [
+        (B, {"latency": 1, "name": "Demo", "id": "i"})
+    ]
 
 
 def test_unroutable_actions_say_why() -> None:
     with pytest.raises(lymph_chaos.UnknownService, match="'nope'"):
         plan(Action("kill", "nope", {}, "i"), VIEW)
+    with pytest.raises(lymph_chaos.UnknownService, match="ambiguous"):
+        plan(Action("kill", "echo", {}, "i"), dict(VIEW, **{"tcp://x:1": {"ECHO": [_inst(True, 7)]}}))
     no_local = {A: {"Echo": [_inst(False, 1)]}}
     with pytest.raises(lymph_chaos.NoAgentForService, match="no Chaos agent has a running instance"):
         plan(Action("kill", "Echo", {}, "i"), no_local)
+    with pytest.raises(lymph_chaos.BadArguments, match="one of count, percent, all"):
+        plan(Action("kill", "nope", {"count": 1, "all": True}, "i"), VIEW)  # options are checked first
+
+
+def test_lasting_faults_keep_their_seed_across_rounds_and_kills_do_not() -> None:
+    assert scenario.action_seed(5, 0, 0, False) == scenario.action_seed(5, 0, 9, False)
+    assert scenario.action_seed(5, 0, 0, True) != scenario.action_seed(5, 0, 1, True)
+    assert scenario.action_seed(5, 0, 0, True) != scenario.action_seed(5, 1, 0, True)
+    assert scenario.action_seed(5, 0, 0, True) == scenario.action_seed(5, 0, 0, False)
+    kill, pause = Action("kill", "Echo", {}, "k"), Action("pause", "Echo", {"seed": 42}, "p")
+    assert scenario.round_seed(5, 0, 3, kill) == scenario.action_seed(5, 0, 3, True)
+    assert scenario.round_seed(5, 1, 3, pause) == 42  # the action's own seed wins
 
 
 def test_queued_actions_get_deterministic_ids() -> None:
@@ -158,7 +265,8 @@ def test_a_round_sends_kills_only_after_the_lasting_faults_are_answered() -> Non
     sn._lock = threading.RLock()
     sn._actions = []
     sn._applied = {}
-    sn._rng = random.Random(1)
+    sn._rounds = 0
+    sn.seed = 1
     sn.dry_run = False
     sn.kill("echo")
     sn.inject_latency("Echo", 1)

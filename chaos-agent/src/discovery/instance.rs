@@ -1,9 +1,6 @@
 //! Service instances: lymph's registry record and what the agent knows about each instance.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, ToSocketAddrs},
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -111,7 +108,7 @@ impl Instance {
 }
 
 /// Splits `tcp://host:port` into a host and a port (`[v6]` brackets removed).
-fn split_endpoint(endpoint: &str) -> Option<(&str, u16)> {
+pub(crate) fn split_endpoint(endpoint: &str) -> Option<(&str, u16)> {
     let rest = endpoint.strip_prefix("tcp://")?;
     let (host, port) = rest.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
@@ -119,7 +116,7 @@ fn split_endpoint(endpoint: &str) -> Option<(&str, u16)> {
 }
 
 /// Splits `tcp://ip:port` into an address and a port (`[v6]` brackets allowed). Never touches DNS: a host
-/// name gives `None` (see [`resolve_endpoint`]).
+/// name gives `None` (see [`super::names`]).
 pub fn parse_endpoint(endpoint: &str) -> Option<(IpAddr, u16)> {
     let (host, port) = split_endpoint(endpoint)?;
     Some((host.parse::<IpAddr>().ok()?, port))
@@ -128,15 +125,6 @@ pub fn parse_endpoint(endpoint: &str) -> Option<(IpAddr, u16)> {
 /// The port of `tcp://host:port`, whatever the host.
 pub fn endpoint_port(endpoint: &str) -> Option<u16> {
     split_endpoint(endpoint).map(|(_, p)| p)
-}
-
-/// Like [`parse_endpoint`], resolving a host name. Blocking (DNS): call it off the async runtime's workers.
-pub fn resolve_endpoint(endpoint: &str) -> Option<(IpAddr, u16)> {
-    if let Some(parsed) = parse_endpoint(endpoint) {
-        return Some(parsed);
-    }
-    let (host, port) = split_endpoint(endpoint)?;
-    (host, port).to_socket_addrs().ok()?.next().map(|a| (a.ip(), port))
 }
 
 #[cfg(test)]

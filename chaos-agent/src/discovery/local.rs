@@ -13,7 +13,7 @@ use std::{
 };
 
 use super::{
-    instance::{Instance, resolve_endpoint},
+    instance::{Instance, parse_endpoint, split_endpoint},
     sockets::{self, Listener},
 };
 
@@ -129,14 +129,18 @@ impl HostView {
         Some(pid)
     }
 
-    /// Fills `local`, `pid`, `listening` and `process` of an instance. Blocking (host names in endpoints are
-    /// resolved): call it off the async runtime's workers.
-    pub fn resolve(&mut self, inst: &mut Instance) {
+    /// Fills `local`, `pid`, `listening` and `process` of an instance. A host name in its endpoint takes its
+    /// address from `names` (answers known now, see [`super::names`]); without one the instance is not here.
+    pub fn resolve(&mut self, inst: &mut Instance, names: &HashMap<String, IpAddr>) {
         inst.local = false;
         inst.pid = None;
         inst.listening = false;
         inst.process = None;
-        let Some((ip, port)) = resolve_endpoint(&inst.endpoint) else { return };
+        let found = parse_endpoint(&inst.endpoint).or_else(|| {
+            let (host, port) = split_endpoint(&inst.endpoint)?;
+            names.get(host).map(|ip| (*ip, port))
+        });
+        let Some((ip, port)) = found else { return };
         inst.port = Some(port);
         // An endpoint on an address this host does not have cannot be here.
         if !ip.is_unspecified() && !self.addresses.contains(&ip) {
@@ -228,12 +232,12 @@ mod tests {
         };
         let mut inst = Instance::from_registration("X", "i", reg);
         let mut view = HostView::capture();
-        view.resolve(&mut inst);
+        view.resolve(&mut inst, &HashMap::new());
         assert!(inst.local && inst.listening);
         assert_eq!(inst.pid, Some(std::process::id() as i32));
         drop(listener);
         let mut view = HostView::capture();
-        view.resolve(&mut inst);
+        view.resolve(&mut inst, &HashMap::new());
         assert!(!inst.listening && !inst.local, "{inst:?}");
     }
 }

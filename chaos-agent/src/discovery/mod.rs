@@ -15,6 +15,7 @@
 
 pub mod instance;
 pub mod local;
+pub mod names;
 pub mod sockets;
 pub mod zookeeper;
 
@@ -115,7 +116,9 @@ type InspectResult = (Vec<String>, Option<std::time::Instant>);
 pub struct Discovery {
     config: DiscoveryConfig,
     tx: watch::Sender<Arc<Snapshot>>,
-    rescan: Notify,
+    /// Wakes the discovery task for a scan now (a request, a deregistration, a host name answered).
+    rescan: Arc<Notify>,
+    names: names::HostNames,
     cancel: CancellationToken,
     client: Mutex<Option<zk::Client>>,
     /// Used in standalone mode to ask local lymph processes which interfaces they serve.
@@ -138,10 +141,12 @@ impl Discovery {
             Some(hosts) => ZkState::Connecting { hosts: zookeeper::connect_string(hosts), error: None },
         };
         let (tx, _) = watch::channel(Arc::new(Snapshot { services: BTreeMap::new(), zookeeper, generation: 0 }));
+        let rescan = Arc::new(Notify::new());
         let discovery = Arc::new(Discovery {
             config,
             tx,
-            rescan: Notify::new(),
+            names: names::HostNames::new(rescan.clone()),
+            rescan,
             cancel: CancellationToken::new(),
             client: Mutex::new(None),
             node,
@@ -349,12 +354,14 @@ impl Discovery {
     /// lymph processes of this host that are not registered in it (another deployment's, `--isolated` ones) are
     /// not its services and are left out.
     async fn merge_local(&self, mut services: BTreeMap<String, Vec<Instance>>) -> BTreeMap<String, Vec<Instance>> {
-        // Off the runtime's workers: reading /proc and resolving host names block.
+        // Host names take the answers known now (DNS never holds up a scan); reading /proc blocks: off the
+        // runtime's workers.
+        let names = self.names.answers(services.values().flatten().map(|i| i.endpoint.as_str()));
         let copy = services.clone();
         tokio::task::spawn_blocking(move || {
             let mut view = local::HostView::capture();
             for inst in services.values_mut().flatten() {
-                view.resolve(inst);
+                view.resolve(inst, &names);
             }
             services
         })
@@ -366,11 +373,12 @@ impl Discovery {
         let view = tokio::task::spawn_blocking(local::HostView::capture).await.unwrap_or_default();
         let processes = view.processes().to_vec();
         let found = self.local_instances(&processes).await;
+        let names = self.names.answers(found.iter().map(|i| i.endpoint.as_str()));
         let resolved = tokio::task::spawn_blocking(move || {
             let mut view = view;
             let mut found = found;
             for inst in &mut found {
-                view.resolve(inst);
+                view.resolve(inst, &names);
             }
             found
         })

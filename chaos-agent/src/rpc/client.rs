@@ -1,7 +1,12 @@
 //! Calling lymph services: by endpoint, or by name through ZooKeeper (a random registered instance, as lymph's
 //! `_pick_instance` does).
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, UdpSocket},
+    sync::Mutex,
+    time::Duration,
+};
 
 use rand::seq::IndexedRandom;
 use serde::{Serialize, de::DeserializeOwned};
@@ -15,9 +20,26 @@ use super::{
 use crate::discovery::{Instance, zookeeper};
 
 /// A lymph client: an [`RpcNode`] (replies come back to its bound endpoint) plus an optional registry.
+///
+/// A peer sends its replies to the endpoint the request names, so that endpoint must be reachable from the peer: a
+/// client made with [`Client::new`] answers from loopback for peers on this host, and from the address this host
+/// sends from for any other peer (a node bound to that address, made on first use).
 pub struct Client {
     node: RpcNode,
+    /// Nodes bound to this host's non-loopback addresses, by address; unused for a client [`Client::with_node`].
+    routed: Option<Mutex<HashMap<IpAddr, RpcNode>>>,
     zk: Option<zk::Client>,
+}
+
+/// The address this host sends from to reach `endpoint` (`tcp://<ip>:<port>`; `None` for host names). No packet is
+/// sent: connecting a UDP socket only picks the route.
+fn source_address_for(endpoint: &str) -> Option<IpAddr> {
+    let (host, port) = endpoint.strip_prefix("tcp://")?.rsplit_once(':')?;
+    let ip: IpAddr = host.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+    let port: u16 = port.parse().ok()?;
+    let socket = UdpSocket::bind(if ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+    socket.connect((ip, port.max(1))).ok()?;
+    Some(socket.local_addr().ok()?.ip())
 }
 
 impl Client {
@@ -26,12 +48,39 @@ impl Client {
     /// # Errors
     /// When the node cannot bind.
     pub fn new() -> Result<Client, NodeError> {
-        Ok(Client { node: RpcNode::start(&NodeConfig::loopback(), None)?, zk: None })
+        Ok(Client {
+            node: RpcNode::start(&NodeConfig::loopback(), None)?,
+            routed: Some(Mutex::new(HashMap::new())),
+            zk: None,
+        })
     }
 
-    /// A client using an existing node.
+    /// A client using an existing node for every call.
     pub fn with_node(node: RpcNode) -> Client {
-        Client { node, zk: None }
+        Client { node, routed: None, zk: None }
+    }
+
+    /// The node whose endpoint `endpoint`'s peer can send replies to.
+    fn node_for(&self, endpoint: &str) -> RpcNode {
+        let Some(routed) = &self.routed else { return self.node.clone() };
+        let Some(source) = source_address_for(endpoint).filter(|ip| !ip.is_loopback()) else {
+            return self.node.clone();
+        };
+        let mut routed = routed.lock().expect("poisoned");
+        if let Some(node) = routed.get(&source) {
+            return node.clone();
+        }
+        let config = NodeConfig { bind_ip: source.to_string(), ..NodeConfig::loopback() };
+        match RpcNode::start(&config, None) {
+            Ok(node) => {
+                routed.insert(source, node.clone());
+                node
+            }
+            Err(err) => {
+                tracing::debug!(%source, %err, "cannot bind a client node on this address; replies go to loopback");
+                self.node.clone()
+            }
+        }
     }
 
     /// Adds a ZooKeeper registry for calls by name.
@@ -46,7 +95,7 @@ impl Client {
         Ok(self)
     }
 
-    /// The node used for calls.
+    /// The node used for calls to peers on this host.
     pub fn node(&self) -> &RpcNode {
         &self.node
     }
@@ -94,7 +143,7 @@ impl Client {
     ) -> Result<Value, ClientError> {
         let body = rmp_serde::to_vec_named(kwargs)
             .map_err(|err| ClientError::Codec(format!("cannot encode arguments: {err}")))?;
-        let reply = self.node.request(endpoint, subject, body, timeout).await?;
+        let reply = self.node_for(endpoint).request(endpoint, subject, body, timeout).await?;
         value::decode(&reply).map_err(|err| ClientError::Codec(format!("reply from {endpoint} is not msgpack: {err}")))
     }
 

@@ -744,7 +744,9 @@ fn set_connect_routing_id(socket: &mut zmq::Socket, id: &[u8]) -> Result<(), zmq
 }
 
 /// Whether the agent may connect to `source` (the routing id a peer chose, where its replies go): a `tcp://`
-/// endpoint on the peer's own address, or, for a peer on this host (loopback), on any address of this host.
+/// endpoint on the peer's own address, or, for a peer on this host, on any address of this host. A peer is on this
+/// host when its address is loopback or one of this host's: a TCP connection from outside cannot complete its
+/// handshake with one of our own addresses as its source (the answers go to us).
 fn reply_endpoint_allowed(
     source: &[u8],
     peer: Option<&str>,
@@ -765,8 +767,10 @@ fn reply_endpoint_allowed(
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| "the peer's address is unknown".to_owned())?;
     let (host, peer) = (host.to_canonical(), peer.to_canonical());
-    // A peer on this host (loopback) may name any address of this host.
-    if host == peer || (peer.is_loopback() && (host.is_loopback() || local.contains(&host))) {
+    // A peer on this host may name any address of this host (a client that dialled our host address from here
+    // may well have bound its reply socket to loopback).
+    let here = |ip: &std::net::IpAddr| ip.is_loopback() || local.contains(ip);
+    if host == peer || (here(&peer) && here(&host)) {
         Ok(())
     } else {
         Err(format!("{source:.64} is not on the peer's address {peer}"))
@@ -775,4 +779,34 @@ fn reply_endpoint_allowed(
 
 fn log_malformed(err: &FrameError) {
     warn!(%err, "malformed lymph message dropped");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashSet, net::IpAddr};
+
+    use super::reply_endpoint_allowed;
+
+    #[test]
+    fn replies_go_to_the_peers_own_address_or_within_this_host() {
+        let local: HashSet<IpAddr> =
+            ["127.0.0.1", "10.41.0.1", "10.42.0.1"].iter().map(|a| a.parse().unwrap()).collect();
+        let ok = |source: &str, peer: &str| reply_endpoint_allowed(source.as_bytes(), Some(peer), &local).is_ok();
+        // A remote peer: only its own address.
+        assert!(ok("tcp://10.41.0.2:5000", "10.41.0.2"));
+        assert!(ok("tcp://[::ffff:10.41.0.2]:5000", "::ffff:10.41.0.2"));
+        assert!(!ok("tcp://10.41.0.9:5000", "10.41.0.2"));
+        assert!(!ok("tcp://127.0.0.1:5000", "10.41.0.2"));
+        assert!(!ok("tcp://10.42.0.1:5000", "10.41.0.2"));
+        // A peer on this host (loopback, or one of this host's addresses): any address of this host.
+        assert!(ok("tcp://10.41.0.1:5000", "127.0.0.1"));
+        assert!(ok("tcp://127.0.0.1:5000", "10.42.0.1"));
+        assert!(ok("tcp://10.41.0.1:5000", "10.42.0.1"));
+        assert!(!ok("tcp://10.41.0.2:5000", "10.42.0.1"));
+        assert!(!ok("tcp://10.41.0.2:5000", "127.0.0.1"));
+        // Not tcp, no address, unknown peer.
+        assert!(!ok("ipc:///tmp/x", "127.0.0.1"));
+        assert!(!ok("tcp://localhost:5000", "127.0.0.1"));
+        assert!(reply_endpoint_allowed(b"tcp://127.0.0.1:1", None, &local).is_err());
+    }
 }

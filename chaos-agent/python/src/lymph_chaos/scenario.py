@@ -16,11 +16,16 @@ How it works:
   each agent for ``Chaos.list_services`` (service name → instances, ``local`` = on that agent's host) and sends
   each queued action to the agent(s) with a *local* instance of the target service. Names match exactly, or as
   the only case-insensitive match (``'echo'`` finds ``Echo``), as the agents themselves do.
-- Process faults (kill, terminate, pause) hit one random instance across all hosts unless ``count``,
-  ``percent`` or ``all=True`` say otherwise; network and resource faults go to every host with an instance.
-- Every action has a fixed fault id, ``sn-<scenario id>-<n>``. Sending an id again while that fault is active
-  makes the agent *refresh* it (extend its lifetime) instead of adding another, so re-applying every interval is
-  idempotent, and at the end exactly those ids are reverted.
+- Which instances an action hits is defined once, in the Rust module docs of ``chaos_agent::selection``, and
+  :func:`plan` follows it step by step (a test drives both with the same registry views and seeds): process faults
+  (kill, terminate, pause) hit one instance of the whole cluster, chosen uniformly over instances, unless
+  ``count``, ``percent`` or ``all=True`` (counted cluster-wide) say otherwise; network and resource faults go to
+  every host with an instance unless ``count`` or ``percent`` is given. The choice is seeded (:attr:`Scenario.seed`,
+  random unless given, logged): the same seed, actions and registry select the same instances.
+- Every action has a fixed fault id, ``sn-<scenario id>-<n>``; its k-th chosen instance (k ≥ 1) gets
+  ``<id>.<k>``. Sending an id again while that fault is active makes the agent *refresh* it (extend its lifetime)
+  instead of adding another, so re-applying every interval is idempotent, and at the end exactly those ids are
+  reverted.
 - Faults applied by :meth:`Scenario.repeat` without an explicit ``lifetime`` get a short lease (a few intervals)
   that every round renews: if this process dies, the agents end them by themselves soon after.
 """
@@ -28,6 +33,7 @@ How it works:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import threading
@@ -35,18 +41,28 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type, Union
 from urllib.parse import urlparse
 
 from .discovery import DEFAULT_CHROOT, DEFAULT_PORT, Agent, ZooKeeperRegistry, zookeeper_hosts
-from .errors import ChaosError, NoAgentError, NoAgentForService, UnknownFault, UnknownService
-from .rpc import RpcNode, local_ip_towards
+from .errors import (
+    BadArguments,
+    ChaosError,
+    InvalidArgument,
+    NoAgentError,
+    NoAgentForService,
+    UnknownFault,
+    UnknownService,
+)
+
+if TYPE_CHECKING:  # the RPC layer (msgpack, pyzmq) is imported when a scenario first talks to agents
+    from .rpc import RpcNode
 
 log = logging.getLogger("lymph_chaos")
 
-#: Fault kinds that act on processes (one random instance by default).
+#: Fault kinds that act on processes (one instance of the whole cluster by default).
 PROCESS_KINDS = frozenset({"kill", "terminate", "pause"})
-#: Fault kinds that are over once applied (nothing to revert).
+#: Fault kinds that are over once applied (nothing to revert; they select anew every round).
 INSTANT_KINDS = frozenset({"kill", "terminate"})
 
 #: Events asked per ``Chaos.events`` call (the agent's maximum).
@@ -84,16 +100,19 @@ class Action:
         return self.kind in INSTANT_KINDS
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def resolve_service(name: str, known: Iterable[str]) -> str:
-    """The service ``name`` designates among ``known``: itself, or the only case-insensitive match.
+    """The service ``name`` designates among ``known``: itself, or the only match ignoring ASCII case.
 
     Raises:
-        UnknownService: no match, or several case-insensitive ones.
+        UnknownService: no match, or several that differ only in case.
     """
     names = sorted(set(known))
     if name in names:
         return name
-    matches = [k for k in names if k.lower() == name.lower()]
+    matches = [k for k in names if k.translate(_ASCII_LOWER) == name.translate(_ASCII_LOWER)]
     if len(matches) == 1:
         return matches[0]
     if matches:
@@ -105,51 +124,154 @@ def resolve_service(name: str, known: Iterable[str]) -> str:
     )
 
 
-def plan(action: Action, view: ServicesView, rng: Optional[random.Random] = None) -> List[Tuple[str, Dict[str, Any]]]:
-    """Where to send ``action`` given every agent's services: a list of (agent endpoint, keyword arguments).
+# -- selection: mirrors the Rust module chaos_agent::selection, which defines it ----------------------------------
+
+_MASK64 = (1 << 64) - 1
+#: SplitMix64's increment: 2^64 / φ, odd.
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+
+
+class SplitMix64:
+    """The SplitMix64 generator, bit for bit as in Rust (``selection::SplitMix64``)."""
+
+    def __init__(self, seed: int) -> None:
+        self.state = seed & _MASK64
+
+    def next(self) -> int:
+        """The next 64-bit output."""
+        self.state = (self.state + _GOLDEN_GAMMA) & _MASK64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return z ^ (z >> 31)
+
+
+def derive_seed(seed: int, salt: int) -> int:
+    """The first output of SplitMix64 started at ``seed ^ salt``."""
+    return SplitMix64((seed ^ salt) & _MASK64).next()
+
+
+def action_seed(seed: int, action: int, round_index: int, instant: bool) -> int:
+    """The seed action ``action`` (0-based, queue order) selects with in round ``round_index`` of a scenario seeded
+    with ``seed``: the round counts only for instant kinds (kills pick anew every round, lasting faults keep theirs)."""
+    return derive_seed(derive_seed(seed, action), round_index if instant else 0)
+
+
+def choose(n: int, k: int, seed: int) -> List[int]:
+    """Indices of ``k`` of ``range(n)``: a partial Fisher–Yates shuffle driven by SplitMix64, in drawing order."""
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot choose {k} of {n}")
+    rng = SplitMix64(seed)
+    order = list(range(n))
+    for i in range(k):
+        j = i + rng.next() % (n - i)
+        order[i], order[j] = order[j], order[i]
+    return order[:k]
+
+
+def candidates(view: ServicesView, service: str) -> List[Tuple[str, str]]:
+    """(instance id, agent endpoint) of every instance of ``service`` an agent lists as local, sorted, each instance
+    once (for the first agent listing it); instances without a string id are left out."""
+    pairs = sorted(
+        (str(i["id"]), agent)
+        for agent, services in view.items()
+        for i in (services.get(service) or [])
+        if isinstance(i, dict) and i.get("local") is True and isinstance(i.get("id"), str) and i["id"]
+    )
+    out: List[Tuple[str, str]] = []
+    for pair in pairs:
+        if not out or out[-1][0] != pair[0]:
+            out.append(pair)
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def instances_to_choose(params: Dict[str, Any], n: int, process_kind: bool) -> Optional[int]:
+    """How many of ``n`` candidates an action with these options hits; ``None``: one request per hosting agent
+    (network and resource kinds without ``count`` or ``percent``).
 
     Raises:
+        BadArguments: more than one of ``count``, ``percent``, ``all``, or one of the wrong type.
+        InvalidArgument: ``count`` below 1, ``percent`` outside (0, 100].
+    """
+    count, percent, every = (params.get(key) for key in ("count", "percent", "all"))
+    if count is not None and not _is_int(count):
+        raise BadArguments("count must be an integer")
+    if percent is not None and not (_is_int(percent) or isinstance(percent, float)):
+        raise BadArguments("percent must be a number")
+    if every is not None and not isinstance(every, bool):
+        raise BadArguments("all must be true or false")
+    if sum((count is not None, percent is not None, every is True)) > 1:
+        raise BadArguments("give one of count, percent, all")
+    if count is not None:
+        if count < 1:
+            raise InvalidArgument(f"count must be at least 1, got {count}")
+        return min(int(count), n)
+    if percent is not None:
+        if not 0 < percent <= 100:
+            raise InvalidArgument(f"percent must be in (0, 100], got {percent}")
+        return max(min(n, 1), min(math.ceil(n * float(percent) / 100.0), n))
+    if not process_kind:
+        return None
+    return n if every else min(n, 1)
+
+
+def fault_id(base: str, k: int) -> str:
+    """The fault id of an action's k-th chosen instance (0-based): the action's own id, then ``<id>.<k>``."""
+    return base if k == 0 else f"{base}.{k}"
+
+
+def plan(action: Action, view: ServicesView, seed: Optional[int] = None) -> List[Tuple[str, Dict[str, Any]]]:
+    """Where to send ``action`` given every agent's services: a list of (agent endpoint, keyword arguments).
+
+    Follows the selection defined in the Rust module docs of ``chaos_agent::selection`` (``chaos_agent::scenario::plan``
+    gives the same answer for the same inputs): ``seed`` (64 bits; random when ``None``) drives the choice.
+
+    Raises:
+        BadArguments, InvalidArgument: invalid ``count``, ``percent`` or ``all``.
         UnknownService: no agent lists the service.
         NoAgentForService: agents list it, but none has an instance on its own host.
     """
-    rng = rng or random.Random()
+    if seed is None:
+        seed = random.getrandbits(64)
     known: Set[str] = set()
     for services in view.values():
-        known.update(services)
+        if isinstance(services, dict):
+            known.update(services)
+    # Options are checked first: they are wrong whatever the registry holds.
+    instances_to_choose(action.params, 1, action.kind in PROCESS_KINDS)
     service = resolve_service(action.name, known)
-    hosting: List[Tuple[str, int]] = []
-    for agent in sorted(view):
-        local = [i for i in view[agent].get(service) or [] if isinstance(i, dict) and i.get("local")]
-        if local:
-            hosting.append((agent, len(local)))
-    if not hosting:
+    found = candidates(view, service)
+    if not found:
         instances = [i for services in view.values() for i in services.get(service) or [] if isinstance(i, dict)]
         hosts = sorted({str(i.get("hostname") or i.get("ip") or i.get("endpoint")) for i in instances})
         raise NoAgentForService(
             f"service {service} is registered ({len(instances)} instance record(s), on: {', '.join(hosts) or '?'}) "
             f"but no Chaos agent has a running instance of it on its own host (agents: {', '.join(sorted(view))})"
         )
-    kwargs = dict(action.params)
-    kwargs["name"] = service
-    kwargs["id"] = action.fault_id
-    if action.kind not in PROCESS_KINDS or kwargs.get("all") or kwargs.get("percent") is not None:
-        return [(agent, dict(kwargs)) for agent, _ in hosting]
-    count = kwargs.get("count")
-    if count is not None:
-        remaining = int(count)
-        order = list(hosting)
-        rng.shuffle(order)
-        targets = []
-        for agent, available in order:
-            if remaining <= 0:
-                break
-            take = min(available, remaining)
-            targets.append((agent, dict(kwargs, count=take)))
-            remaining -= take
-        return targets
-    # One instance at random over every host: pick the host weighted by its number of instances.
-    agent = rng.choices([a for a, _ in hosting], weights=[n for _, n in hosting])[0]
-    return [(agent, kwargs)]
+    k = instances_to_choose(action.params, len(found), action.kind in PROCESS_KINDS)
+    if k is None:
+        kwargs = dict(action.params, name=service, id=action.fault_id)
+        return [(agent, dict(kwargs)) for agent in sorted({agent for _, agent in found})]
+    targets = []
+    for slot, index in enumerate(choose(len(found), k, seed)):
+        instance, agent = found[index]
+        kwargs = {key: value for key, value in action.params.items() if key not in ("count", "percent", "all")}
+        kwargs.update(instance=instance, id=fault_id(action.fault_id, slot))
+        targets.append((agent, kwargs))
+    return targets
+
+
+def round_seed(seed: int, index: int, round_index: int, action: Action) -> int:
+    """The seed action number ``index`` (queue order) selects with in round ``round_index``: its own ``seed``
+    option, else :func:`action_seed` from the scenario's seed."""
+    own = action.params.get("seed")
+    if isinstance(own, int) and not isinstance(own, bool) and 0 <= own <= _MASK64:
+        return own
+    return action_seed(seed, index, round_index, action.instant)
 
 
 class Scenario:
@@ -166,6 +288,8 @@ class Scenario:
         ip: address to receive replies on; agents connect back to it. Default: ``$LYMPH_NODE_IP``, else the local
             address that routes to the first agent (loopback when the agents are local).
         port: port for replies (default: a free one).
+        seed: the seed instances are selected with (an integer in [0, 2^64)); default: a random one, logged when the
+            scenario first applies and kept in :attr:`seed`, so a run can be replayed.
 
     Raises:
         ZooKeeperUnavailable: ZooKeeper cannot be reached within ``timeout``.
@@ -178,7 +302,12 @@ class Scenario:
         dry_run: bool = False,
         ip: Optional[str] = None,
         port: Optional[int] = None,
+        seed: Optional[int] = None,
     ) -> None:
+        if seed is not None and not (_is_int(seed) and 0 <= seed <= _MASK64):
+            raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+        #: The seed instances are selected with (see :func:`plan`); the same seed replays the same choices.
+        self.seed: int = random.getrandbits(64) if seed is None else int(seed)
         #: Seconds to wait for ZooKeeper and for each agent reply.
         self.timeout: float = float(timeout)
         #: When true, every fault request is a dry run (agents report, never act).
@@ -196,7 +325,7 @@ class Scenario:
         self._actions: List[Action] = []
         self._applied: Dict[Tuple[str, str], Dict[str, Any]] = {}
         self._repeat: Optional[Repeat] = None
-        self._rng = random.Random()
+        self._rounds = 0
         self._closed = False
         self._registry = ZooKeeperRegistry(zookeeper, self.timeout)
 
@@ -213,7 +342,7 @@ class Scenario:
 
         ``host`` is a host (``'127.0.0.1'``), ``'host:port'``, a comma-separated list of those, optionally ending
         with ``/chroot`` (``'127.0.0.1:2181/lymph'``), which wins over ``chroot``. Other keyword arguments go to
-        :class:`Scenario` (``dry_run``, ``ip``, ``port``).
+        :class:`Scenario` (``dry_run``, ``ip``, ``port``, ``seed``).
         """
         if "zookeeper" in options:
             raise TypeError("from_zookeeper_host() takes host, not zookeeper")
@@ -225,7 +354,8 @@ class Scenario:
         """Queues killing instances of service ``name``; returns the fault id.
 
         Options (see the agent's ``Chaos.kill``): ``signal`` (default ``"SIGKILL"``), ``count``, ``percent``,
-        ``all`` (default: one random instance), ``seed``, ``deregister``, ``dry_run``, ``id``.
+        ``all`` (default: one instance of the whole cluster; all three count cluster-wide), ``seed`` (this action's
+        selection seed instead of one derived from :attr:`seed`), ``deregister``, ``dry_run``, ``id``.
         """
         return self._queue("kill", name, opts)
 
@@ -329,10 +459,18 @@ class Scenario:
         if not actions:
             return []
         view = self._services_view()
+        with self._lock:
+            round_index, self._rounds = self._rounds, self._rounds + 1
+        if round_index == 0:
+            log.info(
+                "lymph-chaos scenario %s selects instances with seed %d (Scenario(seed=...) replays it)",
+                self.id,
+                self.seed,
+            )
         routed: List[Tuple[Action, List[Tuple[str, Dict[str, Any]]]]] = []
-        for action in actions:
+        for index, action in enumerate(actions):
             try:
-                routed.append((action, plan(action, view, self._rng)))
+                routed.append((action, plan(action, view, round_seed(self.seed, index, round_index, action))))
             except ChaosError as err:
                 if strict:
                     raise
@@ -419,11 +557,13 @@ class Scenario:
         events = self._all_events()
         prefix = f"sn-{self.id}-"
         own = {a.fault_id for a in self.actions}
+        # An action's k-th chosen instance has the fault id <action id>.<k>.
+        own_prefixes = tuple(f"{fault}." for fault in own)
         events = [
             e
             for e in events
             if float(e.get("time") or 0) >= since
-            and (not mine or str(e.get("fault") or "").startswith(prefix) or e.get("fault") in own)
+            and (not mine or str(e.get("fault") or "").startswith((prefix,) + own_prefixes) or e.get("fault") in own)
         ]
         events.sort(key=lambda e: (float(e.get("time") or 0), str(e.get("agent")), int(e.get("seq") or 0)))
         return events[-limit:] if limit else events
@@ -498,6 +638,8 @@ class Scenario:
             if self._closed:
                 raise ChaosError("the scenario is closed", type="Closed")
             if self._node is None:
+                from .rpc import RpcNode, local_ip_towards
+
                 ip = self._ip or os.environ.get("LYMPH_NODE_IP")
                 if not ip:
                     first = urlparse(agents[0].endpoint).hostname if agents else None
@@ -590,7 +732,10 @@ class Scenario:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Scenario {self.id} {self.zookeeper_hosts} actions={len(self._actions)} dry_run={self.dry_run}>"
+        return (
+            f"<Scenario {self.id} {self.zookeeper_hosts} actions={len(self._actions)} dry_run={self.dry_run} "
+            f"seed={self.seed}>"
+        )
 
 
 class Repeat:
