@@ -28,7 +28,7 @@ pub enum ConfigError {
         /// File.
         path: PathBuf,
         /// Error.
-        source: serde_yaml::Error,
+        source: yaml_serde::Error,
     },
     /// A value is out of range.
     #[error("invalid configuration: {0}")]
@@ -302,7 +302,7 @@ impl Config {
         let mut config: Config = if text.trim().is_empty() {
             Config::default()
         } else {
-            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?
+            yaml_serde::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?
         };
         // `zookeeper: ""` means standalone, like null.
         config.zookeeper = config.zookeeper.filter(|z| !z.trim().is_empty());
@@ -469,7 +469,7 @@ unleash:
       weight: 2
       params: {latency: 0.2, lifetime: 30}
 "#;
-        let c: Config = serde_yaml::from_str(yaml).unwrap();
+        let c: Config = yaml_serde::from_str(yaml).unwrap();
         c.validate().unwrap();
         assert_eq!(c.faults.default_lifetime, Duration::from_secs(30));
         assert_eq!(c.unleash.min_gap, Duration::from_secs(90));
@@ -481,10 +481,10 @@ unleash:
 
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
-        assert!(serde_yaml::from_str::<Config>("zookeper: x").is_err());
-        let c: Config = serde_yaml::from_str("faults: {default_lifetime: 2h, max_lifetime: 1h}").unwrap();
+        assert!(yaml_serde::from_str::<Config>("zookeper: x").is_err());
+        let c: Config = yaml_serde::from_str("faults: {default_lifetime: 2h, max_lifetime: 1h}").unwrap();
         assert!(c.validate().is_err());
-        assert!(serde_yaml::from_str::<Config>("faults: {default_lifetime: soon}").is_err());
+        assert!(yaml_serde::from_str::<Config>("faults: {default_lifetime: soon}").is_err());
     }
 
     #[test]

@@ -67,8 +67,8 @@ const KEYS: &[&str] = &[
     "memory",
 ];
 
-fn arb_yaml() -> impl Strategy<Value = serde_yaml::Value> {
-    use serde_yaml::Value as Y;
+fn arb_yaml() -> impl Strategy<Value = yaml_serde::Value> {
+    use yaml_serde::Value as Y;
     let leaf = prop_oneof![
         Just(Y::Null),
         any::<bool>().prop_map(Y::Bool),
@@ -167,7 +167,7 @@ proptest! {
 
     #[test]
     fn generated_config_documents_never_panic(doc in arb_yaml()) {
-        let text = serde_yaml::to_string(&doc).unwrap_or_default();
+        let text = yaml_serde::to_string(&doc).unwrap_or_default();
         use_config(&text);
     }
 

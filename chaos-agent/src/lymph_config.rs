@@ -44,8 +44,8 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_yaml::{Mapping, Value};
 use tracing::{info, warn};
+use yaml_serde::{Mapping, Value};
 
 use crate::config::Config;
 
@@ -140,7 +140,7 @@ pub fn fill_zookeeper(config: &mut Config, config_file: Option<&Path>) {
 fn names_zookeeper(path: &Path) -> bool {
     std::fs::read_to_string(path)
         .ok()
-        .and_then(|text| serde_yaml::from_str::<Value>(&text).ok())
+        .and_then(|text| yaml_serde::from_str::<Value>(&text).ok())
         .is_some_and(|doc| doc.get("zookeeper").is_some())
 }
 
@@ -225,7 +225,7 @@ fn read_yaml(path: &Path) -> Result<Value, LymphConfigError> {
     if text.trim().is_empty() {
         return Ok(Value::Mapping(Mapping::new()));
     }
-    serde_yaml::from_str(&text).map_err(|e| LymphConfigError::Parse { path: path.to_owned(), detail: e.to_string() })
+    yaml_serde::from_str(&text).map_err(|e| LymphConfigError::Parse { path: path.to_owned(), detail: e.to_string() })
 }
 
 /// `dep:<name>` → `dependencies.<name>`; a mapping is returned as is.
@@ -281,7 +281,7 @@ fn substitute_str(s: &str, env: &dyn Fn(&str) -> Option<String>, vars: &Value) -
     let mut missing = None;
     let text = re.replace_all(s, |c: &regex::Captures<'_>| match lookup(&c[1], &c[2], env, vars) {
         Some(Value::String(v)) => v,
-        Some(other) => serde_yaml::to_string(&other).unwrap_or_default().trim().to_owned(),
+        Some(other) => yaml_serde::to_string(&other).unwrap_or_default().trim().to_owned(),
         None => {
             missing.get_or_insert_with(|| c[0].to_owned());
             String::new()

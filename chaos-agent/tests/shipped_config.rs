@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use chaos_agent::{config::Config, paths};
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 fn dist(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("dist").join(name)
@@ -33,7 +33,7 @@ fn the_shipped_config_loads_and_is_safe() {
     // ZooKeeper is left to the lymph node's configuration or the built-in default: the file must not name it
     // (a `zookeeper:` key, even null, would override the node's hosts).
     assert_eq!(config.zookeeper, Config::default().zookeeper);
-    let shipped: Value = serde_yaml::from_str(&std::fs::read_to_string(dist("config.yml")).unwrap()).unwrap();
+    let shipped: Value = yaml_serde::from_str(&std::fs::read_to_string(dist("config.yml")).unwrap()).unwrap();
     assert!(shipped.get("zookeeper").is_none(), "zookeeper must stay commented out in the shipped config");
     // Nothing happens by itself: no unleashed mode, and faults always expire.
     assert!(!config.unleash.enabled);
@@ -48,8 +48,8 @@ fn the_shipped_config_loads_and_is_safe() {
 
 #[test]
 fn the_shipped_config_names_every_key_the_agent_knows() {
-    let shipped: Value = serde_yaml::from_str(&std::fs::read_to_string(dist("config.yml")).unwrap()).unwrap();
-    let defaults = serde_yaml::to_value(Config::default()).unwrap();
+    let shipped: Value = yaml_serde::from_str(&std::fs::read_to_string(dist("config.yml")).unwrap()).unwrap();
+    let defaults = yaml_serde::to_value(Config::default()).unwrap();
     let (mut want, mut have) = (Vec::new(), Vec::new());
     key_paths(&defaults, "", &mut want);
     key_paths(&shipped, "", &mut have);

@@ -245,6 +245,16 @@ pub fn lymph_cli_with_timeout(config: &LymphConfig, args: &[&str], timeout: Dura
     output_with_timeout(cmd, timeout).with_context(|| format!("lymph {}", args.join(" ")))
 }
 
+/// [`lymph_cli`] with the `lymph` of another venv than the harness's.
+///
+/// # Errors
+/// As [`lymph_cli`].
+pub fn lymph_cli_in(venv: &Path, config: &LymphConfig, args: &[&str]) -> Result<Output> {
+    let mut cmd = lymph_command(&venv.join("bin").join("lymph"), config.dir(), &config.path);
+    cmd.args(args);
+    output_with_timeout(cmd, CLI_TIMEOUT).with_context(|| format!("{}/bin/lymph {}", venv.display(), args.join(" ")))
+}
+
 /// Runs a Python script from `tests/lymph/` with the venv's interpreter and the same environment as the lymph CLI
 /// (`LYMPH_CONFIG`, `PYTHONPATH`); the config path is passed as the first argument.
 ///
@@ -311,11 +321,13 @@ pub struct InstanceOptions {
     pub interface: String,
     /// `--port` of the RPC socket; `None` = lymph picks a random one in [35536, 65536).
     pub port: Option<u16>,
+    /// The venv whose `bin/lymph` runs it; `None` = the harness's ([`venv`]).
+    pub venv: Option<PathBuf>,
 }
 
 impl Default for InstanceOptions {
     fn default() -> Self {
-        InstanceOptions { interface: ECHO_INTERFACE.to_owned(), port: None }
+        InstanceOptions { interface: ECHO_INTERFACE.to_owned(), port: None, venv: None }
     }
 }
 
@@ -692,7 +704,7 @@ struct Launcher {
 impl Launcher {
     fn new(config: &LymphConfig, options: &InstanceOptions) -> Self {
         Launcher {
-            lymph: lymph_bin(),
+            lymph: options.venv.as_ref().map_or_else(lymph_bin, |venv| venv.join("bin").join("lymph")),
             config_dir: config.dir().to_owned(),
             config_path: config.path().to_owned(),
             options: options.clone(),
@@ -821,6 +833,9 @@ mod tests {
     #[test]
     fn service_name_is_the_class_name() {
         assert_eq!(InstanceOptions::default().service(), "Echo");
-        assert_eq!(InstanceOptions { interface: "pkg.mod:Other".into(), port: None }.service(), "Other");
+        assert_eq!(
+            InstanceOptions { interface: "pkg.mod:Other".into(), ..InstanceOptions::default() }.service(),
+            "Other"
+        );
     }
 }

@@ -15,6 +15,7 @@ mod deb;
 mod demo;
 mod ebpf;
 mod install;
+mod python;
 mod services;
 mod systemd_guest;
 mod test;
@@ -63,6 +64,12 @@ enum Task {
         #[arg(last = true)]
         runner_args: Vec<String>,
     },
+    /// Check the Python client (chaos-agent/python): ruff, mypy --strict and the pytest tests that need no agent,
+    /// with the tools of its `test` and `lint` extras in target/python-check-venv. `cargo xtask test` runs this with
+    /// the unit tier.
+    ///
+    /// Example: `cargo xtask python-check`
+    PythonCheck,
     /// Run only the VM tier (qemu guests with the pinned Debian kernel; the agent next to raw netem).
     ///
     /// `--hog` keeps one busy-loop process per core running beside it (started and stopped here), `--runs N`
@@ -181,6 +188,7 @@ fn main() {
             test::run(&test::TestOptions { tiers, runner_args, no_install })
         }
         Task::VmTest { hog, runs, mutant } => test::vm_runs(hog, runs, mutant.as_deref()),
+        Task::PythonCheck => python::run(),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -2,7 +2,9 @@
 //!
 //! Tiers (a test's tier is its binary: `tests/tests/<tier>_*.rs`; privileged tests are `#[ignore]`d so a plain
 //! `cargo test` never runs them half-prepared):
-//! 1. `unit` — unit tests, no privileges (plus binaries `unit_*`: integration tests that need nothing either);
+//! 1. `unit` — unit tests, no privileges (plus binaries `unit_*`: integration tests that need nothing either); first
+//!    the Python client's checks (ruff, mypy --strict, its pytest tests that need no agent: see [`crate::python`]),
+//!    which stop the run when they fail, as `cargo fmt` and clippy do;
 //! 2. `netns` — root, each test in fresh network namespaces (binaries `netns_*`, plus `#[ignore]`d unit tests
 //!    that need root);
 //! 3. `hostile` — root, the agent attacked as a local unprivileged user, a remote peer in another namespace, or a
@@ -23,7 +25,7 @@ use anyhow::{Context, Result, bail};
 use chaos_test_support::process::{ChildGuard, DieWithParent};
 
 use crate::{
-    deb, ebpf, services, systemd_guest,
+    deb, ebpf, python, services, systemd_guest,
     util::{self, step},
     vm,
 };
@@ -157,6 +159,12 @@ pub fn run(opts: &TestOptions) -> Result<()> {
             Err(err) => skipped.push((Tier::Zk, format!("{err:#}"))),
         }
     }
+    // The Python client's checks belong to the unit tier; their venv needs PyPI once.
+    let mut python_check: Option<std::result::Result<PathBuf, String>> = None;
+    if runnable(Tier::Unit, &skipped) {
+        step("preparing: the Python check venv (ruff, mypy, pytest)");
+        python_check = Some(python::prepare().map_err(|err| format!("{err:#}")));
+    }
     if runnable(Tier::Vm, &skipped) {
         step("preparing: qemu and the Debian guest kernel");
         match vm::prepare() {
@@ -184,9 +192,17 @@ pub fn run(opts: &TestOptions) -> Result<()> {
             "runs".to_owned()
         };
         eprintln!("    {:<7} {state}", tier.name());
+        if tier == Tier::Unit
+            && let Some(check) = &python_check
+        {
+            let state = check.as_ref().map_or_else(|why| format!("SKIPPED — {why}"), |_| "runs".to_owned());
+            eprintln!("      + Python client checks: {state}");
+        }
     }
-    if ci && !skipped.is_empty() {
-        let list: Vec<String> = skipped.iter().map(|(t, why)| format!("{}: {why}", t.name())).collect();
+    let python_skipped = python_check.as_ref().and_then(|c| c.as_ref().err());
+    if ci && (!skipped.is_empty() || python_skipped.is_some()) {
+        let mut list: Vec<String> = skipped.iter().map(|(t, why)| format!("{}: {why}", t.name())).collect();
+        list.extend(python_skipped.map(|why| format!("Python client checks: {why}")));
         bail!("CI must run every tier, but these cannot run here:\n  {}", list.join("\n  "));
     }
     let run_tiers: Vec<Tier> = Tier::ALL.into_iter().filter(|t| runnable(*t, &skipped)).collect();
@@ -195,6 +211,9 @@ pub fn run(opts: &TestOptions) -> Result<()> {
     // the runner's summary.
     let (guests, rest): (Vec<Tier>, Vec<Tier>) =
         run_tiers.iter().partition(|t| matches!(**t, Tier::Vm | Tier::Systemd));
+    if let Some(Ok(venv)) = &python_check {
+        python::check(venv).context("the Python client's checks failed")?;
+    }
     let mut status = true;
     if !rest.is_empty() {
         status &= run_runner(&rest, &env, &opts.runner_args)?;
@@ -207,12 +226,11 @@ pub fn run(opts: &TestOptions) -> Result<()> {
     if !vm.is_empty() {
         status &= run_runner(&vm, &env, &opts.runner_args)?;
     }
-    if !skipped.is_empty() {
+    if !skipped.is_empty() || python_skipped.is_some() {
         // Not a pass: say so after the summary as well.
-        eprintln!(
-            "NOTE: tiers skipped (not passed): {}",
-            skipped.iter().map(|(t, _)| t.name()).collect::<Vec<_>>().join(", ")
-        );
+        let mut names: Vec<&str> = skipped.iter().map(|(t, _)| t.name()).collect();
+        names.extend(python_skipped.map(|_| "Python client checks"));
+        eprintln!("NOTE: tiers skipped (not passed): {}", names.join(", "));
     }
     if !status {
         bail!("tests failed");

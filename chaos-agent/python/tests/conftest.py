@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, List
+from typing import Any, Callable, Iterator, List
 
 import pytest
 
@@ -70,7 +70,7 @@ def env(import_path: str) -> Env:
 
 
 @pytest.fixture
-def new_scenario(env: Env, scenario_cls: Any) -> Callable[..., Any]:
+def new_scenario(env: Env, scenario_cls: Any) -> Iterator[Callable[..., Any]]:
     """Makes scenarios on the test setup; at teardown closes them and clears every fault left on the agents."""
     made: List[Any] = []
 

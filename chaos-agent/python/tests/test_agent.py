@@ -14,7 +14,7 @@ import json
 import socket
 import time
 import uuid
-from typing import Any, Callable, Dict, List
+from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
 import pytest
 
@@ -28,6 +28,9 @@ from lymph_chaos import (
     UnknownService,
     ZooKeeperUnavailable,
 )
+
+if TYPE_CHECKING:  # pytest loads conftest.py itself; this import is for the type checker only
+    from conftest import Env
 
 #: The 2015 snippet's `time.sleep(30)`, shortened: with its `repeat(interval=5)`, three rounds (at 0, 5 and 10 s),
 #: each a kill, with time for Echo to restart (~1-2 s) and the agent to see its new pid in between.
@@ -58,7 +61,8 @@ def _echo_endpoint(sn: Any, service: str, timeout: float = 20) -> str:
         except ChaosError:
             instances = []
         if instances:
-            return instances[0]["endpoint"]
+            endpoint: str = instances[0]["endpoint"]
+            return endpoint
         if time.monotonic() > deadline:
             raise AssertionError(f"no running {service} instance within {timeout} s")
         time.sleep(0.2)
@@ -120,7 +124,7 @@ def _adapt(text: str, replacements: Dict[str, str]) -> str:
     return text
 
 
-def test_the_2015_snippet_runs_unchanged(env, import_path, new_scenario) -> None:
+def test_the_2015_snippet_runs_unchanged(env: Env, import_path: str, new_scenario: Callable[..., Any]) -> None:
     """Acceptance 1: the README snippet, run with exec, with only these changes: the import path of this run, the
     ZooKeeper address (our chroot), the network fault line (Echo instead of `demo`; a blackhole when the kernel
     has no netem), the sleep shortened, and a call to record what is active while the block runs.
@@ -177,7 +181,7 @@ def test_the_2015_snippet_runs_unchanged(env, import_path, new_scenario) -> None
         assert seen["probe"][0] == "answered" and seen["probe"][1] >= 1.0, seen["probe"]
     else:
         assert seen["probe"][0] in ("ChaosTimeout", "ChaosError"), seen["probe"]
-        counters = [f for f in seen["counters"] if f["id"] == net_id][0]["counters"]
+        counters = next(f for f in seen["counters"] if f["id"] == net_id)["counters"]
         assert counters["drops"] > 0, counters
 
     # ... and is gone after it: reverted by the exit of the block, not expired.
@@ -198,7 +202,9 @@ def test_the_2015_snippet_runs_unchanged(env, import_path, new_scenario) -> None
     sn.close()
 
 
-def test_an_exception_in_the_block_reverts_every_fault_and_propagates(env, new_scenario) -> None:
+def test_an_exception_in_the_block_reverts_every_fault_and_propagates(
+    env: Env, new_scenario: Callable[..., Any]
+) -> None:
     """Acceptance 2: a pause (SIGSTOP) and a network fault, refreshed by a second round, then an exception."""
     _wait_echo_answers(new_scenario(), env.service)
     sn = new_scenario()
@@ -225,7 +231,7 @@ def test_an_exception_in_the_block_reverts_every_fault_and_propagates(env, new_s
     assert sn.errors == []
 
 
-def test_unknown_service_is_a_clear_error_and_nothing_is_applied(env, new_scenario) -> None:
+def test_unknown_service_is_a_clear_error_and_nothing_is_applied(env: Env, new_scenario: Callable[..., Any]) -> None:
     """Acceptance 3a: an unknown name fails the whole first round before anything is sent."""
     sn = new_scenario()
     sn.kill(env.service)  # routable, but must not run either
@@ -238,7 +244,7 @@ def test_unknown_service_is_a_clear_error_and_nothing_is_applied(env, new_scenar
     assert sn.events(mine=True) == []
 
 
-def test_no_agent_in_an_empty_chroot(env, scenario_cls) -> None:
+def test_no_agent_in_an_empty_chroot(env: Env, scenario_cls: Any) -> None:
     """Acceptance 3b: nothing registered there — a clear error, at once."""
     hosts = f"{env.zk_addr}/t-py-empty-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
@@ -253,7 +259,7 @@ def test_no_agent_in_an_empty_chroot(env, scenario_cls) -> None:
     assert hosts in str(info.value)
 
 
-def test_no_agent_answers_within_the_timeout(env, scenario_cls) -> None:
+def test_no_agent_answers_within_the_timeout(env: Env, scenario_cls: Any) -> None:
     """Acceptance 3c: an agent registered but gone (its znode outlived it) — a clear error within the timeout."""
     from kazoo.client import KazooClient
 
@@ -280,14 +286,16 @@ def test_no_agent_answers_within_the_timeout(env, scenario_cls) -> None:
         zk.close()
 
 
-def test_unreachable_zookeeper_is_a_clear_error_within_the_timeout(scenario_cls) -> None:
+def test_unreachable_zookeeper_is_a_clear_error_within_the_timeout(scenario_cls: Any) -> None:
     started = time.monotonic()
     with pytest.raises(ZooKeeperUnavailable, match="cannot connect to ZooKeeper"):
         scenario_cls.from_zookeeper_host("127.0.0.1", port=_closed_port(), timeout=1)
     assert time.monotonic() - started < 1 + 1.5
 
 
-def test_a_dead_agent_next_to_a_live_one_is_skipped(env, scenario_cls, new_scenario) -> None:
+def test_a_dead_agent_next_to_a_live_one_is_skipped(
+    env: Env, scenario_cls: Any, new_scenario: Callable[..., Any]
+) -> None:
     """Multi-agent routing: a stale registration does not stop the live agent from being used."""
     from kazoo.client import KazooClient
 
@@ -307,7 +315,7 @@ def test_a_dead_agent_next_to_a_live_one_is_skipped(env, scenario_cls, new_scena
         zk.close()
 
 
-def test_dry_run_reports_and_changes_nothing(env, new_scenario) -> None:
+def test_dry_run_reports_and_changes_nothing(env: Env, new_scenario: Callable[..., Any]) -> None:
     _wait_echo_answers(new_scenario(), env.service)
     sn = new_scenario(dry_run=True)
     pid_before = sn.services()[env.service][0]["pid"]
@@ -320,12 +328,12 @@ def test_dry_run_reports_and_changes_nothing(env, new_scenario) -> None:
     events = sn.events(mine=True)
     assert {e["action"] for e in events} == {"dry_run"}, events
     assert len([e for e in events if e["fault"] == kill_id]) == repeat.rounds
-    assert [e["pids"] for e in events if e["fault"] == kill_id][0] == [pid_before]
+    assert next(e["pids"] for e in events if e["fault"] == kill_id) == [pid_before]
     assert sn.services()[env.service][0]["pid"] == pid_before
     assert sn.clear() == []  # dry run: lists what it would revert, reverts nothing
 
 
-def test_agent_errors_carry_the_agents_type_and_message(env, new_scenario) -> None:
+def test_agent_errors_carry_the_agents_type_and_message(env: Env, new_scenario: Callable[..., Any]) -> None:
     sn = new_scenario()
     sn.inject(env.service, "warp")
     with pytest.raises(InvalidArgument, match="unknown fault kind `warp`") as info:
@@ -334,13 +342,13 @@ def test_agent_errors_carry_the_agents_type_and_message(env, new_scenario) -> No
 
     sn = new_scenario()
     sn.kill(env.service, nmae="typo")
-    with pytest.raises(BadArguments, match="unexpected argument `nmae`") as info:
+    with pytest.raises(BadArguments, match="unexpected argument `nmae`") as bad:
         sn.apply()
-    assert info.value.type == "TypeError"
+    assert bad.value.type == "TypeError"
     assert not [e for e in sn.events(mine=True) if e["action"] == "applied"]
 
 
-def test_inject_latency_works_or_says_the_kernel_lacks_netem(env, new_scenario) -> None:
+def test_inject_latency_works_or_says_the_kernel_lacks_netem(env: Env, new_scenario: Callable[..., Any]) -> None:
     sn = new_scenario()
     fault_id = sn.inject_latency(env.service, 0.05, lifetime=5)
     try:
@@ -352,7 +360,7 @@ def test_inject_latency_works_or_says_the_kernel_lacks_netem(env, new_scenario) 
     assert [r["id"] for r in sn.revert()] == [fault_id]
 
 
-def test_lymph_heartbeats_from_echo_are_answered(env, new_scenario) -> None:
+def test_lymph_heartbeats_from_echo_are_answered(env: Env, new_scenario: Callable[..., Any]) -> None:
     """After a request, real lymph peers ping back every second and expect an answer."""
     sn = new_scenario()
     _wait_echo_answers(sn, env.service)
@@ -363,7 +371,7 @@ def test_lymph_heartbeats_from_echo_are_answered(env, new_scenario) -> None:
     assert sn.rpc.pings_answered > before
 
 
-def test_events_and_status_come_from_every_agent(env, new_scenario) -> None:
+def test_events_and_status_come_from_every_agent(env: Env, new_scenario: Callable[..., Any]) -> None:
     sn = new_scenario()
     status = sn.status()
     assert len(status) == 1 and all(s["zookeeper"]["state"] == "connected" for s in status.values()), status
@@ -375,4 +383,5 @@ def test_events_and_status_come_from_every_agent(env, new_scenario) -> None:
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 import lymph_chaos
 from lymph_chaos.rpc import RpcNode, zmq_module
+
+if TYPE_CHECKING:  # pytest loads conftest.py itself; this import is for the type checker only
+    from conftest import Env
 
 EXPECT_LYMPH = os.environ.get("CHAOS_PY_EXPECT_LYMPH")
 
@@ -39,6 +44,34 @@ def test_the_distribution_ships_no_lymph_init() -> None:
     assert "lymph/__init__.py" not in shipped
 
 
+def test_the_version_is_the_workspace_version() -> None:
+    """One release number: the distribution's version (from ``lymph_chaos.__version__``) is the agent's, the
+    ``[workspace.package]`` version of the top-level Cargo.toml."""
+    from importlib.metadata import version
+
+    cargo = (Path(__file__).resolve().parents[3] / "Cargo.toml").read_text(encoding="utf-8")
+    section = re.search(r"^\[workspace\.package\]\n(.*?)(?:^\[|\Z)", cargo, re.M | re.S)
+    assert section, "no [workspace.package] in Cargo.toml"
+    workspace = re.search(r'^version\s*=\s*"([^"]+)"', section.group(1), re.M)
+    assert workspace, "no version in [workspace.package]"
+    assert lymph_chaos.__version__ == workspace.group(1), (lymph_chaos.__version__, workspace.group(1))
+    assert version("lymph-chaos") == workspace.group(1)
+
+
+def test_the_client_neither_requires_nor_imports_msgpack() -> None:
+    """Next to lymph 0.15 the ``msgpack`` module is lymph's 0.5: the client declares no msgpack (so pip never
+    replaces it) and never imports one (its own codec speaks the wire format)."""
+    from importlib.metadata import requires
+
+    assert not [r for r in requires("lymph-chaos") or [] if re.match(r"msgpack", r, re.I)], requires("lymph-chaos")
+    script = (
+        "import sys, lymph_chaos, lymph_chaos.experiment, lymph_chaos.pytest_plugin, lymph.chaos\n"
+        "assert 'msgpack' not in sys.modules, sys.modules['msgpack']\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_zmq_flavour_follows_gevent_patching() -> None:
     import zmq
 
@@ -51,7 +84,7 @@ def test_zmq_flavour_follows_gevent_patching() -> None:
 
 
 @pytest.mark.skipif(EXPECT_LYMPH == "0", reason="this run is for a venv without lymph")
-def test_lymph_still_works_next_to_the_client(env) -> None:
+def test_lymph_still_works_next_to_the_client(env: Env) -> None:
     """lymph 0.15 (a namespace package without lymph/__init__.py) keeps working with lymph.chaos installed."""
     if EXPECT_LYMPH == "1":
         assert lymph_installed(), "lymph 0.15 should be installed in this venv"
@@ -105,11 +138,10 @@ print('ok', msgpack.version, sorted(lymph.__path__))
 
 @pytest.mark.skipif(EXPECT_LYMPH != "0", reason="only for a venv without lymph")
 def test_without_lymph_the_namespace_holds_only_the_client() -> None:
-    import msgpack
-
     import lymph
 
     assert not lymph_installed()
     assert not hasattr(lymph, "__file__") or lymph.__file__ is None  # an implicit namespace package
     assert [p.name for p in Path(next(iter(lymph.__path__))).iterdir() if not p.name.startswith("__")] == ["chaos"]
-    assert msgpack.version >= (1, 0, 0), "the standalone venv should have current msgpack"
+    # A plain `pip install` of the client pulled in no msgpack: the client works without one.
+    assert importlib.util.find_spec("msgpack") is None, "the standalone venv should have no msgpack"

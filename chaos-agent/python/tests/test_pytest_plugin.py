@@ -54,7 +54,10 @@ def assert_reverted(scenario_cls: Any, env: Any, ids: List[str]) -> None:
         assert admin.faults() == []
         events = admin.events()
         for fault_id in ids:
-            assert any(e.get("fault") == fault_id and e.get("action") == "reverted" for e in events), (fault_id, events[-10:])
+            assert any(e.get("fault") == fault_id and e.get("action") == "reverted" for e in events), (
+                fault_id,
+                events[-10:],
+            )
     finally:
         admin.close()
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pytest
 
 import lymph_chaos
 from lymph_chaos import errors, scenario
-from lymph_chaos.rpc import ACK, ERROR, NACK, REP, REQ, RpcNode, pack, request_frames, unpack, zmq_module
+from lymph_chaos.codec import pack, unpack
+from lymph_chaos.rpc import ACK, ERROR, NACK, REP, REQ, RpcNode, request_frames, zmq_module
 from lymph_chaos.scenario import Action, plan, resolve_service
 
 
@@ -158,7 +159,7 @@ def test_amounts_are_bounded() -> None:
     for bad in ({"count": 0}, {"count": -2}, {"percent": 0}, {"percent": 100.5}, {"percent": float("nan")}):
         with pytest.raises(lymph_chaos.InvalidArgument):
             k(4, **bad)
-    for bad in (
+    for wrong in (
         {"count": 1, "percent": 5},
         {"count": 1, "all": True},
         {"percent": 5, "all": True},
@@ -168,7 +169,7 @@ def test_amounts_are_bounded() -> None:
         {"all": 1},
     ):
         with pytest.raises(lymph_chaos.BadArguments):
-            k(4, **bad)
+            k(4, **wrong)
 
 
 def test_process_faults_hit_one_instance_of_the_cluster_by_default() -> None:
@@ -272,7 +273,7 @@ def test_a_round_sends_kills_only_after_the_lasting_faults_are_answered() -> Non
     sn.inject("Echo", "blackhole")
     batches: List[List[str]] = []
 
-    def fan_out(calls: List[Any]) -> List[Any]:
+    def fan_out(calls: Sequence[Tuple[str, str, Dict[str, Any]]]) -> List[Union[Any, errors.ChaosError]]:
         if calls:
             batches.append([method for _, method, _ in calls])
         return [{"id": kwargs["id"], "state": "done" if method == "kill" else "active"} for _, method, kwargs in calls]
@@ -375,11 +376,12 @@ def _free_port() -> int:
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 @pytest.fixture
-def peer_and_node():
+def peer_and_node() -> Iterator[Tuple[FakeLymphPeer, RpcNode]]:
     peer = FakeLymphPeer()
     node = RpcNode("127.0.0.1")
     yield peer, node
@@ -387,7 +389,7 @@ def peer_and_node():
     peer.close()
 
 
-def test_replies_of_every_type(peer_and_node) -> None:
+def test_replies_of_every_type(peer_and_node: Tuple[FakeLymphPeer, RpcNode]) -> None:
     peer, node = peer_and_node
     assert node.endpoint.startswith("tcp://127.0.0.1:")
     assert node.request(peer.endpoint, "T.rep", {"a": 1, "s": "x"}) == {"a": 1, "s": "x"}
@@ -398,12 +400,12 @@ def test_replies_of_every_type(peer_and_node) -> None:
     with pytest.raises(lymph_chaos.Nack):
         node.request(peer.endpoint, "T.nack", {})
     # What went over the wire: our endpoint as routing id, 5 frames, lymph headers.
-    source, msg_id, kind, subject, headers, body = peer.requests[0]
+    source, msg_id, kind, subject, headers, _body = peer.requests[0]
     assert source == node.endpoint.encode() and kind == REQ and subject == b"T.rep" and len(msg_id) == 32
     assert set(unpack(headers)) == {"trace_id", "version"} and unpack(headers)["version"] is None
 
 
-def test_heartbeats_are_answered_with_their_payload(peer_and_node) -> None:
+def test_heartbeats_are_answered_with_their_payload(peer_and_node: Tuple[FakeLymphPeer, RpcNode]) -> None:
     peer, node = peer_and_node
     node.request(peer.endpoint, "T.rep", {})
     deadline = time.monotonic() + 3
@@ -415,10 +417,10 @@ def test_heartbeats_are_answered_with_their_payload(peer_and_node) -> None:
     assert node.pings_answered == 1
 
 
-def test_timeouts(peer_and_node) -> None:
+def test_timeouts(peer_and_node: Tuple[FakeLymphPeer, RpcNode]) -> None:
     peer, node = peer_and_node
     started = time.monotonic()
-    with pytest.raises(lymph_chaos.ChaosTimeout, match="T.silent"):
+    with pytest.raises(lymph_chaos.ChaosTimeout, match=r"T\.silent"):
         node.request(peer.endpoint, "T.silent", {}, timeout=0.3)
     assert 0.3 <= time.monotonic() - started < 1.5
     # Nobody listening there: no handshake, so the message never leaves; same deadline.
@@ -428,7 +430,7 @@ def test_timeouts(peer_and_node) -> None:
     assert time.monotonic() - started < 1.5
 
 
-def test_many_requests_in_parallel(peer_and_node) -> None:
+def test_many_requests_in_parallel(peer_and_node: Tuple[FakeLymphPeer, RpcNode]) -> None:
     peer, node = peer_and_node
     calls = [node.start_request(peer.endpoint, "T.rep", {"n": n}, 3) for n in range(50)]
     assert [c.result() for c in calls] == [{"n": n} for n in range(50)]

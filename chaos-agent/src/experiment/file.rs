@@ -167,9 +167,9 @@ pub fn load(path: &Path) -> Result<Experiment, FileError> {
 /// # Errors
 /// [`FileError::Invalid`] naming the line and key of the first problem.
 pub fn parse(text: &str, file: &str) -> Result<Experiment, FileError> {
-    let raw: RawExperiment = serde_yaml::from_str(text).map_err(|err| {
+    let raw: RawExperiment = yaml_serde::from_str(text).map_err(|err| {
         let (line, column) = err.location().map_or((0, 0), |l| (l.line(), l.column()));
-        // serde_yaml appends " at line L column C"; the location leads our message instead.
+        // yaml_serde appends " at line L column C"; the location leads our message instead.
         let mut message = err.to_string();
         if let Some(i) = message.rfind(" at line ") {
             message.truncate(i);
@@ -391,7 +391,7 @@ impl<'de> Deserialize<'de> for Share {
     }
 }
 
-fn yaml_to_json(v: serde_yaml::Value) -> Result<Json, String> {
+fn yaml_to_json(v: yaml_serde::Value) -> Result<Json, String> {
     serde_json::to_value(&v).map_err(|e| format!("cannot be represented as JSON: {e}"))
 }
 
@@ -696,7 +696,7 @@ struct RawProbe {
 struct RawRpc {
     call: String,
     #[serde(default)]
-    args: Option<serde_yaml::Value>,
+    args: Option<yaml_serde::Value>,
 }
 
 #[derive(Deserialize)]
@@ -739,7 +739,7 @@ struct RawTolerance {
     #[serde(default)]
     reply: Option<RawMatch>,
     #[serde(default)]
-    status: Option<serde_yaml::Value>,
+    status: Option<yaml_serde::Value>,
     #[serde(default)]
     body: Option<RawMatch>,
     #[serde(default)]
@@ -754,7 +754,7 @@ struct RawTolerance {
 #[serde(deny_unknown_fields)]
 struct RawMatch {
     #[serde(default)]
-    equals: Option<serde_yaml::Value>,
+    equals: Option<yaml_serde::Value>,
     #[serde(default)]
     contains: Option<String>,
     #[serde(default)]
@@ -797,8 +797,8 @@ impl RawProbe {
                     .filter(|(s, m)| !s.is_empty() && !m.is_empty())
                     .ok_or_else(|| format!("probe `{name}`: rpc.call `{}` is not Service.method", rpc.call))?;
                 let args = match rpc.args {
-                    None | Some(serde_yaml::Value::Null) => Json::Object(Map::new()),
-                    Some(v @ serde_yaml::Value::Mapping(_)) => yaml_to_json(v)?,
+                    None | Some(yaml_serde::Value::Null) => Json::Object(Map::new()),
+                    Some(v @ yaml_serde::Value::Mapping(_)) => yaml_to_json(v)?,
                     Some(_) => return Err(format!("probe `{name}`: rpc.args is a mapping of keyword arguments")),
                 };
                 ProbeKind::Rpc { service: service.to_owned(), subject: format!("{service}.{method}"), args }

@@ -147,8 +147,8 @@ impl StatusRange {
     ///
     /// # Errors
     /// A message saying what is accepted.
-    pub fn parse(v: &serde_yaml::Value) -> Result<StatusRange, String> {
-        fn one(v: &serde_yaml::Value) -> Result<(u16, u16), String> {
+    pub fn parse(v: &yaml_serde::Value) -> Result<StatusRange, String> {
+        fn one(v: &yaml_serde::Value) -> Result<(u16, u16), String> {
             if let Some(n) = v.as_u64() {
                 let n = u16::try_from(n).ok().filter(|n| (100..600).contains(n)).ok_or("not a status code")?;
                 return Ok((n, n));
@@ -167,7 +167,7 @@ impl StatusRange {
             Err(format!("`{s}` is not a code, class or range"))
         }
         match v {
-            serde_yaml::Value::Sequence(items) => Ok(StatusRange(items.iter().map(one).collect::<Result<_, _>>()?)),
+            yaml_serde::Value::Sequence(items) => Ok(StatusRange(items.iter().map(one).collect::<Result<_, _>>()?)),
             other => Ok(StatusRange(vec![one(other)?])),
         }
     }
@@ -490,9 +490,9 @@ mod tests {
         assert!(!Matcher::Equals(Json::from("HI")).matches(&Json::from("hi")));
         assert!(Matcher::Contains("pid".into()).matches(&serde_json::json!({"pid": 1})));
         assert!(Matcher::Regex(regex::Regex::new("^H.$").unwrap()).matches(&Json::from("HI")));
-        let r = StatusRange::parse(&serde_yaml::from_str("[\"2xx\", 304]").unwrap()).unwrap();
+        let r = StatusRange::parse(&yaml_serde::from_str("[\"2xx\", 304]").unwrap()).unwrap();
         assert_eq!(r, StatusRange(vec![(200, 299), (304, 304)]));
         assert!(r.contains(204) && !r.contains(404));
-        assert!(StatusRange::parse(&serde_yaml::from_str("99").unwrap()).is_err());
+        assert!(StatusRange::parse(&yaml_serde::from_str("99").unwrap()).is_err());
     }
 }

@@ -7,8 +7,8 @@
     with sn.repeat(interval=5):
         ...
 
-It speaks lymph's RPC protocol itself (pyzmq + msgpack) and finds the agents (service ``Chaos``) in ZooKeeper
-(kazoo), so lymph itself need not be installed.
+It speaks lymph's RPC protocol itself (pyzmq and its own msgpack codec, :mod:`lymph_chaos.codec`) and finds the
+agents (service ``Chaos``) in ZooKeeper (kazoo), so lymph itself need not be installed.
 """
 
 from .discovery import Agent, ZooKeeperRegistry, zookeeper_hosts

@@ -98,7 +98,7 @@ class ZooKeeperRegistry:
                 # kazoo warns when the chroot does not exist; agents() says so in its error instead.
                 warnings.filterwarnings("ignore", message="No chroot path exists")
                 self._zk.start(timeout=timeout)
-        except Exception as err:  # kazoo raises its handler's timeout class, or socket errors
+        except Exception as err:  # noqa: BLE001 - kazoo raises its handler's timeout class, or socket errors
             self._close_quietly()
             raise ZooKeeperUnavailable(
                 f"cannot connect to ZooKeeper at {hosts} within {timeout:g} s ({type(err).__name__}: {err})"
@@ -113,7 +113,7 @@ class ZooKeeperRegistry:
             children = self._zk.get_children(path)
         except NoNodeError:
             return []
-        except Exception as err:  # ConnectionLoss, SessionExpired …
+        except Exception as err:  # noqa: BLE001 - ConnectionLoss, SessionExpired …
             raise ZooKeeperUnavailable(f"cannot list {path} in ZooKeeper at {self.hosts}: {err}") from None
         found = []
         for child in sorted(children):
@@ -125,7 +125,7 @@ class ZooKeeperRegistry:
             except (ValueError, UnicodeDecodeError) as err:
                 log.warning("ignoring %s/%s: not a lymph registration (%s)", path, child, err)
                 continue
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - as above
                 raise ZooKeeperUnavailable(f"cannot read {path}/{child} in ZooKeeper at {self.hosts}: {err}") from None
             endpoint = data.get("endpoint") if isinstance(data, dict) else None
             if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
@@ -142,7 +142,7 @@ class ZooKeeperRegistry:
         """Whether the chroot node exists (lymph creates it when the first service registers)."""
         try:
             return self._zk.exists("/") is not None
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - as above
             raise ZooKeeperUnavailable(f"cannot read ZooKeeper at {self.hosts}: {err}") from None
 
     def close(self) -> None:

@@ -44,8 +44,21 @@ LEASE = 10.0
 
 STEP_KINDS = ("fault", "pause", "repeat", "parallel", "serial")
 FAULT_KINDS = (
-    "latency", "delay", "loss", "duplicate", "corrupt", "reorder", "rate", "blackhole", "observe",
-    "cpu", "memory", "disk", "kill", "terminate", "pause",
+    "latency",
+    "delay",
+    "loss",
+    "duplicate",
+    "corrupt",
+    "reorder",
+    "rate",
+    "blackhole",
+    "observe",
+    "cpu",
+    "memory",
+    "disk",
+    "kill",
+    "terminate",
+    "pause",
 )
 INSTANT_KINDS = ("kill", "terminate")
 
@@ -129,7 +142,7 @@ class Step:
     path: str
     kind: str
     spec: Dict[str, Any]
-    children: List["Step"] = field(default_factory=list)
+    children: List[Step] = field(default_factory=list)
 
 
 @dataclass
@@ -148,13 +161,25 @@ class Probe:
 class Experiment:
     """A parsed experiment file (see the module docs)."""
 
-    def __init__(self, data: Dict[str, Any], file: str = "<experiment>", lines: Optional[Dict[Tuple[Any, ...], int]] = None):
+    def __init__(
+        self, data: Dict[str, Any], file: str = "<experiment>", lines: Optional[Dict[Tuple[Any, ...], int]] = None
+    ):
         self.file = file
         self._lines = lines or {}
         if not isinstance(data, dict):
             raise self._error((), "the top level must be a mapping with title and method")
         for key in data:
-            if key not in ("title", "description", "tags", "zookeeper", "seed", "dry_run", "steady_state", "method", "safeguards"):
+            if key not in (
+                "title",
+                "description",
+                "tags",
+                "zookeeper",
+                "seed",
+                "dry_run",
+                "steady_state",
+                "method",
+                "safeguards",
+            ):
                 raise self._error((key,), f"unknown key `{key}`")
         if not isinstance(data.get("title"), str):
             raise self._error(("title",), "`title` (text) is required")
@@ -172,16 +197,18 @@ class Experiment:
         self.probes: List[Probe] = [
             self._probe(p, ("steady_state", "probes", i)) for i, p in enumerate(steady.get("probes") or [])
         ]
-        self.safeguards: List[Probe] = [self._probe(p, ("safeguards", i)) for i, p in enumerate(data.get("safeguards") or [])]
+        self.safeguards: List[Probe] = [
+            self._probe(p, ("safeguards", i)) for i, p in enumerate(data.get("safeguards") or [])
+        ]
 
     @classmethod
-    def load(cls, path: str) -> "Experiment":
+    def load(cls, path: str) -> Experiment:
         """Reads and checks a file."""
         with open(path, encoding="utf-8") as fh:
             return cls.parse(fh.read(), str(path))
 
     @classmethod
-    def parse(cls, text: str, file: str = "<experiment>") -> "Experiment":
+    def parse(cls, text: str, file: str = "<experiment>") -> Experiment:
         """Parses and checks YAML text."""
         data, lines = _load_yaml(text, file)
         return cls(data, file, lines)
@@ -200,11 +227,15 @@ class Experiment:
             raise self._error(path, "a step is a mapping starting with fault, pause, repeat, parallel or serial")
         kind = next(iter(raw))
         if kind not in STEP_KINDS:
-            raise self._error(path + (kind,), f"a step starts with its type: `{kind}` is not one of {', '.join(STEP_KINDS)}")
+            raise self._error(
+                path + (kind,), f"a step starts with its type: `{kind}` is not one of {', '.join(STEP_KINDS)}"
+            )
         where = _path_text(path)
         if kind == "fault":
             if raw["fault"] not in FAULT_KINDS:
-                raise self._error(path + ("fault",), f"unknown fault kind `{raw['fault']}`; kinds: {', '.join(FAULT_KINDS)}")
+                raise self._error(
+                    path + ("fault",), f"unknown fault kind `{raw['fault']}`; kinds: {', '.join(FAULT_KINDS)}"
+                )
             if "lifetime" in raw:
                 parse_duration(raw["lifetime"], f"{where}.lifetime")
             if "service" not in raw and raw["fault"] not in ("cpu", "memory", "disk"):
@@ -238,7 +269,18 @@ class Experiment:
     def _probe(self, raw: Any, path: Tuple[Any, ...]) -> Probe:
         if not isinstance(raw, dict) or "name" not in raw:
             raise self._error(path, "a probe is a mapping with a name")
-        allowed = ("name", "rpc", "registry", "http", "every", "window", "timeout", "check", "failure_threshold", "tolerance")
+        allowed = (
+            "name",
+            "rpc",
+            "registry",
+            "http",
+            "every",
+            "window",
+            "timeout",
+            "check",
+            "failure_threshold",
+            "tolerance",
+        )
         for key in raw:
             if key not in allowed:
                 raise self._error(path + (key,), f"unknown key `{key}` in a probe")
@@ -252,7 +294,16 @@ class Experiment:
         where = _path_text(path)
         tolerance = dict(raw.get("tolerance") or {})
         for key in tolerance:
-            if key not in ("success", "latency", "reply", "status", "body", "min_instances", "max_instances", "min_samples"):
+            if key not in (
+                "success",
+                "latency",
+                "reply",
+                "status",
+                "body",
+                "min_instances",
+                "max_instances",
+                "min_samples",
+            ):
                 raise self._error(path + ("tolerance", key), f"unknown key `{key}` in a tolerance")
         if "success" in tolerance:
             tolerance["success"] = parse_share(tolerance["success"], f"{where}.tolerance.success")
@@ -270,12 +321,12 @@ class Experiment:
 
     # -- running ---------------------------------------------------------------------------------------------
 
-    def method(self, zookeeper: str, dry_run: bool = False, timeout: float = 2.0) -> "MethodRun":
+    def method(self, zookeeper: str, dry_run: bool = False, timeout: float = 2.0) -> MethodRun:
         """A context manager running the method in a background thread while its block runs; every fault is
         reverted on exit (also when the block raises)."""
         return MethodRun(self, zookeeper, dry_run=dry_run or self.dry_run, timeout=timeout)
 
-    def check_steady_state(self, zookeeper: str, timeout: float = 2.0) -> List["Verdict"]:
+    def check_steady_state(self, zookeeper: str, timeout: float = 2.0) -> List[Verdict]:
         """Runs every steady-state probe over its window (at the same time); returns the verdicts."""
         return check_probes(self.probes, zookeeper, timeout)
 
@@ -284,7 +335,8 @@ class Experiment:
         verdicts = self.check_steady_state(zookeeper, timeout)
         failed = [v for v in verdicts if not v.held]
         if failed:
-            raise AssertionError("steady state of %r did not hold: %s" % (self.title, "; ".join(v.explain() for v in failed)))
+            explained = "; ".join(v.explain() for v in failed)
+            raise AssertionError(f"steady state of {self.title!r} did not hold: {explained}")
 
 
 # -- the method ------------------------------------------------------------------------------------------------
@@ -313,7 +365,7 @@ class MethodRun:
         #: Set once the method's first step is done (the block starts with its faults in place).
         self.started = threading.Event()
 
-    def __enter__(self) -> "MethodRun":
+    def __enter__(self) -> MethodRun:
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._main, name="lymph-chaos method", daemon=True)
         self._thread.start()
@@ -432,7 +484,9 @@ class MethodRun:
             if kind not in INSTANT_KINDS:
                 params["lifetime"] = min(lifetime, LEASE) if lifetime is not None else LEASE
             if not service:
-                raise ExperimentError(f"{step.path}: a {kind} fault without `service` (host-wide) runs with lymph-chaos run only")
+                raise ExperimentError(
+                    f"{step.path}: a {kind} fault without `service` (host-wide) runs with lymph-chaos run only"
+                )
             sn.inject(service, kind, **params)
         reports = sn.apply()
         self._record(step.path, f"{kind} {service or ''}: " + "; ".join(str(r.get("message", "")) for r in reports))
@@ -492,13 +546,15 @@ class Verdict:
 
     def explain(self) -> str:
         ok = sum(1 for s in self.samples if s.ok)
-        return f"{self.probe}: {ok}/{len(self.samples)} samples ok; " + ("held" if self.held else "; ".join(self.failures))
+        return f"{self.probe}: {ok}/{len(self.samples)} samples ok; " + (
+            "held" if self.held else "; ".join(self.failures)
+        )
 
 
 def _matches(matcher: Dict[str, Any], value: Any) -> bool:
     text = value if isinstance(value, str) else json.dumps(value)
     if "equals" in matcher:
-        return value == matcher["equals"]
+        return bool(value == matcher["equals"])
     if "contains" in matcher:
         return str(matcher["contains"]) in text
     if "regex" in matcher:
@@ -544,7 +600,12 @@ class _Sampler:
                     return Sample(t, False, time.monotonic() - started, f"LookupFailure: no instance of {service}")
                 if self.node is None:
                     self.node = RpcNode("127.0.0.1")
-                reply = self.node.request(random.choice(instances).endpoint, probe.target["call"], probe.target.get("args") or {}, probe.timeout)
+                reply = self.node.request(
+                    random.choice(instances).endpoint,
+                    probe.target["call"],
+                    probe.target.get("args") or {},
+                    probe.timeout,
+                )
                 latency = time.monotonic() - started
                 if "reply" in tol and not _matches(tol["reply"], reply):
                     return Sample(t, False, latency, f"reply {reply!r} does not match {tol['reply']}")
@@ -560,7 +621,8 @@ class _Sampler:
         method = str(probe.target.get("method", "GET")).upper()
         body = (probe.target.get("body") or "").encode()
         headers = "".join(f"{k}: {v}\r\n" for k, v in (probe.target.get("headers") or {}).items())
-        request = f"{method} {url.path or '/'}{'?' + url.query if url.query else ''} HTTP/1.1\r\nHost: {url.hostname}\r\nConnection: close\r\n{headers}"
+        target = f"{url.path or '/'}{'?' + url.query if url.query else ''}"
+        request = f"{method} {target} HTTP/1.1\r\nHost: {url.hostname}\r\nConnection: close\r\n{headers}"
         if body:
             request += f"Content-Length: {len(body)}\r\n"
         with socket.create_connection((url.hostname, url.port or 80), timeout=probe.timeout) as sock:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import pytest
 
@@ -42,7 +42,7 @@ def pytest_addoption(parser: Any) -> None:
         default=None,
         metavar="HOSTS",
         help="ZooKeeper of the Chaos agents and services, host:port[/chroot] (default: from lymph's configuration "
-        "$LYMPH_CONFIG or .lymph.yml, else %s)" % DEFAULT_ZOOKEEPER,
+        f"$LYMPH_CONFIG or .lymph.yml, else {DEFAULT_ZOOKEEPER})",
     )
     group.addoption(
         "--lymph-chaos-dry-run",

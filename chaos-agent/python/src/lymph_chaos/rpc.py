@@ -15,8 +15,8 @@ lymph's wire protocol (``lymph/core/rpc.py``, ``lymph/core/messages.py``):
 - Peers that talked to us send ``lymph.ping`` requests every second (body ``{"payload": x}``) and expect a ``REP``
   with body ``x``; :class:`RpcNode` answers them on its I/O thread. Any other request gets ``NACK``.
 
-msgpack: works with msgpack-python 0.5.6 (what lymph 0.15 needs) and msgpack ≥ 1.0: strings are packed as str,
-bytes as bin (``use_bin_type=True``) and str is unpacked as text (``raw=False``).
+msgpack: :mod:`lymph_chaos.codec` (pure Python, no ``msgpack`` distribution, so installing the client never
+replaces lymph's ``msgpack-python`` 0.5): strings are packed as str, bytes as bin, and str is unpacked as text.
 
 Under gevent (``gevent.monkey.patch_all()``, which lymph and its pytest plugin do), the I/O thread is a greenlet
 and ``zmq.green`` is used, so nothing blocks the hub.
@@ -31,10 +31,9 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Set
 
-import msgpack
-
+from .codec import pack, unpack
 from .errors import ChaosError, ChaosTimeout, Nack, error_from_reply
 
 log = logging.getLogger(__name__)
@@ -46,22 +45,6 @@ REPLY_DEADLINE = 5.0
 IDLE_POLL_MS = 100
 #: Poll timeout while messages wait for a handshake.
 RETRY_POLL_MS = 2
-
-_MSGPACK_VERSION = tuple(getattr(msgpack, "version", (0, 0, 0)))
-# msgpack ≥ 1.0 refuses non-str map keys by default; 0.5.x does not know the argument.
-_UNPACK_KWARGS: Dict[str, Any] = {"raw": False}
-if _MSGPACK_VERSION >= (1, 0, 0):
-    _UNPACK_KWARGS["strict_map_key"] = False
-
-
-def pack(obj: Any) -> bytes:
-    """msgpack as lymph writes it: str as str, bytes as bin."""
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def unpack(data: bytes) -> Any:
-    """msgpack as lymph reads it: str (and old raw) as text."""
-    return msgpack.unpackb(data, **_UNPACK_KWARGS)
 
 
 def new_id() -> str:
@@ -93,13 +76,14 @@ def local_ip_towards(host: str) -> str:
         info = socket.getaddrinfo(host, 9, socket.AF_INET, socket.SOCK_DGRAM)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.connect(info[0][4])
-            return probe.getsockname()[0]
+            ip: str = probe.getsockname()[0]
+            return ip
     except OSError:
         return "127.0.0.1"
 
 
 class _Outgoing:
-    __slots__ = ("dest", "frames", "deadline", "request_id")
+    __slots__ = ("deadline", "dest", "frames", "request_id")
 
     def __init__(self, dest: str, frames: List[bytes], deadline: float, request_id: Optional[str] = None) -> None:
         self.dest = dest
@@ -111,7 +95,7 @@ class _Outgoing:
 class Call:
     """A request in flight; :meth:`result` waits for its reply."""
 
-    def __init__(self, node: "RpcNode", endpoint: str, subject: str, msg_id: str, timeout: float) -> None:
+    def __init__(self, node: RpcNode, endpoint: str, subject: str, msg_id: str, timeout: float) -> None:
         self.node = node
         self.endpoint = endpoint
         self.subject = subject
@@ -266,7 +250,7 @@ class RpcNode:
         for call in pending.values():
             call._fail("the RPC node was closed")
 
-    def __enter__(self) -> "RpcNode":
+    def __enter__(self) -> RpcNode:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -295,7 +279,7 @@ class RpcNode:
         poller.register(self._recv, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         waiting: List[_Outgoing] = []
-        connected: set = set()
+        connected: Set[str] = set()
         while not self._stopping:
             try:
                 ready = dict(poller.poll(RETRY_POLL_MS if waiting else IDLE_POLL_MS))
@@ -368,7 +352,7 @@ class RpcNode:
         frames_out = [new_id().encode(), reply_kind, msg_id.encode(), pack({"trace_id": trace_id}), reply_body]
         waiting.append(_Outgoing(source, frames_out, time.monotonic() + REPLY_DEADLINE))
 
-    def _try_send(self, out: _Outgoing, connected: set) -> bool:
+    def _try_send(self, out: _Outgoing, connected: Set[str]) -> bool:
         """Tries to send; True when the message is done with (sent or dropped)."""
         zmq = self._zmq
         if out.dest not in connected:
@@ -404,4 +388,5 @@ def _free_port(ip: str) -> int:
     """A TCP port that was free on ``ip`` a moment ago."""
     with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((ip, 0))
-        return probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port

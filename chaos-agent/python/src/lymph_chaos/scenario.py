@@ -337,7 +337,7 @@ class Scenario:
         chroot: Optional[str] = DEFAULT_CHROOT,
         timeout: float = 2.0,
         **options: Any,
-    ) -> "Scenario":
+    ) -> Scenario:
         """A scenario using the agents registered in the ZooKeeper at ``host``.
 
         ``host`` is a host (``'127.0.0.1'``), ``'host:port'``, a comma-separated list of those, optionally ending
@@ -400,7 +400,7 @@ class Scenario:
 
     # -- applying -----------------------------------------------------------------------------------------------
 
-    def repeat(self, interval: float = 5, lease: Optional[float] = None) -> "Repeat":
+    def repeat(self, interval: float = 5, lease: Optional[float] = None) -> Repeat:
         """A context manager applying the queued actions now and every ``interval`` seconds while its block runs.
 
         On exit, normal or by an exception (which propagates), it stops re-applying and reverts every fault it
@@ -614,7 +614,7 @@ class Scenario:
 
     # -- 2015 API -----------------------------------------------------------------------------------------------
 
-    def play(self, interval: float = 1) -> "Repeat":
+    def play(self, interval: float = 1) -> Repeat:
         """Starts repeating in the background without a ``with`` block; :meth:`cancel` stops and reverts."""
         repeat = Repeat(self, interval, None)
         repeat.__enter__()
@@ -647,9 +647,7 @@ class Scenario:
                 self._node = RpcNode(ip, self._port)
             return self._node
 
-    def _send_in_phases(
-        self, calls: Sequence[Tuple[Action, str, Dict[str, Any]]]
-    ) -> List[Union[Any, ChaosError]]:
+    def _send_in_phases(self, calls: Sequence[Tuple[Action, str, Dict[str, Any]]]) -> List[Union[Any, ChaosError]]:
         """Sends the lasting faults of a round at once, then the instant ones (kills) at once; replies in order."""
         lasting = [(agent, action.method, kwargs) for action, agent, kwargs in calls if not action.instant]
         instant = [(agent, action.method, kwargs) for action, agent, kwargs in calls if action.instant]
@@ -727,7 +725,7 @@ class Scenario:
                 node.close()
             self._registry.close()
 
-    def __enter__(self) -> "Scenario":
+    def __enter__(self) -> Scenario:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -758,7 +756,7 @@ class Repeat:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def __enter__(self) -> "Repeat":
+    def __enter__(self) -> Repeat:
         sc = self.scenario
         with sc._lock:
             if sc._repeat is not None:
@@ -788,7 +786,7 @@ class Repeat:
                 self.last_reports = self.scenario._apply_round(self.lease, strict=False)
             except ChaosError as err:
                 self.scenario._record_error(err)
-            except Exception as err:  # noqa: BLE001 - keep repeating; the block decides when to stop
+            except Exception as err:
                 log.exception("lymph-chaos: round failed")
                 self.scenario._record_error(ChaosError(f"{type(err).__name__}: {err}", type="ClientError"))
             self.rounds += 1

@@ -5,5 +5,5 @@ Everything here is :mod:`lymph_chaos`. This distribution ships ``lymph/chaos/`` 
 holding only ``chaos`` when it is not. Importing this module imports nothing from lymph.
 """
 
-from lymph_chaos import *  # noqa: F401,F403
+from lymph_chaos import *  # noqa: F403
 from lymph_chaos import __all__, __version__  # noqa: F401
