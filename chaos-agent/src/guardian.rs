@@ -67,12 +67,7 @@ impl Guardian {
     }
 }
 
-/// Whether this executable is the agent's (guardians and workers re-execute it).
-pub fn own_executable() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let name = exe.file_name()?.to_str()?;
-    (name == "lymph-chaos").then_some(exe)
-}
+pub use crate::procinfo::own_executable;
 
 /// Name the guardian runs under (`argv[0]`): how a new agent recognises a leftover guardian.
 const GUARDIAN_ARG0: &str = "lymph-chaos-guardian";

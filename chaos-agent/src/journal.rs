@@ -12,7 +12,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::faults::process::ProcInfo;
+use crate::procinfo::ProcInfo;
 
 /// How to undo one fault.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -28,6 +28,7 @@ pub mod journal;
 pub mod lymph_config;
 pub mod metrics;
 pub mod paths;
+pub mod procinfo;
 pub mod rpc;
 pub mod scenario;
 pub mod selection;

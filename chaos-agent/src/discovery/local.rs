@@ -38,13 +38,7 @@ pub fn parse_title(cmdline: &str) -> Option<(String, String)> {
     Some((identity, endpoint))
 }
 
-/// The command line of a process, NULs turned into spaces (setproctitle may leave padding).
-pub fn cmdline(pid: i32) -> Option<String> {
-    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let text: String = String::from_utf8_lossy(&raw).replace('\0', " ");
-    let text = text.trim().to_owned();
-    (!text.is_empty()).then_some(text)
-}
+pub use crate::procinfo::cmdline;
 
 /// The network namespace of a process (`net:[<inode>]`).
 fn netns_of(pid: &str) -> Option<std::path::PathBuf> {

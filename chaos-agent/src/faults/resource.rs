@@ -407,7 +407,7 @@ fn worker_exe() -> Result<PathBuf, ResourceError> {
     if let Some(exe) = std::env::var_os("LYMPH_CHAOS_WORKER_EXE") {
         return Ok(PathBuf::from(exe));
     }
-    crate::guardian::own_executable().ok_or_else(|| {
+    crate::procinfo::own_executable().ok_or_else(|| {
         ResourceError::Invalid(
             "CPU and memory faults run the lymph-chaos executable as workers; this process is not it".into(),
         )
@@ -505,7 +505,7 @@ pub fn proc_usage(pid: i32) -> (u64, f64) {
         .ok()
         .and_then(|s| {
             // utime (field 14) + stime (15).
-            let (_, f) = super::process::split_stat(&s)?;
+            let (_, f) = crate::procinfo::split_stat(&s)?;
             Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
         })
         .unwrap_or(0.0);
