@@ -20,8 +20,7 @@ use super::{
     value::{self, Value},
 };
 
-/// Bodies larger than this are refused with an ERROR (a chaos request is a few hundred bytes).
-pub const MAX_BODY: usize = 1 << 20;
+pub use super::node::MAX_BODY;
 
 /// lymph's built-in interface, served by every node.
 const BUILTINS: &[MethodInfo] = &[

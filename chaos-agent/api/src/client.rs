@@ -7,12 +7,13 @@ use rand::seq::IndexedRandom;
 use serde::{Serialize, de::DeserializeOwned};
 use zookeeper_client as zk;
 
-use super::{
-    ClientError, Value,
+use crate::{
+    error::ClientError,
+    instance::Instance,
     node::{NodeConfig, NodeError, RpcNode},
-    value,
+    registry as zookeeper,
+    value::{self, Value},
 };
-use crate::discovery::{Instance, zookeeper};
 
 /// A lymph client: an [`RpcNode`] (replies come back to its bound endpoint) plus an optional registry.
 pub struct Client {

@@ -1,0 +1,27 @@
+//! The lymph-chaos `Chaos` API, shared by the agent, its command line, unleashed mode, the Rust `Scenario` client
+//! and (through `api.json`) the Python client.
+//!
+//! This crate holds what both sides of a `Chaos` call agree on and nothing that touches the kernel: no eBPF,
+//! netlink or process control lives here, so a test or a tool can depend on it without the agent.
+//!
+//! # Layout
+//! - [`value`] — lymph's msgpack dialect (bounded decoder, encoder, special types, ext 101)
+//! - [`wire`] — the 5/6-frame envelope, headers, ids
+//! - [`node`] — a lymph RPC node: the ROUTER socket pair and its I/O thread (client and server side)
+//! - [`client`] — calling services by name (ZooKeeper lookup) or endpoint
+//! - [`error`] — error codes on the wire, handler and client errors
+//! - [`kwargs`] — keyword arguments of a request
+//! - [`registry`] — lymph's ZooKeeper registry: scan, register, watch
+//! - [`instance`] — the registration record and the [`instance::Instance`] `Chaos.list_services` lists
+pub mod client;
+pub mod error;
+pub mod instance;
+pub mod kwargs;
+pub mod node;
+pub mod registry;
+pub mod value;
+pub mod wire;
+
+pub use error::{ClientError, ErrorCode, RpcError};
+pub use kwargs::{Kwargs, to_value};
+pub use value::Value;
