@@ -22,6 +22,9 @@ pub mod registry;
 pub mod value;
 pub mod wire;
 
+/// The lymph service (interface) name every agent registers as, and the prefix of its RPC subjects (`Chaos.kill`).
+pub const SERVICE_NAME: &str = "Chaos";
+
 pub use error::{ClientError, ErrorCode, RpcError};
 pub use kwargs::{Kwargs, to_value};
 pub use value::Value;
