@@ -10,7 +10,7 @@
 //! - [`faults`] — fault model and lifecycle; process, network and resource faults
 //! - [`journal`], [`events`], [`guardian`] — what to undo, what happened, who undoes it if the agent dies
 //! - [`unleash`] — random fault schedule
-//! - [`scenario`] — the client library for test code (`Scenario`)
+//! - [`scenario`] — the client library for test code (`Scenario`, from `chaos_api`)
 //! - [`experiment`] — chaos experiments: steady state, method, safeguards, report (`lymph-chaos run`)
 //! - [`config`], [`paths`], [`metrics`]
 pub mod agent;
@@ -29,5 +29,6 @@ pub mod lymph_config;
 pub mod metrics;
 pub mod paths;
 pub mod rpc;
-pub mod scenario;
 pub mod unleash;
+
+pub use chaos_api::scenario;

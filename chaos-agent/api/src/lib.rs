@@ -10,6 +10,7 @@
 //! - [`node`] — a lymph RPC node: the ROUTER socket pair and its I/O thread (client and server side)
 //! - [`client`] — calling services by name (ZooKeeper lookup) or endpoint
 //! - [`error`] — error codes on the wire, handler and client errors
+//! - [`scenario`] — `Scenario`: chaos from test code
 //! - [`kwargs`] — keyword arguments of a request
 //! - [`registry`] — lymph's ZooKeeper registry: scan, register, watch
 //! - [`instance`] — the registration record and the [`instance::Instance`] `Chaos.list_services` lists
@@ -19,11 +20,17 @@ pub mod instance;
 pub mod kwargs;
 pub mod node;
 pub mod registry;
+pub mod scenario;
 pub mod value;
 pub mod wire;
 
 /// The lymph service (interface) name every agent registers as, and the prefix of its RPC subjects (`Chaos.kill`).
 pub const SERVICE_NAME: &str = "Chaos";
+
+/// Well-known names, under the path the agent's own `paths` module re-exports them from.
+pub(crate) mod paths {
+    pub(crate) use super::SERVICE_NAME;
+}
 
 pub use error::{ClientError, ErrorCode, RpcError};
 pub use kwargs::{Kwargs, to_value};

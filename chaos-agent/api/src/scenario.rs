@@ -1,9 +1,9 @@
 //! `Scenario`: chaos from test code.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), chaos_agent::scenario::ScenarioError> {
+//! # async fn demo() -> Result<(), chaos_api::scenario::ScenarioError> {
 //! use std::time::Duration;
-//! use chaos_agent::scenario::Scenario;
+//! use chaos_api::scenario::Scenario;
 //!
 //! let mut sn = Scenario::from_zookeeper("127.0.0.1:2181").await?;
 //! sn.kill("echo");
@@ -28,10 +28,7 @@ use std::{
 use serde_json::{Map, Value as Json, json};
 use tokio::task::JoinHandle;
 
-use crate::{
-    paths,
-    rpc::{ClientError, client::Client},
-};
+use crate::{ClientError, client::Client, paths};
 
 /// Errors of a scenario.
 #[derive(Debug, thiserror::Error)]
