@@ -9,18 +9,28 @@
 //! - [`wire`] — the 5/6-frame envelope, headers, ids
 //! - [`node`] — a lymph RPC node: the ROUTER socket pair and its I/O thread (client and server side)
 //! - [`client`] — calling services by name (ZooKeeper lookup) or endpoint
+//! - [`method`] — the `Chaos` methods ([`Method`]): names, parameters, help (what `lymph inspect Chaos` shows)
+//! - [`request`] — one typed request per method ([`request::Kill`], [`request::Inject`] …), decoded with checks
+//! - [`fault`] — fault kinds, targets, selections and their parameters
+//! - [`units`] — durations, rates and signals as requests write them
+//! - [`describe`] — the API as JSON (`api.json`, which the Python client checks itself against)
 //! - [`error`] — error codes on the wire, handler and client errors
 //! - [`scenario`] — `Scenario`: chaos from test code
 //! - [`kwargs`] — keyword arguments of a request
 //! - [`registry`] — lymph's ZooKeeper registry: scan, register, watch
 //! - [`instance`] — the registration record and the [`instance::Instance`] `Chaos.list_services` lists
 pub mod client;
+pub mod describe;
 pub mod error;
+pub mod fault;
 pub mod instance;
 pub mod kwargs;
+pub mod method;
 pub mod node;
 pub mod registry;
+pub mod request;
 pub mod scenario;
+pub mod units;
 pub mod value;
 pub mod wire;
 
@@ -32,6 +42,10 @@ pub(crate) mod paths {
     pub(crate) use super::SERVICE_NAME;
 }
 
+pub use describe::describe;
 pub use error::{ClientError, ErrorCode, RpcError};
+pub use fault::{Fault, FaultKind, Selection, Target};
 pub use kwargs::{Kwargs, to_value};
+pub use method::{Method, MethodInfo};
+pub use request::{ChaosRequest, Request};
 pub use value::Value;
