@@ -746,6 +746,15 @@ impl Inject {
         let mut map = params.clone();
         map.insert("kind".into(), kind.into());
         put_target(&mut map, &target);
+        Inject::from_json(context, &map)
+    }
+
+    /// Decodes the keyword arguments of `Chaos.inject` given as JSON, with `context` naming their source in error
+    /// messages instead of `Chaos.inject`.
+    ///
+    /// # Errors
+    /// As decoding `Chaos.inject`.
+    pub fn from_json(context: &str, map: &Map<String, Json>) -> Result<Inject, RpcError> {
         let kwargs = Kwargs(map.iter().map(|(k, v)| (k.clone(), Value::from_json(v))).collect());
         let args = Args::new(context, Method::Inject.params(), kwargs)?;
         Inject::decode(&args)

@@ -17,21 +17,10 @@ pub mod server;
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
-pub use chaos_api::{ClientError, Kwargs, RpcError, client, node, to_value, value, value::Value, wire};
+pub use chaos_api::{ClientError, Kwargs, MethodInfo, RpcError, client, node, to_value, value, value::Value, wire};
 
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// One RPC method as `lymph.inspect` lists it.
-#[derive(Clone, Debug)]
-pub struct MethodInfo {
-    /// Method name without the interface (`kill`).
-    pub name: &'static str,
-    /// Keyword parameters, in declaration order.
-    pub params: &'static [&'static str],
-    /// Help text (shown by `lymph inspect`).
-    pub help: &'static str,
-}
 
 /// A lymph interface served by this node (e.g. `Chaos`).
 pub trait Interface: Send + Sync + 'static {
