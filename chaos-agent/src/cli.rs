@@ -590,7 +590,7 @@ pub async fn run_client(cli: &Cli) -> i32 {
     let follow = matches!(cli.command, Command::Events { follow: true, .. });
     let method = request.method().name();
     loop {
-        let result = client.call_endpoint(&endpoint, &request.method().subject(), &request.to_kwargs(), timeout).await;
+        let result = client.chaos(&endpoint, &request, timeout).await;
         match result {
             Ok(value) => {
                 let json = value.to_json();

@@ -12,7 +12,6 @@ use std::{
 };
 
 use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
-use serde::Serialize;
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
@@ -27,22 +26,7 @@ use crate::{
 
 const ORIGIN: &str = "unleash";
 
-/// The state of unleashed mode.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct UnleashState {
-    /// Running.
-    pub enabled: bool,
-    /// Seed in use (or of the last run).
-    pub seed: Option<u64>,
-    /// Mean gap, seconds.
-    pub mean_interval: f64,
-    /// Minimum gap, seconds.
-    pub min_gap: f64,
-    /// Faults are only reported, not applied.
-    pub dry_run: bool,
-    /// Faults started in this run.
-    pub rounds: u64,
-}
+pub use chaos_api::reply::UnleashState;
 
 /// Runs unleashed mode.
 pub struct Unleasher {

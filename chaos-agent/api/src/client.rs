@@ -99,6 +99,19 @@ impl Client {
         value::decode(&reply).map_err(|err| ClientError::Codec(format!("reply from {endpoint} is not msgpack: {err}")))
     }
 
+    /// Sends a typed `Chaos` request to the agent at `endpoint`.
+    ///
+    /// # Errors
+    /// NACK, remote errors (see [`ClientError::code`]), timeouts, encoding failures.
+    pub async fn chaos(
+        &self,
+        endpoint: &str,
+        request: &crate::Request,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
+        self.call_endpoint(endpoint, &request.method().subject(), &request.to_kwargs(), timeout).await
+    }
+
     /// Like [`Client::call_endpoint`], decoding the reply into `T`.
     ///
     /// # Errors

@@ -11,6 +11,7 @@
 //! - [`client`] — calling services by name (ZooKeeper lookup) or endpoint
 //! - [`method`] — the `Chaos` methods ([`Method`]): names, parameters, help (what `lymph inspect Chaos` shows)
 //! - [`request`] — one typed request per method ([`request::Kill`], [`request::Inject`] …), decoded with checks
+//! - [`reply`] — structured replies (events, unleashed mode)
 //! - [`fault`] — fault kinds, targets, selections and their parameters
 //! - [`units`] — durations, rates and signals as requests write them
 //! - [`describe`] — the API as JSON (`api.json`, which the Python client checks itself against)
@@ -19,6 +20,8 @@
 //! - [`kwargs`] — keyword arguments of a request
 //! - [`registry`] — lymph's ZooKeeper registry: scan, register, watch
 //! - [`instance`] — the registration record and the [`instance::Instance`] `Chaos.list_services` lists
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod client;
 pub mod describe;
 pub mod error;
@@ -28,6 +31,7 @@ pub mod kwargs;
 pub mod method;
 pub mod node;
 pub mod registry;
+pub mod reply;
 pub mod request;
 pub mod scenario;
 pub mod units;
