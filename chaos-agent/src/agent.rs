@@ -93,7 +93,8 @@ pub async fn run(
 
     let advertise = config.rpc.advertise.clone().unwrap_or_else(|| advertise_ip(&config.rpc.bind));
     let access = crate::rpc::access::Policy::from_config(&config.rpc, &advertise)
-        .map_err(|err| AgentError::Config(err.to_string()))?;
+        .map_err(|err| AgentError::Config(err.to_string()))?
+        .map(|policy| Arc::new(policy) as Arc<dyn node::Gatekeeper>);
     let node_config = NodeConfig {
         bind_ip: config.rpc.bind.clone(),
         port: Some(config.rpc.port),

@@ -7,6 +7,12 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use chaos_api::{
+    Request, RpcError, Selection, Target,
+    fault::{Direction, NetworkParams},
+    request::{self, FaultOptions},
+    units::{parse_duration, parse_signal},
+};
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use serde_json::{Map, Value as Json, json};
 
@@ -334,12 +340,8 @@ pub struct CommonArgs {
     pub id: Option<String>,
 }
 
-fn put(map: &mut Map<String, Json>, key: &str, value: impl Into<Json>) {
-    map.insert(key.to_owned(), value.into());
-}
-
-fn seconds_json(s: &str) -> Json {
-    s.parse::<f64>().map_or_else(|_| Json::String(s.to_owned()), Json::from)
+fn seconds(key: &str, text: &str) -> Result<Duration, String> {
+    parse_duration(text).ok_or_else(|| format!("{key} `{text}` is not a number of seconds ≥ 0 (e.g. 0.2, 200ms, 2m)"))
 }
 
 impl TargetArgs {
@@ -347,11 +349,12 @@ impl TargetArgs {
         usize::from(self.name.is_some()) + self.flags.count()
     }
 
-    fn apply(&self, map: &mut Map<String, Json>) {
-        if let Some(v) = &self.name {
-            put(map, "name", v.clone());
+    /// The target named on the command line, if any.
+    fn target(&self) -> Result<Option<Target>, String> {
+        match &self.name {
+            Some(name) => Ok(Some(Target::Service { name: name.clone() })),
+            None => self.flags.target(),
         }
-        self.flags.apply(map);
     }
 }
 
@@ -363,54 +366,67 @@ impl TargetFlags {
             .count()
     }
 
-    fn apply(&self, map: &mut Map<String, Json>) {
-        if let Some(v) = &self.instance {
-            put(map, "instance", v.clone());
+    fn target(&self) -> Result<Option<Target>, String> {
+        if let Some(id) = &self.instance {
+            return Ok(Some(Target::Instance { id: id.clone() }));
         }
-        if let Some(v) = self.pid {
-            put(map, "pid", v);
+        if let Some(pid) = self.pid {
+            let pid =
+                i32::try_from(pid).ok().filter(|p| *p > 0).ok_or_else(|| format!("pid {pid} is not a process id"))?;
+            return Ok(Some(Target::Pid { pid }));
         }
-        if let Some(v) = self.port {
-            put(map, "port", v);
+        if let Some(port) = self.port {
+            let port = u16::try_from(port)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("port {port} is out of range (1-65535)"))?;
+            return Ok(Some(Target::Port { port }));
         }
-        if let Some(v) = &self.process {
-            put(map, "process", v.clone());
-        }
+        Ok(self.process.clone().map(|pattern| Target::Process { pattern }))
     }
+}
+
+/// A target is required: a usage error without one.
+fn required(target: Option<Target>) -> Result<Target, String> {
+    target.ok_or_else(|| "give a target: SERVICE, --instance, --pid, --port or --process".to_owned())
 }
 
 impl CommonArgs {
-    fn apply(&self, map: &mut Map<String, Json>) {
-        if let Some(v) = &self.lifetime {
-            map.insert("lifetime".into(), seconds_json(v));
+    fn options(&self) -> Result<FaultOptions, String> {
+        let select = match (self.count, self.percent, self.all) {
+            (Some(_), Some(_), _) | (Some(_), _, true) | (_, Some(_), true) => {
+                return Err("give one of --count, --percent, --all".into());
+            }
+            (Some(0), ..) => return Err("count must be at least 1".into()),
+            (Some(c), None, false) => Some(Selection::Count(c)),
+            (None, Some(p), false) => Some(Selection::Percent(p)),
+            (None, None, true) => Some(Selection::All),
+            (None, None, false) => None,
+        };
+        let lifetime = self.lifetime.as_deref().map(|l| seconds("lifetime", l)).transpose()?;
+        if lifetime.is_some_and(|l| l.is_zero()) {
+            return Err("lifetime must be above 0 seconds".into());
         }
-        if self.dry_run {
-            put(map, "dry_run", true);
-        }
-        if let Some(v) = self.seed {
-            put(map, "seed", v);
-        }
-        if let Some(v) = self.count {
-            put(map, "count", v);
-        }
-        if let Some(v) = self.percent {
-            put(map, "percent", v);
-        }
-        if self.all {
-            put(map, "all", true);
-        }
-        if let Some(v) = &self.id {
-            put(map, "id", v.clone());
-        }
+        Ok(FaultOptions { id: self.id.clone(), select, lifetime, dry_run: self.dry_run, seed: self.seed })
+    }
+
+    /// Puts the options given on the command line over those of a request.
+    fn overlay(&self, options: &mut FaultOptions) -> Result<(), String> {
+        let given = self.options()?;
+        options.id = given.id.or(options.id.take());
+        options.select = given.select.or(options.select);
+        options.lifetime = given.lifetime.or(options.lifetime);
+        options.dry_run |= given.dry_run;
+        options.seed = given.seed.or(options.seed);
+        Ok(())
     }
 }
 
-/// The RPC call a client subcommand makes: (method, kwargs).
+/// The typed `Chaos` request a client subcommand makes.
 ///
 /// # Errors
-/// A usage message for malformed `key=value` parameters.
-pub fn request_for(command: &Command) -> Result<(&'static str, Map<String, Json>), String> {
-    let mut m = Map::new();
+/// A usage message for a bad target, a bad value or malformed `key=value` parameters.
+pub fn request_for(command: &Command) -> Result<Request, String> {
     let targets = match command {
         Command::Kill { target, .. } | Command::Pause { target, .. } => target.count(),
         Command::Latency { target, words, .. } => target.count() + words.len() - 1,
@@ -422,44 +438,44 @@ pub fn request_for(command: &Command) -> Result<(&'static str, Map<String, Json>
     if targets > 1 {
         return Err("give one target: SERVICE, --instance, --pid, --port or --process".into());
     }
-    let method = match command {
+    Ok(match command {
         Command::Agent(_) | Command::Completions { .. } | Command::Manpages { .. } => {
             return Err("not a client command".into());
         }
         Command::Run(_) => return Err("`run` is not a single request".into()),
-        Command::Kill { target, signal, deregister, common } => {
-            target.apply(&mut m);
-            common.apply(&mut m);
-            put(&mut m, "signal", signal.clone());
-            if *deregister {
-                put(&mut m, "deregister", true);
-            }
-            "kill"
+        Command::Kill { target, signal, deregister, common } => request::Kill {
+            target: required(target.target()?)?,
+            signal: parse_signal(signal).ok_or_else(|| format!("unknown signal `{signal}`"))?,
+            deregister: *deregister,
+            options: common.options()?,
         }
+        .into(),
         Command::Pause { target, common } => {
-            target.apply(&mut m);
-            common.apply(&mut m);
-            "pause"
+            request::Pause { target: required(target.target()?)?, options: common.options()? }.into()
         }
         Command::Latency { target, words, jitter, direction, common } => {
-            target.apply(&mut m);
-            common.apply(&mut m);
             let (name, latency) = match words.as_slice() {
                 [name, latency] => (Some(name), latency),
                 [latency] => (None, latency),
                 _ => return Err("give [SERVICE] DELAY".into()),
             };
-            if let Some(name) = name {
-                put(&mut m, "name", name.clone());
-            }
-            m.insert("latency".into(), seconds_json(latency));
-            if let Some(j) = jitter {
-                m.insert("jitter".into(), seconds_json(j));
-            }
-            if let Some(d) = direction {
-                put(&mut m, "direction", d.clone());
-            }
-            "inject_latency"
+            let target = match name {
+                Some(name) => Target::Service { name: name.clone() },
+                // The 2015 call: without a target, every lymph service on the agent's host.
+                None => target.target()?.unwrap_or(Target::AllServices),
+            };
+            let direction = match direction.as_deref() {
+                None => Direction::default(),
+                Some(d) => serde_json::from_value(Json::String(d.to_owned()))
+                    .map_err(|_| format!("direction `{d}` is not one of to, from, both"))?,
+            };
+            let params = NetworkParams {
+                delay: seconds("latency", latency)?,
+                jitter: jitter.as_deref().map(|j| seconds("jitter", j)).transpose()?.unwrap_or_default(),
+                direction,
+                ..NetworkParams::default()
+            };
+            request::InjectLatency { target, params, options: common.options()? }.into()
         }
         Command::Inject { kind, target, params, common } => {
             // `inject loss --port 80 loss=30`: the first key=value lands in the SERVICE slot.
@@ -469,55 +485,50 @@ pub fn request_for(command: &Command) -> Result<(&'static str, Map<String, Json>
                 params.insert(0, target_name.take().unwrap_or_default());
             }
             let target = TargetArgs { name: target_name, flags: target.flags.clone() };
-            target.apply(&mut m);
-            common.apply(&mut m);
-            put(&mut m, "kind", kind.clone());
+            let mut map = Map::new();
             for p in &params {
                 let (k, v) = p.split_once('=').ok_or_else(|| format!("parameter `{p}` is not key=value"))?;
                 let value = serde_json::from_str::<Json>(v)
                     .ok()
                     .filter(|j| !j.is_string())
                     .unwrap_or_else(|| Json::String(v.to_owned()));
-                m.insert(k.to_owned(), value);
+                map.insert(k.to_owned(), value);
             }
-            "inject"
+            // Resource faults without a target act on the host; the others say they need one.
+            let target = target.target()?.unwrap_or(Target::AllServices);
+            let subject = chaos_api::Method::Inject.subject();
+            let mut request = request::Inject::from_params(&subject, kind, &map, target).map_err(|err| match err {
+                RpcError::Error { message, .. } => message,
+                other => other.to_string(),
+            })?;
+            common.overlay(&mut request.options)?;
+            request.into()
         }
-        Command::Faults { all } => {
-            if *all {
-                put(&mut m, "all", true);
-            }
-            "faults"
-        }
-        Command::Revert { id } => {
-            put(&mut m, "id", id.clone());
-            "revert"
-        }
-        Command::Clear => "clear",
+        Command::Faults { all } => request::Faults { all: *all }.into(),
+        Command::Revert { id } => request::Revert { id: id.clone() }.into(),
+        Command::Clear => request::Clear.into(),
         Command::Events { since, limit, .. } => {
-            put(&mut m, "since", *since);
-            put(&mut m, "limit", *limit);
-            "events"
+            request::Events { since: *since, limit: usize::try_from(*limit).unwrap_or(usize::MAX) }.into()
         }
-        Command::Status => "status",
-        Command::Services => "list_services",
+        Command::Status => request::Status.into(),
+        Command::Services => request::ListServices.into(),
         Command::Unleash { seed, mean_interval, min_gap, dry_run } => {
-            if let Some(s) = seed {
-                put(&mut m, "seed", *s);
+            let secs = |key: &str, v: &Option<f64>| {
+                v.map(|s| {
+                    Duration::try_from_secs_f64(s).map_err(|_| format!("{key} {s} is not a number of seconds ≥ 0"))
+                })
+                .transpose()
+            };
+            request::Unleash {
+                seed: *seed,
+                mean_interval: secs("mean_interval", mean_interval)?,
+                min_gap: secs("min_gap", min_gap)?,
+                dry_run: dry_run.then_some(true),
             }
-            if let Some(v) = mean_interval {
-                put(&mut m, "mean_interval", *v);
-            }
-            if let Some(v) = min_gap {
-                put(&mut m, "min_gap", *v);
-            }
-            if *dry_run {
-                put(&mut m, "dry_run", true);
-            }
-            "unleash"
+            .into()
         }
-        Command::Leash => "leash",
-    };
-    Ok((method, m))
+        Command::Leash => request::Leash.into(),
+    })
 }
 
 /// `lymph-chaos completions SHELL`: the completion script on stdout.
@@ -551,7 +562,7 @@ pub fn write_manpages(dir: &std::path::Path) -> i32 {
 
 /// Runs a client subcommand; returns the exit code.
 pub async fn run_client(cli: &Cli) -> i32 {
-    let (method, kwargs) = match request_for(&cli.command) {
+    let mut request = match request_for(&cli.command) {
         Ok(r) => r,
         Err(msg) => {
             eprintln!("lymph-chaos: {msg}");
@@ -577,14 +588,17 @@ pub async fn run_client(cli: &Cli) -> i32 {
         },
     };
     let follow = matches!(cli.command, Command::Events { follow: true, .. });
-    let mut kwargs = kwargs;
+    let method = request.method().name();
     loop {
-        let result = client.call_endpoint(&endpoint, &format!("Chaos.{method}"), &kwargs, timeout).await;
+        let result = client.chaos(&endpoint, &request, timeout).await;
         match result {
             Ok(value) => {
                 let json = value.to_json();
-                if follow && let Some(last) = json.as_array().and_then(|a| a.last()).and_then(|e| e["seq"].as_u64()) {
-                    kwargs.insert("since".into(), last.into());
+                if follow
+                    && let Some(last) = json.as_array().and_then(|a| a.last()).and_then(|e| e["seq"].as_u64())
+                    && let Request::Events(events) = &mut request
+                {
+                    events.since = last;
                 }
                 if cli.json {
                     println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
@@ -708,6 +722,8 @@ pub fn human(method: &str, j: &Json) -> String {
 
 #[cfg(test)]
 mod tests {
+    use chaos_api::ChaosRequest;
+
     use super::*;
 
     #[test]
@@ -719,7 +735,9 @@ mod tests {
     #[test]
     fn latency_takes_an_optional_service_before_the_delay() {
         let cli = Cli::try_parse_from(["lymph-chaos", "latency", "--port", "8080", "0.1"]).unwrap();
-        let (_, args) = request_for(&cli.command).unwrap();
+        let Request::InjectLatency(req) = request_for(&cli.command).unwrap() else { panic!("not inject_latency") };
+        assert_eq!((&req.target, req.params.delay), (&Target::Port { port: 8080 }, Duration::from_millis(100)));
+        let args = req.to_kwargs();
         assert_eq!((args.get("name"), &args["port"], &args["latency"]), (None, &json!(8080), &json!(0.1)));
         let cli = Cli::try_parse_from(["lymph-chaos", "latency", "Echo", "--port", "8080", "0.1"]).unwrap();
         assert!(request_for(&cli.command).is_err(), "two targets");
@@ -727,19 +745,45 @@ mod tests {
 
     #[test]
     fn subcommands_map_to_rpc_calls() {
+        use chaos_api::{Fault, FaultKind, fault::Direction};
+
         let cli = Cli::try_parse_from(["lymph-chaos", "kill", "Echo", "--all", "--dry-run"]).unwrap();
-        let (method, args) = request_for(&cli.command).unwrap();
-        assert_eq!(method, "kill");
+        let req = request_for(&cli.command).unwrap();
+        assert_eq!(req.method().name(), "kill");
+        let args = req.to_kwargs();
         assert_eq!(args["name"], "Echo");
         assert_eq!(args["all"], true);
         assert_eq!(args["dry_run"], true);
         let cli = Cli::try_parse_from(["lymph-chaos", "inject", "loss", "Echo", "loss=30", "direction=both"]).unwrap();
-        let (method, args) = request_for(&cli.command).unwrap();
-        assert_eq!((method, &args["loss"], &args["direction"]), ("inject", &json!(30), &json!("both")));
+        let req = request_for(&cli.command).unwrap();
+        assert_eq!(req.method().name(), "inject");
+        let Request::Inject(inject) = &req else { panic!("not inject") };
+        let Fault::Network { label, params } = &inject.fault else { panic!("not a network fault") };
+        assert_eq!((*label, params.loss, params.direction), (FaultKind::Loss, 30.0, Direction::Both));
+        let args = req.to_kwargs();
+        assert_eq!((&args["loss"], &args["direction"]), (&json!(30.0), &json!("both")));
         let cli = Cli::try_parse_from(["lymph-chaos", "latency", "Echo", "200ms", "--lifetime", "30"]).unwrap();
-        let (_, args) = request_for(&cli.command).unwrap();
-        assert_eq!((&args["latency"], &args["lifetime"]), (&json!("200ms"), &json!(30.0)));
+        let Request::InjectLatency(req) = request_for(&cli.command).unwrap() else { panic!("not inject_latency") };
+        assert_eq!(
+            (req.params.delay, req.options.lifetime),
+            (Duration::from_millis(200), Some(Duration::from_secs(30)))
+        );
         let cli = Cli::try_parse_from(["lymph-chaos", "inject", "loss", "Echo", "nonsense"]).unwrap();
         assert!(request_for(&cli.command).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors_with_the_agents_words() {
+        let cli = Cli::try_parse_from(["lymph-chaos", "kill", "Echo", "--signal", "SIGBOGUS"]).unwrap();
+        assert_eq!(request_for(&cli.command).unwrap_err(), "unknown signal `SIGBOGUS`");
+        let cli = Cli::try_parse_from(["lymph-chaos", "inject", "loss", "Echo", "loss=130"]).unwrap();
+        let err = request_for(&cli.command).unwrap_err();
+        assert!(err.contains("`loss` is a percentage between 0 and 100"), "{err}");
+        let cli = Cli::try_parse_from(["lymph-chaos", "inject", "loss", "loss=3"]).unwrap();
+        let err = request_for(&cli.command).unwrap_err();
+        assert!(err.contains("missing target"), "{err}");
+        let cli = Cli::try_parse_from(["lymph-chaos", "inject", "cpu", "workers=1", "--lifetime", "5"]).unwrap();
+        let Request::Inject(req) = request_for(&cli.command).unwrap() else { panic!("not inject") };
+        assert_eq!((req.target, req.options.lifetime), (Target::AllServices, Some(Duration::from_secs(5))));
     }
 }

@@ -10,7 +10,8 @@
 //! - [`faults`] — fault model and lifecycle; process, network and resource faults
 //! - [`journal`], [`events`], [`guardian`] — what to undo, what happened, who undoes it if the agent dies
 //! - [`unleash`] — random fault schedule
-//! - [`scenario`] — the client library for test code (`Scenario`); [`selection`] — which instances it hits
+//! - [`scenario`] — the client library for test code (`Scenario`, from `chaos_api`); [`selection`] — which
+//!   instances it hits
 //! - [`experiment`] — chaos experiments: steady state, method, safeguards, report (`lymph-chaos run`)
 //! - [`config`], [`paths`], [`metrics`]
 pub mod agent;
@@ -30,7 +31,7 @@ pub mod metrics;
 pub mod paths;
 pub mod procinfo;
 pub mod rpc;
-pub mod scenario;
-pub mod selection;
 pub mod unleash;
 mod util;
+
+pub use chaos_api::{scenario, selection};

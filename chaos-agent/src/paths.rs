@@ -22,5 +22,4 @@ pub const FILL_FILE_PREFIX: &str = ".lymph-chaos-fill";
 pub const DISK_FILL_DIR: &str = "/var/lib/lymph-chaos/fill";
 /// Default RPC port of the agent (fixed, so lymph clients and the CLI find a standalone agent).
 pub const DEFAULT_RPC_PORT: u16 = 4575;
-/// The service name the agent registers as.
-pub const SERVICE_NAME: &str = "Chaos";
+pub use chaos_api::SERVICE_NAME;

@@ -12,36 +12,21 @@ use std::{
 };
 
 use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
-use serde::Serialize;
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
+use chaos_api::{Target, request::Inject};
+
 use crate::{
-    chaos::{Args, inject_params, inject_spec},
     config::{UnleashConfig, parse_hhmm},
     discovery::Discovery,
     events::{Action, Event, EventLog},
-    faults::FaultManager,
+    faults::{FaultManager, FaultSpec},
 };
 
 const ORIGIN: &str = "unleash";
 
-/// The state of unleashed mode.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct UnleashState {
-    /// Running.
-    pub enabled: bool,
-    /// Seed in use (or of the last run).
-    pub seed: Option<u64>,
-    /// Mean gap, seconds.
-    pub mean_interval: f64,
-    /// Minimum gap, seconds.
-    pub min_gap: f64,
-    /// Faults are only reported, not applied.
-    pub dry_run: bool,
-    /// Faults started in this run.
-    pub rounds: u64,
-}
+pub use chaos_api::reply::UnleashState;
 
 /// Runs unleashed mode.
 pub struct Unleasher {
@@ -225,13 +210,15 @@ impl Round {
                 continue;
             }
             let service = services[self.rng.random_range(0..services.len())].clone();
-            let mut params = item.params.clone();
-            params.insert("kind".into(), item.kind.clone().into());
-            params.insert("name".into(), service.clone().into());
-            params.insert("seed".into(), fault_seed.into());
-            params.insert("id".into(), format!("u-{:08x}", fault_seed as u32).into());
-            let spec = Args::from_json("unleash menu", inject_params(), &params)
-                .and_then(|args| inject_spec(&item.kind, &args));
+            let target = Target::Service { name: service.clone() };
+            let spec = Inject::from_params("unleash menu", &item.kind, &item.params, target)
+                .map(|mut request| {
+                    request.options.seed = Some(fault_seed);
+                    request.options.id = Some(format!("u-{:08x}", fault_seed as u32));
+                    request
+                })
+                .map_err(|err| err.to_string())
+                .and_then(|request| FaultSpec::try_from(request).map_err(|err| err.to_string()));
             let mut spec = match spec {
                 Ok(s) => s,
                 Err(err) => {

@@ -1,6 +1,6 @@
 //! The Rust and the Python `Scenario` clients select the same instances: for the same registry view, action and seed,
 //! `chaos_agent::scenario::plan` and `lymph_chaos.scenario.plan` give the same requests (agent, keyword arguments,
-//! fault ids) or fail with the same error. `chaos_agent::selection` defines the selection; this test is what keeps
+//! fault ids) or fail with the same error. `chaos_api::selection` defines the selection; this test is what keeps
 //! the Python mirror of it honest.
 //!
 //! No ZooKeeper, agents or root: the views are what `Chaos.list_services` answers (several agents, several services,

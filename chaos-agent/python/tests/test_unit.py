@@ -101,7 +101,7 @@ VIEW = {
 }
 HOST_OF = {"i1": A, "i2": A, "i3": B}
 
-# The same vectors as the Rust unit tests of chaos_agent::selection (the definition this client follows).
+# The same vectors as the Rust unit tests of chaos_api::selection (the definition this client follows).
 
 
 def test_splitmix64_matches_the_reference_outputs() -> None:

@@ -60,21 +60,7 @@ pub fn lymph_processes() -> Vec<LymphProcess> {
         .collect()
 }
 
-/// Addresses of this network namespace's interfaces.
-pub fn local_addresses() -> HashSet<IpAddr> {
-    let mut out = HashSet::from(["127.0.0.1".parse().expect("ip"), "::1".parse().expect("ip")]);
-    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
-        for ifa in addrs {
-            let Some(addr) = ifa.address else { continue };
-            if let Some(v4) = addr.as_sockaddr_in() {
-                out.insert(IpAddr::V4(v4.ip()));
-            } else if let Some(v6) = addr.as_sockaddr_in6() {
-                out.insert(IpAddr::V6(v6.ip()));
-            }
-        }
-    }
-    out
-}
+pub use chaos_api::node::local_addresses;
 
 /// A one-shot view of this host, used to resolve many instances at once.
 #[derive(Debug, Default)]

@@ -1,10 +1,10 @@
 //! Service discovery: a live map service → instances, with the pid behind every instance on this host.
 //!
 //! # Layout
-//! - [`zookeeper`] — lymph's registry: scan, register, watch
+//! - [`zookeeper`] — lymph's registry: scan, register, watch (`chaos_api::registry`)
 //! - [`local`] — lymph process titles, which pid listens on an endpoint
 //! - [`sockets`] — listening sockets (`sock_diag`) and their owners (`/proc/<pid>/fd`)
-//! - [`instance`] — the registration record and the [`Instance`] the rest of the agent uses
+//! - [`instance`] — the registration record and the [`Instance`] the rest of the agent uses (`chaos_api::instance`)
 //!
 //! One task owns the ZooKeeper session. While connected it keeps a persistent recursive watch on `/services`
 //! and rescans on every event (plus every few seconds, since persistent watches can lose events across
@@ -13,11 +13,11 @@
 //! (none configured, or unreachable) the agent is *standalone*: instances come from lymph process titles on this
 //! host (their interfaces asked with `lymph.inspect`), and the task keeps retrying ZooKeeper in the background.
 
-pub mod instance;
 pub mod local;
 pub mod names;
 pub mod sockets;
-pub mod zookeeper;
+
+pub use chaos_api::{instance, registry as zookeeper};
 
 use std::{
     collections::{BTreeMap, HashMap},

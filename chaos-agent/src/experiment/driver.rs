@@ -13,7 +13,6 @@ use super::{
     http::{self, Request, Response},
 };
 use crate::{
-    chaos::{self, Args},
     paths,
     rpc::{
         ClientError,
@@ -131,7 +130,7 @@ pub fn check_fault_param(kind: &str, key: &str, value: &Json) -> Result<(), Stri
         map.insert(k.into(), v);
     }
     map.insert(key.to_owned(), value.clone());
-    match inject_spec(kind, &map) {
+    match inject_spec(&map) {
         // Only errors about this key: others (a required parameter not read yet) are checked with the whole step.
         Err(message) if message.contains(key) => Err(message),
         _ => Ok(()),
@@ -149,15 +148,15 @@ pub fn check_fault(step: &FaultStep) -> Result<(), String> {
     if step.service.is_none() && !matches!(step.kind.as_str(), "cpu" | "memory" | "disk") {
         return Err(format!("a {} fault needs `service` (the lymph service to hit)", step.kind));
     }
-    inject_spec(&step.kind, &kwargs(step, "check", None, Duration::from_secs(1), false)).map(|_| ())
+    inject_spec(&kwargs(step, "check", None, Duration::from_secs(1), false))
 }
 
-fn inject_spec(kind: &str, map: &Map<String, Json>) -> Result<(), String> {
-    let args = Args::from_json("fault", chaos::inject_params(), map).map_err(|e| e.to_string())?;
-    chaos::inject_spec(kind, &args).map(|_| ()).map_err(|e| match e {
+fn inject_spec(map: &Map<String, Json>) -> Result<(), String> {
+    let request = chaos_api::request::Inject::from_json("fault", map).map_err(|e| match e {
         crate::rpc::RpcError::Error { message, .. } => message.replacen("fault(): ", "", 1),
         other => other.to_string(),
-    })
+    })?;
+    crate::faults::FaultSpec::try_from(request).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// The keyword arguments of `Chaos.inject` for a fault step.

@@ -7,12 +7,14 @@
 //!   that come back with a new pid/port
 //! - [`process`] — signals via pidfd, process information, the guards
 //! - [`network`] — the per-port network fault engine (eBPF classifier, IFB, netem)
+//! - [`request`] — the API's typed requests as fault specs
 //! - [`resource`] — CPU burn, memory pressure, disk fill workers
 
 pub mod fillfs;
 pub mod manager;
 pub mod network;
 pub mod process;
+pub mod request;
 pub mod resource;
 
 use std::time::Duration;
@@ -22,66 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use self::manager::{FaultError, FaultManager, Refusal};
 use self::network::{Direction, FaultCounters, Impairment, Protocol};
 
-/// What a fault is aimed at.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Target {
-    /// Every local instance of a lymph service (resolved through discovery; re-resolved when instances restart).
-    Service {
-        /// Service name (`Echo`; a unique case-insensitive match is accepted).
-        name: String,
-    },
-    /// One instance, by instance id or container identity.
-    Instance {
-        /// Instance id or identity.
-        id: String,
-    },
-    /// Whatever listens on a port (network faults: the port itself).
-    Port {
-        /// The port.
-        port: u16,
-    },
-    /// A process by pid.
-    Pid {
-        /// The pid.
-        pid: i32,
-    },
-    /// Processes whose command line contains a text (or matches `/regex/`).
-    Process {
-        /// The pattern.
-        pattern: String,
-    },
-    /// Every local lymph service instance (the 2015 `inject_latency(latency)` without a name).
-    AllServices,
-}
-
-impl Target {
-    /// A short human description.
-    pub fn describe(&self) -> String {
-        match self {
-            Target::Service { name } => format!("service {name}"),
-            Target::Instance { id } => format!("instance {id}"),
-            Target::Port { port } => format!("port {port}"),
-            Target::Pid { pid } => format!("pid {pid}"),
-            Target::Process { pattern } => format!("processes matching {pattern}"),
-            Target::AllServices => "every local lymph service".into(),
-        }
-    }
-}
-
-/// How many of the resolved targets to hit.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "mode", content = "value", rename_all = "snake_case")]
-pub enum Selection {
-    /// One, chosen at random (seeded).
-    One,
-    /// This many, at random.
-    Count(u32),
-    /// This percentage (at least one), at random.
-    Percent(f64),
-    /// All of them.
-    All,
-}
+pub use chaos_api::fault::{Selection, Target};
 
 /// What to do.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -235,28 +235,7 @@ fn show(p: &Pattern) -> String {
     }
 }
 
-/// Signal names accepted in requests.
-pub fn parse_signal(name: &str) -> Option<i32> {
-    let upper = name.trim().to_ascii_uppercase();
-    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
-    if let Ok(n) = bare.parse::<i32>() {
-        return (1..=64).contains(&n).then_some(n);
-    }
-    Some(match bare {
-        "KILL" => libc::SIGKILL,
-        "TERM" => libc::SIGTERM,
-        "INT" => libc::SIGINT,
-        "HUP" => libc::SIGHUP,
-        "QUIT" => libc::SIGQUIT,
-        "ABRT" => libc::SIGABRT,
-        "USR1" => libc::SIGUSR1,
-        "USR2" => libc::SIGUSR2,
-        "STOP" => libc::SIGSTOP,
-        "CONT" => libc::SIGCONT,
-        "SEGV" => libc::SIGSEGV,
-        _ => return None,
-    })
-}
+pub use chaos_api::units::parse_signal;
 
 /// The conventional name of a signal number.
 pub fn signal_name(sig: i32) -> String {

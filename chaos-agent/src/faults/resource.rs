@@ -17,7 +17,6 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
@@ -30,42 +29,7 @@ pub const MEMORY_MARGIN_MIB: u64 = 256;
 /// Free space a disk fault always leaves (percent of the filesystem), unless the request asks for more.
 pub const DISK_FLOOR_PERCENT: f64 = 5.0;
 
-/// CPU burn.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct CpuSpec {
-    /// Number of busy workers (default 1).
-    pub workers: Option<u32>,
-    /// Or: a percentage of the machine's cores.
-    pub percent_cores: Option<f64>,
-    /// Load of each worker, % of one core (default 100).
-    pub load: Option<f64>,
-    /// Place the workers in the target process's cgroup (so the contention hits that service).
-    pub in_target_cgroup: bool,
-}
-
-/// Memory pressure.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct MemorySpec {
-    /// MiB to allocate and touch.
-    pub mib: Option<u64>,
-    /// Or: a percentage of the currently available memory.
-    pub percent_available: Option<f64>,
-    /// Place the worker in the target process's cgroup.
-    pub in_target_cgroup: bool,
-}
-
-/// Disk fill.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct DiskSpec {
-    /// Directory on the filesystem to fill.
-    pub path: Option<PathBuf>,
-    /// MiB to write.
-    pub mib: Option<u64>,
-    /// Or: a percentage of the current free space.
-    pub percent_free: Option<f64>,
-    /// Free space (% of the filesystem) to leave in any case (default and minimum [`DISK_FLOOR_PERCENT`]).
-    pub floor_percent: Option<f64>,
-}
+pub use chaos_api::fault::{CpuSpec, DiskSpec, MemorySpec};
 
 /// Errors of resource faults.
 #[derive(Debug, thiserror::Error)]

@@ -523,6 +523,22 @@ impl AccessControl {
     }
 }
 
+impl super::node::Gatekeeper for Policy {
+    fn start(&self, ctx: &zmq::Context) -> Result<Box<dyn super::node::Gate>, super::node::GateError> {
+        Ok(Box::new(AccessControl::start(ctx, self.clone())?))
+    }
+}
+
+impl super::node::Gate for AccessControl {
+    fn protect(&self, socket: &zmq::Socket) -> Result<(), super::node::GateError> {
+        Ok(AccessControl::protect(self, socket)?)
+    }
+
+    fn alive(&self) -> bool {
+        AccessControl::alive(self)
+    }
+}
+
 impl Drop for AccessControl {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);

@@ -26,11 +26,10 @@ pub const DRAIN: Duration = Duration::from_secs(5);
 
 /// The answer to a request that arrives while the agent shuts down.
 pub fn shutting_down() -> RpcError {
-    RpcError::error("ShuttingDown", "the agent is shutting down; nothing was done")
+    RpcError::error(chaos_api::ErrorCode::ShuttingDown, "the agent is shutting down; nothing was done")
 }
 
-/// Bodies larger than this are refused with an ERROR (a chaos request is a few hundred bytes).
-pub const MAX_BODY: usize = 1 << 20;
+pub use super::node::MAX_BODY;
 
 /// lymph's built-in interface, served by every node.
 const BUILTINS: &[MethodInfo] = &[

@@ -1925,8 +1925,8 @@ impl Agent {
         let mutated = self.mutant.get().apply(&full);
         println!("+ (rpc) {}", mutated[1..].join(" "));
         let cli = Cli::try_parse_from(&mutated).with_context(|| format!("parsing {}", mutated.join(" ")))?;
-        let (method, kwargs) = request_for(&cli.command).map_err(|err| anyhow::anyhow!("{err}"))?;
-        let answer = self.rpc(method, &Json::Object(kwargs))?;
+        let request = request_for(&cli.command).map_err(|err| anyhow::anyhow!("{err}"))?;
+        let answer = self.rpc(request.method().name(), &Json::Object(request.to_kwargs()))?;
         let id = answer["id"].as_str().with_context(|| format!("no fault id in {answer}"))?;
         ensure!(answer["state"] == "active", "fault {id} is not active: {answer}");
         Ok(id.to_owned())

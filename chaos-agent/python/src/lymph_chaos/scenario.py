@@ -16,7 +16,7 @@ How it works:
   each agent for ``Chaos.list_services`` (service name → instances, ``local`` = on that agent's host) and sends
   each queued action to the agent(s) with a *local* instance of the target service. Names match exactly, or as
   the only case-insensitive match (``'echo'`` finds ``Echo``), as the agents themselves do.
-- Which instances an action hits is defined once, in the Rust module docs of ``chaos_agent::selection``, and
+- Which instances an action hits is defined once, in the Rust module docs of ``chaos_api::selection``, and
   :func:`plan` follows it step by step (a test drives both with the same registry views and seeds): process faults
   (kill, terminate, pause) hit one instance of the whole cluster, chosen uniformly over instances, unless
   ``count``, ``percent`` or ``all=True`` (counted cluster-wide) say otherwise; network and resource faults go to
@@ -124,7 +124,7 @@ def resolve_service(name: str, known: Iterable[str]) -> str:
     )
 
 
-# -- selection: mirrors the Rust module chaos_agent::selection, which defines it ----------------------------------
+# -- selection: mirrors the Rust module chaos_api::selection, which defines it ----------------------------------
 
 _MASK64 = (1 << 64) - 1
 #: SplitMix64's increment: 2^64 / φ, odd.
@@ -227,7 +227,7 @@ def fault_id(base: str, k: int) -> str:
 def plan(action: Action, view: ServicesView, seed: Optional[int] = None) -> List[Tuple[str, Dict[str, Any]]]:
     """Where to send ``action`` given every agent's services: a list of (agent endpoint, keyword arguments).
 
-    Follows the selection defined in the Rust module docs of ``chaos_agent::selection`` (``chaos_agent::scenario::plan``
+    Follows the selection defined in the Rust module docs of ``chaos_api::selection`` (``chaos_api::scenario::plan``
     gives the same answer for the same inputs): ``seed`` (64 bits; random when ``None``) drives the choice.
 
     Raises:

@@ -104,31 +104,7 @@ impl Default for NetConfig {
     }
 }
 
-/// Which packets of a port a rule matches.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Packets to the port (requests to a service). Default.
-    #[default]
-    To,
-    /// Packets from the port.
-    From,
-    /// Both.
-    Both,
-}
-
-/// Transport protocol(s).
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// TCP (lymph's transport). Default.
-    #[default]
-    Tcp,
-    /// UDP.
-    Udp,
-    /// TCP and UDP.
-    Both,
-}
+pub use chaos_api::fault::{Direction, JitterDistribution, Protocol};
 
 /// A port of the target and which of its packets to match.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -185,20 +161,6 @@ impl PortMatch {
             })
             .collect()
     }
-}
-
-/// Distribution of netem's jitter.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum JitterDistribution {
-    /// Uniform (netem's default without a table).
-    Uniform,
-    /// Normal.
-    Normal,
-    /// Pareto.
-    Pareto,
-    /// Pareto-normal mix.
-    Paretonormal,
 }
 
 /// What matching packets suffer. Percentages are 0–100.

@@ -33,12 +33,38 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::{
-    ClientError, RpcError,
-    access::{self, AccessControl},
+use crate::{
+    error::{ClientError, ErrorCode, RpcError},
     value::{self, Value},
     wire::{self, FrameError, Headers, Incoming, Kind},
 };
+
+/// Bodies larger than this are refused with an ERROR (a chaos request is a few hundred bytes).
+pub const MAX_BODY: usize = 1 << 20;
+
+/// An error of a [`Gatekeeper`] or [`Gate`], kept with its source.
+pub type GateError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Who may connect to a node's bound socket: a policy that starts a [`Gate`] in the node's ZeroMQ context (the
+/// agent's ZAP handler checking peer addresses and CURVE keys). Client-only nodes have none.
+pub trait Gatekeeper: Send + Sync + std::fmt::Debug {
+    /// Starts checking connections in `ctx`, before the bound socket exists (the first handshake must find it).
+    ///
+    /// # Errors
+    /// When the check cannot run (e.g. another handler is already bound in this context).
+    fn start(&self, ctx: &zmq::Context) -> Result<Box<dyn Gate>, GateError>;
+}
+
+/// A running connection check, owned by the node's I/O thread and dropped after the sockets it protects.
+pub trait Gate: Send {
+    /// Configures a socket before it binds (ZAP domain, CURVE server keys).
+    ///
+    /// # Errors
+    /// When ZeroMQ refuses an option.
+    fn protect(&self, socket: &zmq::Socket) -> Result<(), GateError>;
+    /// Whether the check still runs; while it does not, the node drops every request (fail closed).
+    fn alive(&self) -> bool;
+}
 
 /// Largest message zmq accepts before dropping the connection (a DoS guard; oversize bodies below this get a
 /// clear ERROR from the dispatcher instead).
@@ -65,7 +91,7 @@ pub struct NodeConfig {
     pub advertise_ip: Option<String>,
     /// Who may connect to the bound socket (`rpc.allowed_clients`, CURVE keys); `None` = anyone who can reach it
     /// (client-only nodes; the agent always sets a policy).
-    pub access: Option<access::Policy>,
+    pub access: Option<std::sync::Arc<dyn Gatekeeper>>,
 }
 
 impl NodeConfig {
@@ -96,7 +122,7 @@ pub enum NodeError {
     },
     /// Access control could not be set up.
     #[error(transparent)]
-    Access(#[from] access::AccessError),
+    Access(GateError),
     /// eventfd or thread creation failed.
     #[error("{op}: {source}")]
     Os {
@@ -253,8 +279,8 @@ impl RpcNode {
         let ctx = zmq::Context::new();
         let advertise = config.advertise_ip.clone().unwrap_or_else(|| config.bind_ip.clone());
         // Before the recv socket binds: the ZAP handler must answer the first handshake, and outlive the socket.
-        let access = config.access.clone().map(|policy| AccessControl::start(&ctx, policy)).transpose()?;
-        let (recv, endpoint) = bind_recv(&ctx, &config.bind_ip, &advertise, config.port, access.as_ref())?;
+        let access = config.access.as_ref().map(|policy| policy.start(&ctx)).transpose().map_err(NodeError::Access)?;
+        let (recv, endpoint) = bind_recv(&ctx, &config.bind_ip, &advertise, config.port, access.as_deref())?;
         // Connections are counted through the socket's monitor, and the ones above the bound are shut down.
         static MONITORS: AtomicU64 = AtomicU64::new(0);
         let monitor_endpoint = format!("inproc://lymph-rpc-monitor-{}", MONITORS.fetch_add(1, Ordering::Relaxed));
@@ -297,7 +323,7 @@ impl RpcNode {
             retry: Vec::new(),
             monitor,
             connections: std::collections::HashSet::new(),
-            local_addresses: crate::discovery::local::local_addresses(),
+            local_addresses: local_addresses(),
             _access: access,
         };
         let thread = std::thread::Builder::new()
@@ -395,7 +421,7 @@ fn bind_recv(
     bind_ip: &str,
     advertise_ip: &str,
     port: Option<u16>,
-    access: Option<&AccessControl>,
+    access: Option<&dyn Gate>,
 ) -> Result<(zmq::Socket, String), NodeError> {
     let host = |ip: &str| if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
     let attempts = if port.is_some() { 1 } else { 5 };
@@ -416,7 +442,7 @@ fn bind_recv(
             recv.set_ipv6(true).map_err(zmq_err("set_ipv6"))?;
         }
         if let Some(access) = access {
-            access.protect(&recv)?;
+            access.protect(&recv).map_err(NodeError::Access)?;
         }
         let bind = format!("tcp://{}:{port}", host(bind_ip));
         match recv.bind(&bind) {
@@ -452,7 +478,7 @@ struct IoThread {
     local_addresses: std::collections::HashSet<std::net::IpAddr>,
     /// The ZAP handler: dropped with the rest of `self` at the end of [`IoThread::run`], after the sockets it
     /// protects are closed (libzmq skips authentication when no handler is bound).
-    _access: Option<AccessControl>,
+    _access: Option<Box<dyn Gate>>,
 }
 
 impl IoThread {
@@ -607,14 +633,20 @@ impl IoThread {
                         self.shared.reply(
                             &r.msg,
                             Outcome::Failed(RpcError::error(
-                                "Overloaded",
+                                ErrorCode::Overloaded,
                                 "the agent is busy: too many requests queued; retry later",
                             )),
                         );
                     }
                     // The server stopped taking requests: the agent is shutting down.
                     Err(mpsc::error::TrySendError::Closed(r)) => {
-                        self.shared.reply(&r.msg, Outcome::Failed(super::server::shutting_down()));
+                        self.shared.reply(
+                            &r.msg,
+                            Outcome::Failed(RpcError::error(
+                                ErrorCode::ShuttingDown,
+                                "the agent is shutting down; nothing was done",
+                            )),
+                        );
                     }
                 }
             }
@@ -637,16 +669,12 @@ impl IoThread {
     fn answer_ping(&mut self, msg: &Incoming) {
         self.shared.stats.pings.fetch_add(1, Ordering::Relaxed);
         // The echo is as large as the request: bounded like every other body.
-        if msg.body.len() > super::server::MAX_BODY {
+        if msg.body.len() > MAX_BODY {
             self.shared.reply(
                 msg,
                 Outcome::Failed(RpcError::error(
-                    "BadRequest",
-                    format!(
-                        "request body is {} bytes; the agent accepts at most {}",
-                        msg.body.len(),
-                        super::server::MAX_BODY
-                    ),
+                    ErrorCode::BadRequest,
+                    format!("request body is {} bytes; the agent accepts at most {}", msg.body.len(), MAX_BODY),
                 )),
             );
             return;
@@ -701,7 +729,7 @@ impl IoThread {
     }
 
     fn close_idle_peers(&mut self) {
-        self.local_addresses = crate::discovery::local::local_addresses();
+        self.local_addresses = local_addresses();
         let now = Instant::now();
         let waiting: Vec<&str> = self.retry.iter().map(|o| o.dest.as_str()).collect();
         let idle: Vec<String> = self
@@ -779,6 +807,42 @@ fn reply_endpoint_allowed(
     } else {
         Err(format!("{source:.64} is not on the peer's address {peer}"))
     }
+}
+
+/// Addresses of this network namespace's interfaces (loopback always included).
+pub fn local_addresses() -> std::collections::HashSet<std::net::IpAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut out = std::collections::HashSet::from([IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)]);
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr whose family says which struct it is.
+            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+                libc::AF_INET => {
+                    // SAFETY: an AF_INET address is a sockaddr_in.
+                    let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                    out.insert(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+                }
+                libc::AF_INET6 => {
+                    // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                    let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
+                    out.insert(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                }
+                _ => {}
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: frees the list getifaddrs allocated, once.
+    unsafe { libc::freeifaddrs(head) };
+    out
 }
 
 fn log_malformed(err: &FrameError) {

@@ -12,12 +12,13 @@ use rand::seq::IndexedRandom;
 use serde::{Serialize, de::DeserializeOwned};
 use zookeeper_client as zk;
 
-use super::{
-    ClientError, Value,
+use crate::{
+    error::ClientError,
+    instance::Instance,
     node::{NodeConfig, NodeError, RpcNode},
-    value,
+    registry as zookeeper,
+    value::{self, Value},
 };
-use crate::discovery::{Instance, zookeeper};
 
 /// A lymph client: an [`RpcNode`] (replies come back to its bound endpoint) plus an optional registry.
 ///
@@ -145,6 +146,19 @@ impl Client {
             .map_err(|err| ClientError::Codec(format!("cannot encode arguments: {err}")))?;
         let reply = self.node_for(endpoint).request(endpoint, subject, body, timeout).await?;
         value::decode(&reply).map_err(|err| ClientError::Codec(format!("reply from {endpoint} is not msgpack: {err}")))
+    }
+
+    /// Sends a typed `Chaos` request to the agent at `endpoint`.
+    ///
+    /// # Errors
+    /// NACK, remote errors (see [`ClientError::code`]), timeouts, encoding failures.
+    pub async fn chaos(
+        &self,
+        endpoint: &str,
+        request: &crate::Request,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
+        self.call_endpoint(endpoint, &request.method().subject(), &request.to_kwargs(), timeout).await
     }
 
     /// Like [`Client::call_endpoint`], decoding the reply into `T`.

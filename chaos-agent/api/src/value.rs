@@ -465,7 +465,7 @@ mod fuzz {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::rpc::wire::Incoming;
+    use crate::wire::Incoming;
 
     fn arb_value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![

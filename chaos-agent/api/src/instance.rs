@@ -108,7 +108,7 @@ impl Instance {
 }
 
 /// Splits `tcp://host:port` into a host and a port (`[v6]` brackets removed).
-pub(crate) fn split_endpoint(endpoint: &str) -> Option<(&str, u16)> {
+pub fn split_endpoint(endpoint: &str) -> Option<(&str, u16)> {
     let rest = endpoint.strip_prefix("tcp://")?;
     let (host, port) = rest.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
@@ -116,7 +116,7 @@ pub(crate) fn split_endpoint(endpoint: &str) -> Option<(&str, u16)> {
 }
 
 /// Splits `tcp://ip:port` into an address and a port (`[v6]` brackets allowed). Never touches DNS: a host
-/// name gives `None` (see [`super::names`]).
+/// name gives `None` (the agent looks host names up in the background, never while it scans).
 pub fn parse_endpoint(endpoint: &str) -> Option<(IpAddr, u16)> {
     let (host, port) = split_endpoint(endpoint)?;
     Some((host.parse::<IpAddr>().ok()?, port))

@@ -1,9 +1,9 @@
 //! `Scenario`: chaos from test code.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), chaos_agent::scenario::ScenarioError> {
+//! # async fn demo() -> Result<(), chaos_api::scenario::ScenarioError> {
 //! use std::time::Duration;
-//! use chaos_agent::scenario::Scenario;
+//! use chaos_api::scenario::Scenario;
 //!
 //! let mut sn = Scenario::from_zookeeper("127.0.0.1:2181").await?;
 //! sn.kill("echo");
@@ -36,8 +36,9 @@ use serde_json::{Map, Value as Json, json};
 use tokio::task::JoinHandle;
 
 use crate::{
+    ClientError,
+    client::Client,
     paths,
-    rpc::{ClientError, client::Client},
     selection::{self, Amount, Listed, RegistryView, SelectionError, Target},
 };
 
