@@ -7,7 +7,7 @@ Run it with the venv's interpreter after `pip install --no-deps lymph==0.15.0`:
 It edits only that venv's site-packages. Every patch is idempotent: a file that already
 holds the patched text is left alone, a file that holds neither the original nor the
 patched text makes the script fail loudly (a different lymph, or a changed patch). The
-five patches are the ones of /work/shared/notes/lymph-protocol.md section 5:
+five patches, each what CPython 3.11, PyYAML 6 or gevent >= 1.5 removed or renamed:
 
 1. lymph/core/decorators.py: collections.Callable -> collections.abc.Callable;
    inspect.getargspec/ArgSpec (removed in 3.11) -> a local shim on getfullargspec.

@@ -597,6 +597,18 @@ impl<'c> Supervised<'c> {
         Ok(state.pid)
     }
 
+    /// Waits until the process `pid` announces in its title that it has registered (lymph sets the title right
+    /// after writing its registration to ZooKeeper); returns that registration. Cheaper and closer to the moment
+    /// of registering than [`Supervised::wait_registered`], which also asks lymph's own discovery.
+    ///
+    /// # Errors
+    /// No announcement within `timeout`.
+    pub fn wait_announced(&self, pid: u32, timeout: Duration) -> Result<Registration> {
+        eventually(format_args!("{} pid {pid} announcing its registration", self.service), timeout, TITLE_POLL, || {
+            process_title(pid)
+        })
+    }
+
     /// Waits until the current instance is registered in ZooKeeper; returns its registration.
     ///
     /// # Errors

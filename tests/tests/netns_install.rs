@@ -1,4 +1,4 @@
-//! Issue 8: the README's install command on this machine, for real (`/usr/local/bin`, `/etc/lymph-chaos`, the
+//! The README's install command on this machine, for real (`/usr/local/bin`, `/etc/lymph-chaos`, the
 //! systemd unit): the agent it starts answers `lymph-chaos status`, and `--uninstall` leaves every directory it
 //! touched exactly as it was (listed before and after).
 //!

@@ -1,4 +1,4 @@
-//! Issue 6: the control plane against real ZooKeeper and real lymph 0.15 `Echo` instances — kill through the real
+//! The control plane against real ZooKeeper and real lymph 0.15 `Echo` instances — kill through the real
 //! lymph CLI, the Rust `Scenario` with `repeat`, pause, dry run, unleashed mode replayed from its seed, and the
 //! guards.
 //!
@@ -57,7 +57,7 @@ fn exited(pid: u32) -> bool {
 }
 
 fn kill_events(agent: &AgentProcess) -> Vec<Json> {
-    agent.events().into_iter().filter(|e| e["action"] == "applied" && e["kind"] == "kill").collect()
+    agent.events().into_iter().filter(is_kill).collect()
 }
 
 #[test]
@@ -126,17 +126,35 @@ fn scenario_repeat_kills_a_new_pid_every_second_and_reverts_its_faults_when_the_
     wait_local(&agent, echo.pid(), Duration::from_secs(10))?;
 
     let hosts = config.zk_hosts();
-    let (during, after) = ns.block_on(|| async {
-        let mut sn = Scenario::from_zookeeper(&hosts).await?;
-        // Lower-case like the 2015 snippet; `Echo` is matched case-insensitively.
-        sn.kill("echo");
-        sn.inject("echo", "loss", json!({"loss": 5, "lifetime": 30}));
-        let guard = sn.repeat(Duration::from_secs(1)).await?;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let during = guard_faults(&agent).await;
-        guard.stop().await;
-        let after = guard_faults(&agent).await;
-        anyhow::Ok((during, after))
+    let interval = Duration::from_secs(1);
+    // How many kills happen in a given time depends on how fast lymph restarts Echo (a Python start, slow on a
+    // busy machine): rounds that find no instance yet kill nothing. What the repeat promises is checked instead:
+    // rounds keep coming, each kills the instance that exists at that moment, rounds are `interval` apart, and the
+    // block's end reverts its lasting faults.
+    let (during, after, took) = std::thread::scope(|s| {
+        let rounds = s.spawn(|| {
+            eventually("four kill rounds", Duration::from_secs(60), Duration::from_millis(100), || {
+                kill_events(&agent).len() >= 4
+            })
+        });
+        ns.block_on(|| async {
+            let mut sn = Scenario::from_zookeeper(&hosts).await?;
+            // Lower-case like the 2015 snippet; `Echo` is matched case-insensitively.
+            sn.kill("echo");
+            sn.inject("echo", "loss", json!({"loss": 5, "lifetime": 30}));
+            let started = Instant::now();
+            let guard = sn.repeat(interval).await?;
+            // The rounds run on this runtime: let them while the (bounded) wait above goes on.
+            while !rounds.is_finished() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let took = started.elapsed();
+            let during = guard_faults(&agent).await;
+            guard.stop().await;
+            let after = guard_faults(&agent).await;
+            anyhow::Ok((during, after, took))
+        })
+        .and_then(|r| rounds.join().expect("waiting thread").map(|()| r))
     })?;
     ensure!(during.iter().any(|f| f["kind"] == "loss"), "the loss fault was not active during the block: {during:?}");
     ensure!(after.is_empty(), "faults left after the block: {after:?}");
@@ -146,10 +164,26 @@ fn scenario_repeat_kills_a_new_pid_every_second_and_reverts_its_faults_when_the_
         .flat_map(|e| e["pids"].as_array().cloned().unwrap_or_default())
         .filter_map(|p| p.as_u64())
         .collect();
-    println!("{} kills of {} distinct pids in 5 s (supervisor restarts: {})", kills.len(), pids.len(), echo.restarts());
+    println!(
+        "{} kills of {} distinct pids in {took:.1?} (supervisor restarts: {})",
+        kills.len(),
+        pids.len(),
+        echo.restarts()
+    );
     ensure!(kills.len() >= 4, "only {} kills recorded", kills.len());
     ensure!(pids.len() == kills.len(), "a pid was killed twice: {kills:?}");
+    // Rounds sleep `interval` between them: two kills closer than that came from one round or a runaway loop.
+    let times: Vec<f64> = kills.iter().filter_map(|e| e["time"].as_f64()).collect();
+    ensure!(times.len() == kills.len(), "kill events without a time: {kills:?}");
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        ensure!(gap >= interval.as_secs_f64() * 0.9, "two kills {gap:.3} s apart (interval {interval:?}): {kills:?}");
+    }
     Ok(())
+}
+
+fn is_kill(e: &Json) -> bool {
+    e["action"] == "applied" && e["kind"] == "kill"
 }
 
 /// `Chaos.faults` from a blocking context inside an async test.
