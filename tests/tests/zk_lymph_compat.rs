@@ -155,9 +155,10 @@ fn a_real_lymph_peer_that_talked_to_the_agent_keeps_it_responsive() -> Result<()
     ensure!(busy["endpoint"] == agent.endpoint.as_str(), "{busy}");
     let heartbeats = busy["heartbeats"].as_u64().unwrap_or(0);
     ensure!(heartbeats >= 9, "only {heartbeats} of ~10 pings answered: {busy}");
-    // Pings go out every second: a missed one would leave ≥ 2 s of silence.
+    // Pings go out every second: a missed one leaves ≥ 2 s of silence. Anything shorter is a late ping or a late
+    // sample of lymph's own (gevent) loop on a busy machine, not the agent.
     let silence = busy["max_silence"].as_f64().unwrap_or(99.0);
-    ensure!(silence <= 1.3, "the agent was silent for {silence:.2} s: {busy}");
+    ensure!(silence < 1.9, "the agent was silent for {silence:.2} s: {busy}");
     ensure!(
         busy["statuses"].as_array().is_some_and(|s| s.iter().all(|x| x != "unresponsive")),
         "marked unresponsive: {busy}"
@@ -233,21 +234,23 @@ fn standalone_until_zookeeper_appears_then_registers_and_re_registers_and_leaves
     let services = wait_services(&agent, Duration::from_secs(10), |s| s["Echo"][0]["source"] == "zookeeper")?;
     ensure!(local_echo(&services, echo.pid()), "{services}");
 
-    // Someone removes our node (or the session was lost): the agent registers again.
+    // Someone removes our node (or the session was lost): the agent registers again — a new node (a later
+    // creation zxid), which lymph's own discovery lists. (The agent may be back before a slow lymph discovery
+    // could see the gap, so the gap itself is not looked for.)
     let path = format!("/services/Chaos/{}", node["id"].as_str().context("id")?);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        let zkc = zookeeper_client::Client::connect(&config.zk_hosts()).await?;
-        zkc.delete(&path, None).await?;
-        anyhow::Ok(())
-    })?;
+    let zkc = rt.block_on(zookeeper_client::Client::connect(&config.zk_hosts()))?;
+    let created = |zkc: &zookeeper_client::Client| -> Result<Option<i64>> {
+        Ok(rt.block_on(zkc.check_stat(&path))?.map(|stat| stat.czxid))
+    };
+    let old = created(&zkc)?.context("our node before the delete")?;
+    rt.block_on(zkc.delete(&path, None))?;
     let deleted = Instant::now();
-    ensure!(registered(&config)?.is_none(), "node still there after delete");
     eventually(
         "re-registered after its node vanished",
         Duration::from_secs(15).saturating_sub(deleted.elapsed()),
         Duration::from_millis(200),
-        || registered(&config).map(|node| node.is_some()),
+        || -> Result<bool> { Ok(created(&zkc)?.is_some_and(|new| new > old) && registered(&config)?.is_some()) },
     )?;
     println!("re-registered {:?} after its node vanished", deleted.elapsed());
 
