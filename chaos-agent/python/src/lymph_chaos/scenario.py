@@ -552,7 +552,7 @@ class Scenario:
         return self._from_every_agent("faults", {"all": bool(all)})
 
     def events(self, since: float = 0.0, limit: Optional[int] = None, mine: bool = False) -> List[Dict[str, Any]]:
-        """Events of every agent (applied, reverted, expired, refused, warning, dry_run …), merged by time, oldest first.
+        """Events of every agent (applied, reverted, expired, refused, warning, dry_run …) by time, oldest first.
 
         A network fault's ``applied`` event carries the measured effect in ``detail["observed"]``; a ``warning``
         event follows when the effect was not seen (no packet matched, no loss or delay, nothing listening).
