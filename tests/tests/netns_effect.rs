@@ -89,6 +89,7 @@ fn a_blackhole_on_a_listened_port_is_observed_as_total_loss_and_a_rate_limit_as_
     assert_eq!(fault["observed"]["verdict"], "pending", "{fault}");
     let events = events_once_applied(&agent, &id);
     let observed = &applied(&events)["detail"]["observed"];
+    println!("blackhole: {observed}");
     assert_eq!(observed["verdict"], "observed", "{events:#?}");
     assert_eq!(observed["loss_percent"], 100.0, "{observed}");
     let probes = observed["probes"].as_u64().expect("probes");
@@ -122,6 +123,7 @@ fn a_blackhole_on_a_listened_port_is_observed_as_total_loss_and_a_rate_limit_as_
     let rid = rate["id"].as_str().unwrap().to_owned();
     let events = events_once_applied(&agent, &rid);
     let observed = &applied(&events)["detail"]["observed"];
+    println!("rate 1mbit: {observed}");
     assert_eq!(observed["verdict"], "observed", "{events:#?}");
     assert_eq!(observed["loss_percent"], 0.0, "{observed}");
     assert!(observed["matched_packets"].as_u64().unwrap() >= observed["probes"].as_u64().unwrap(), "{observed}");
@@ -173,7 +175,9 @@ fn a_rule_the_classifier_never_sees_is_a_warning_not_a_success() {
     let first = agent.ok("inject", json!({"kind": "observe", "port": port, "lifetime": 60}));
     let first_id = first["id"].as_str().unwrap().to_owned();
     let events = events_once_applied(&agent, &first_id);
-    assert_eq!(applied(&events)["detail"]["observed"]["verdict"], "observed", "{events:#?}");
+    let observed = &applied(&events)["detail"]["observed"];
+    println!("observe, classifier in place: {observed}");
+    assert_eq!(observed["verdict"], "observed", "{events:#?}");
     agent.ok("revert", json!({"id": first_id}));
 
     // Behind the agent's back, its classifier filters leave the loopback device: rules still go into the map,
@@ -193,6 +197,7 @@ fn a_rule_the_classifier_never_sees_is_a_warning_not_a_success() {
     let id = fault["id"].as_str().unwrap().to_owned();
     let events = events_once_applied(&agent, &id);
     let observed = &applied(&events)["detail"]["observed"];
+    println!("blackhole, classifier filter deleted: {observed}");
     assert_eq!(observed["verdict"], "not_observed", "{events:#?}");
     assert_eq!(observed["matched_packets"], 0, "{observed}");
     assert_eq!(observed["loss_percent"], 0.0, "{observed}");

@@ -134,7 +134,8 @@ pub enum Verdict {
 }
 
 /// The measured effect of a network fault: TCP handshakes to each faulted port, interleaved with handshakes to an
-/// unfaulted port on the same address (the baseline, same path), while the fault is in place. In the fault's
+/// unfaulted port the probe listens on, on the same address (the baseline: same handshake, same path), while the
+/// fault is in place. In the fault's
 /// report (`Chaos.faults`, `inject`) and in the `detail.observed` of its `applied` event.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Observation {
@@ -183,7 +184,7 @@ pub struct PortObservation {
     /// Median handshake time to the faulted port, milliseconds.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub median_ms: Option<f64>,
-    /// Median handshake time (refusal) of the baseline, milliseconds.
+    /// Median handshake time of the baseline, milliseconds.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub baseline_median_ms: Option<f64>,
 }

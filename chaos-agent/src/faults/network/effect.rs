@@ -4,17 +4,18 @@
 //!
 //! ```text
 //!  round k (every SPACING)     connect(addr:port)           ── SYN ─▶ lo egress (classifier: rule of the fault)
-//!                              connect(addr:baseline_port)  ── SYN ─▶ lo egress (classifier: no rule) ─▶ RST
+//!                              connect(addr:baseline_port)  ── SYN ─▶ lo egress (classifier: no rule)
 //!  after the rounds            counters(rule) − counters before  ≥  faulted handshakes?
 //!  verdict                     loss  = unanswered faulted handshakes / faulted handshakes
 //!                              delay = median(faulted) − median(baseline)
 //! ```
 //!
 //! # Why it is judged this way
-//! - **The baseline is the same path at the same time.** The baseline port is a socket the probe binds on the
-//!   same address and never listens on: its handshake (SYN, RST) leaves through the same device and hooks as the
-//!   faulted one (SYN, SYN-ACK) and is sent in the same instant, so a busy host, a slow scheduler or a virtual
-//!   machine's clock slow both alike. The added delay is a difference of medians, judged against half the delay
+//! - **The baseline is the same handshake on the same path at the same time.** The baseline port is a socket the
+//!   probe itself listens on, on the same address (it never accepts: the kernel completes the handshake in its
+//!   backlog): its SYN, SYN-ACK and ACK leave through the same device and hooks as the faulted port's, without a
+//!   rule, and are sent in the same instant, so a busy host, a slow scheduler or a virtual machine's clock slow
+//!   both alike. The added delay is a difference of medians, judged against half the delay
 //!   the fault asks for, never against a fixed number of milliseconds.
 //! - **A lost packet is one TCP itself would resend.** A handshake unanswered [`ANSWER_WINDOW`] after the delay
 //!   the fault adds lost its SYN or its SYN-ACK: the window ends before Linux's first SYN retransmission
@@ -36,7 +37,7 @@ use std::{
 };
 
 use chaos_api::reply::{Observation, PortObservation, Verdict};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Rounds of handshakes (one to each faulted port and one to its baseline per round).
 pub const ROUNDS: u32 = 8;
@@ -92,7 +93,7 @@ pub struct PortSamples {
     pub baseline_port: u16,
     /// Faulted handshakes.
     pub faulted: Vec<Option<Duration>>,
-    /// Baseline handshakes (refused, as they should be).
+    /// Baseline handshakes.
     pub baseline: Vec<Option<Duration>>,
     /// Faulted handshakes that were refused: the listener went away.
     pub refused: u32,
@@ -109,7 +110,7 @@ pub fn probe_addr(addr: IpAddr) -> IpAddr {
 
 enum Outcome {
     Answered(Duration),
-    Refused(Duration),
+    Refused,
     Lost,
 }
 
@@ -123,17 +124,19 @@ async fn handshake(to: SocketAddr, timeout: Duration) -> Outcome {
             drop(stream);
             Outcome::Answered(took)
         }
-        Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused(start.elapsed()),
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
         Ok(Err(_)) | Err(_) => Outcome::Lost,
     }
 }
 
-/// A port on `addr` that nothing listens on for as long as the socket lives: the baseline's destination.
-fn baseline_socket(addr: IpAddr) -> std::io::Result<(TcpSocket, u16)> {
+/// A listener of the probe's own on `addr`, which never accepts (the kernel completes handshakes into its backlog,
+/// room for every round): the baseline's destination.
+fn baseline_socket(addr: IpAddr) -> std::io::Result<(TcpListener, u16)> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.bind(SocketAddr::new(addr, 0))?;
-    let port = socket.local_addr()?.port();
-    Ok((socket, port))
+    let listener = socket.listen(2 * ROUNDS)?;
+    let port = listener.local_addr()?.port();
+    Ok((listener, port))
 }
 
 /// Runs the rounds against every target at once; bounded by [`Expectation::window`].
@@ -158,7 +161,15 @@ pub async fn probe(targets: &[ProbeTarget], expect: &Expectation) -> std::io::Re
             let (faulted, baseline) = (SocketAddr::new(t.addr, t.port), SocketAddr::new(t.addr, samples.baseline_port));
             tasks.spawn(async move {
                 tokio::time::sleep(SPACING * round).await;
-                (index, tokio::join!(handshake(faulted, timeout), handshake(baseline, timeout)))
+                // Whichever connect is issued first is timed across the other's syscall too: alternate the order so
+                // neither side carries that cost in every round.
+                let pair = if round % 2 == 0 {
+                    tokio::join!(handshake(faulted, timeout), handshake(baseline, timeout))
+                } else {
+                    let (b, f) = tokio::join!(handshake(baseline, timeout), handshake(faulted, timeout));
+                    (f, b)
+                };
+                (index, pair)
             });
         }
     }
@@ -167,12 +178,12 @@ pub async fn probe(targets: &[ProbeTarget], expect: &Expectation) -> std::io::Re
         let samples = &mut out[index];
         match faulted {
             Outcome::Answered(t) => samples.faulted.push(Some(t)),
-            Outcome::Refused(_) => samples.refused += 1,
+            Outcome::Refused => samples.refused += 1,
             Outcome::Lost => samples.faulted.push(None),
         }
         samples.baseline.push(match baseline {
-            Outcome::Refused(t) | Outcome::Answered(t) => Some(t),
-            Outcome::Lost => None,
+            Outcome::Answered(t) => Some(t),
+            Outcome::Refused | Outcome::Lost => None,
         });
     }
     drop(held);
