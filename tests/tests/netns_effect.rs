@@ -129,6 +129,15 @@ fn a_blackhole_on_a_listened_port_is_observed_as_total_loss_and_a_rate_limit_as_
     assert!(observed["matched_packets"].as_u64().unwrap() >= observed["probes"].as_u64().unwrap(), "{observed}");
     assert!(warnings(&events).is_empty(), "{events:#?}");
     agent.ok("clear", json!({}));
+
+    // Reverted while its probes run: the applied event (not measured) still comes first, and nothing warns.
+    let quick = agent.ok("inject", json!({"kind": "blackhole", "port": hole, "lifetime": 60}));
+    let qid = quick["id"].as_str().unwrap().to_owned();
+    agent.ok("revert", json!({"id": qid}));
+    let events = events_once_applied(&agent, &qid);
+    let actions: Vec<&str> = events.iter().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(actions, ["applied", "reverted"], "{events:#?}");
+    assert_eq!(applied(&events)["detail"]["observed"]["verdict"], "not_measured", "{events:#?}");
 }
 
 #[test]
