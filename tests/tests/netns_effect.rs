@@ -90,6 +90,8 @@ fn a_blackhole_on_a_listened_port_is_observed_as_total_loss_and_a_rate_limit_as_
     let events = events_once_applied(&agent, &id);
     let observed = &applied(&events)["detail"]["observed"];
     println!("blackhole: {observed}");
+    let took_effect = applied(&events)["detail"]["applied_at"].as_f64().expect("applied_at");
+    assert!(took_effect <= applied(&events)["time"].as_f64().unwrap(), "{events:#?}");
     assert_eq!(observed["verdict"], "observed", "{events:#?}");
     assert_eq!(observed["loss_percent"], 100.0, "{observed}");
     let probes = observed["probes"].as_u64().expect("probes");

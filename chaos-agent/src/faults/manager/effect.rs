@@ -11,8 +11,8 @@
 //! ```
 //!
 //! - **When**: after the fault is in place, in the verifier task, so applying is not slowed; the `applied` event
-//!   waits for the measurement (at most [`Expectation::window`]: about 1.1 s plus the delay the fault adds) and
-//!   always precedes the fault's end.
+//!   waits for the measurement (at most [`Expectation::window`]: about 1.1 s plus the delay the fault adds; its
+//!   `detail.applied_at` says when the fault took effect) and always precedes the fault's end.
 //! - **What is not probed**: dry runs and process or resource faults (no observation at all); UDP-only faults
 //!   (there is no handshake to time without sending the service data it would have to parse: `not_measured`,
 //!   the counters show the rule matching); TCP ports nothing listens on (`no_listener` and a `warning`: no caller
@@ -209,6 +209,10 @@ impl FaultManager {
             }
             Some(Plan::Decided(obs)) => self.publish(event, &obs),
             Some(Plan::Probe(job)) => {
+                // The event is recorded (and timed) once measured; when the fault took effect stays in it.
+                if let Some(map) = event.detail.get_or_insert_with(|| serde_json::json!({})).as_object_mut() {
+                    map.insert("applied_at".into(), serde_json::json!(super::now_unix()));
+                }
                 let fault = job.fault.clone();
                 let mut pending = self.effects.pending.lock().expect("poisoned");
                 if self.effects.queue.send(job).is_err() {
