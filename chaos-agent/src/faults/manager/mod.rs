@@ -195,8 +195,7 @@ impl FaultManager {
     }
 
     /// Stops applying faults (waiting for the applies in progress), ends the expiry task, the follower and the
-    /// verifier, and
-    /// reverts every active fault; returns their reports. Later applies answer [`FaultError::ShuttingDown`].
+    /// verifier, and reverts every active fault; returns their reports. Later applies answer [`FaultError::ShuttingDown`].
     pub async fn shutdown(&self) -> Vec<FaultReport> {
         *self.closed.write().await = true;
         self.stop.cancel();
