@@ -17,8 +17,8 @@
 //!   (there is no handshake to time without sending the service data it would have to parse: `not_measured`,
 //!   the counters show the rule matching); TCP ports nothing listens on (`no_listener` and a `warning`: no caller
 //!   can be hurt there yet); faults whose lifetime is shorter than twice the probing window or whose delay is
-//!   above [`MAX_EXPECTED_DELAY`] (`not_measured`). A fault that follows its service to new ports keeps its first
-//!   observation.
+//!   above [`MAX_EXPECTED_DELAY`] (`not_measured`). A fault that follows its service to new ports is not
+//!   measured again: its observation becomes `not_measured`, saying so.
 //! - **Warnings**: `not_observed` (no packet matched, no loss or delay where one was asked for) and
 //!   `no_listener` add a `warning` event after the `applied` one. The fault stays in place either way.
 
@@ -330,6 +330,16 @@ impl FaultManager {
             self.publish(event, &obs);
         }
         drop(table);
+    }
+}
+
+/// A fault followed its service to new ports: what was measured on the old ones no longer says anything.
+pub(super) fn moved(report: &mut crate::faults::FaultReport, ports: &[u16]) {
+    if report.observed.is_some() {
+        report.observed = Some(decided(
+            Verdict::NotMeasured,
+            format!("moved to port(s) {ports:?} after it was measured: not measured there"),
+        ));
     }
 }
 
