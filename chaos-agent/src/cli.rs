@@ -114,7 +114,8 @@ pub enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
-    /// List active faults with their counters.
+    /// List active faults with their counters and, for network faults, the effect measured by the agent's probes
+    /// (loss, added delay per handshake, or why it was not observed).
     ///
     /// Example: lymph-chaos faults --all
     Faults {
@@ -655,6 +656,27 @@ async fn find_agent(client: Client, hosts: &str, timeout: Duration) -> Result<(C
     }
 }
 
+/// The measured effect of a network fault, for `faults`: ` [observed: loss 100 %, +0.012 ms]` or the verdict.
+fn observed_text(o: &Json) -> String {
+    let verdict = o["verdict"].as_str().unwrap_or("-");
+    let mut figures = Vec::new();
+    if let Some(l) = o["loss_percent"].as_f64() {
+        figures.push(format!("loss {l} %"));
+    }
+    if let Some(d) = o["added_delay_ms"].as_f64() {
+        figures.push(format!("delay {d:+.3} ms"));
+    }
+    if let Some(m) = o["matched_packets"].as_u64().filter(|_| o["probes"].as_u64().unwrap_or(0) > 0) {
+        figures.push(format!("{m} packets matched / {} probes", o["probes"]));
+    }
+    match verdict {
+        "observed" => format!(" [observed: {}]", figures.join(", ")),
+        "pending" => " [observed: measuring]".to_owned(),
+        _ if figures.is_empty() => format!(" [{verdict}: {}]", o["summary"].as_str().unwrap_or("")),
+        _ => format!(" [{verdict}: {}; {}]", figures.join(", "), o["summary"].as_str().unwrap_or("")),
+    }
+}
+
 /// A short human rendering of an answer.
 pub fn human(method: &str, j: &Json) -> String {
     let fault_line = |f: &Json| -> String {
@@ -667,6 +689,9 @@ pub fn human(method: &str, j: &Json) -> String {
         );
         if let Some(c) = f.get("counters").filter(|c| c.is_object()) {
             line.push_str(&format!(" [packets {} bytes {} drops {}]", c["packets"], c["bytes"], c["drops"]));
+        }
+        if let Some(o) = f.get("observed").filter(|o| o.is_object()) {
+            line.push_str(&observed_text(o));
         }
         line.push('\n');
         line

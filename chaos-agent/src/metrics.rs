@@ -1,5 +1,6 @@
 //! An optional Prometheus text endpoint (`GET /metrics`, loopback by default): active faults, per-fault
-//! packets/bytes/drops, events by action and kind (kills, refusals …), RPC calls, errors and latency.
+//! packets/bytes/drops and the effect measured beside them (added delay, loss, verdict), events by action and kind
+//! (kills, refusals, warnings …), RPC calls, errors and latency.
 
 use std::{fmt::Write as _, sync::Arc};
 
@@ -109,6 +110,7 @@ pub async fn render(server: &Server, manager: &FaultManager, events: &EventLog) 
             }
         }
     }
+    render_observed(&mut out, &faults);
     let _ = writeln!(
         out,
         "# HELP lymph_chaos_events_total Recorded events by action and fault kind.\n# TYPE lymph_chaos_events_total counter"
@@ -155,4 +157,58 @@ pub async fn render(server: &Server, manager: &FaultManager, events: &EventLog) 
     let _ =
         writeln!(out, "lymph_chaos_rpc_malformed_total {}", node.malformed.load(std::sync::atomic::Ordering::Relaxed));
     out
+}
+
+/// The measured effect of each network fault: added delay and loss where measured, and the verdict (1 on the
+/// verdict's series).
+fn render_observed(out: &mut String, faults: &[crate::faults::FaultReport]) {
+    let observed: Vec<_> = faults.iter().filter_map(|f| f.observed.as_ref().map(|o| (f, o))).collect();
+    let _ = writeln!(
+        out,
+        "# HELP lymph_chaos_fault_observed_added_delay_seconds Delay a probe handshake saw added by a network fault \
+         (against an unfaulted port on the same path).\n# TYPE lymph_chaos_fault_observed_added_delay_seconds gauge"
+    );
+    for (f, o) in &observed {
+        if let Some(ms) = o.added_delay_ms {
+            let _ = writeln!(
+                out,
+                "lymph_chaos_fault_observed_added_delay_seconds{{fault=\"{}\",kind=\"{}\"}} {}",
+                esc(&f.id),
+                esc(&f.kind),
+                ms / 1000.0
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP lymph_chaos_fault_observed_loss_ratio Share of probe handshakes a network fault left unanswered.\n\
+         # TYPE lymph_chaos_fault_observed_loss_ratio gauge"
+    );
+    for (f, o) in &observed {
+        if let Some(pct) = o.loss_percent {
+            let _ = writeln!(
+                out,
+                "lymph_chaos_fault_observed_loss_ratio{{fault=\"{}\",kind=\"{}\"}} {}",
+                esc(&f.id),
+                esc(&f.kind),
+                pct / 100.0
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP lymph_chaos_fault_effect Verdict on a network fault's measured effect (pending, observed, \
+         not_observed, no_listener, not_measured).\n# TYPE lymph_chaos_fault_effect gauge"
+    );
+    for (f, o) in &observed {
+        let verdict =
+            serde_json::to_value(o.verdict).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "lymph_chaos_fault_effect{{fault=\"{}\",kind=\"{}\",verdict=\"{}\"}} 1",
+            esc(&f.id),
+            esc(&f.kind),
+            esc(&verdict)
+        );
+    }
 }

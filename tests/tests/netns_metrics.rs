@@ -303,8 +303,10 @@ fn metrics_follow_faults_packets_drops_events_and_rpc_calls() {
     let fault = agent.ok("inject", json!({"kind": "blackhole", "port": port, "lifetime": 60}));
     let id = fault["id"].as_str().expect("fault id").to_owned();
     let labels = [("fault", id.as_str()), ("kind", "blackhole")];
-    let during = scrape_until(&ns, mport, "packets matched and dropped by the blackhole", |e| {
+    // The `applied` event is recorded once the agent has measured the fault's effect (about a second).
+    let during = scrape_until(&ns, mport, "packets dropped by the blackhole, its effect measured", |e| {
         e.counter("lymph_chaos_fault_drops_total", &labels) >= 3.0
+            && e.counter("lymph_chaos_events_total", &[("action", "applied"), ("kind", "blackhole")]) > applied
     });
     assert_eq!(during.find("lymph_chaos_active_faults", &[]), Some(1.0));
     let packets = during.counter("lymph_chaos_fault_packets_total", &labels);

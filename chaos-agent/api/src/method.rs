@@ -159,12 +159,12 @@ impl Method {
         match self {
             Method::Clear => "Revert every active fault. Returns the reverted faults.",
             Method::Events => {
-                "Recorded events (applied, reverted, expired, refused, dry runs, agent start/stop) with seq > since \
+                "Recorded events (applied, reverted, expired, refused, warnings, dry runs, agent start/stop) with seq > since \
                  (default 0), at most limit (default 100), oldest first."
             }
             Method::Faults => {
-                "Active faults with live counters (packets, bytes, drops) or resource usage; all=true adds recently \
-                 finished ones."
+                "Active faults with live counters (packets, bytes, drops), the observed effect of network faults \
+                 (observed: added delay, loss, verdict) or resource usage; all=true adds recently finished ones."
             }
             Method::Inject => {
                 "Inject a fault of `kind`: latency, loss, duplicate, corrupt, reorder, rate, blackhole (network, on the \

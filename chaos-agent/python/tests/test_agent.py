@@ -188,7 +188,9 @@ def test_the_2015_snippet_runs_unchanged(env: Env, import_path: str, new_scenari
     after = sn.faults()
     assert net_id not in _ids(after) and kill_id not in _ids(after), after
     events = sn.events(mine=True)
-    assert [e["action"] for e in events if e["fault"] == net_id] == ["applied", "reverted"], events
+    # A `warning` (the agent measured no effect, e.g. while Echo restarted) is no step of the fault's life.
+    lifecycle = [e["action"] for e in events if e["fault"] == net_id and e["action"] != "warning"]
+    assert lifecycle == ["applied", "reverted"], events
 
     # The kills were recorded for different pids of the restarted Echo.
     kills = [e for e in events if e["fault"] == kill_id and e["action"] == "applied"]
@@ -226,7 +228,7 @@ def test_an_exception_in_the_block_reverts_every_fault_and_propagates(
     assert _proc_state(paused_pid) != "T"  # resumed (SIGCONT)
     events = sn.events(mine=True)
     for fault_id in (net_id, pause_id):
-        actions = [e["action"] for e in events if e["fault"] == fault_id]
+        actions = [e["action"] for e in events if e["fault"] == fault_id and e["action"] != "warning"]
         assert actions == ["applied", "reverted"], (fault_id, events)
     assert sn.errors == []
 

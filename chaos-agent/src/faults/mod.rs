@@ -208,4 +208,7 @@ pub struct FaultReport {
     /// What resource faults consume now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<serde_json::Value>,
+    /// The measured effect of a network fault (added delay, loss, verdict), beside its counters.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub observed: Option<chaos_api::reply::Observation>,
 }

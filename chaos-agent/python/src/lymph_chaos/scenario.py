@@ -543,11 +543,19 @@ class Scenario:
         return out
 
     def faults(self, all: bool = False) -> List[Dict[str, Any]]:
-        """Active faults on every agent (with ``counters`` for network faults); ``all=True`` adds finished ones."""
+        """Active faults on every agent; ``all=True`` adds finished ones.
+
+        Network faults carry live ``counters`` and ``observed``: the effect the agent measured with TCP handshakes
+        after applying them (``verdict``: pending, observed, not_observed, no_listener, not_measured;
+        ``loss_percent``, ``added_delay_ms``, ``matched_packets``, ``summary``).
+        """
         return self._from_every_agent("faults", {"all": bool(all)})
 
     def events(self, since: float = 0.0, limit: Optional[int] = None, mine: bool = False) -> List[Dict[str, Any]]:
-        """Events of every agent (applied, reverted, expired, refused, dry_run …), merged by time, oldest first.
+        """Events of every agent (applied, reverted, expired, refused, warning, dry_run …) by time, oldest first.
+
+        A network fault's ``applied`` event carries the measured effect in ``detail["observed"]``; a ``warning``
+        event follows when the effect was not seen (no packet matched, no loss or delay, nothing listening).
 
         Args:
             since: only events at or after this Unix time.

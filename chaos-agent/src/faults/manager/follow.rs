@@ -65,6 +65,7 @@ impl FaultManager {
                 fault.report.pids =
                     resolved.candidates.iter().filter_map(|c| c.process.as_ref().map(|p| p.pid)).collect();
                 fault.undo = Undo::Network(new);
+                super::effect::moved(&mut fault.report, &ports);
                 self.events.record(Event {
                     fault: Some(fault.report.id.clone()),
                     kind: Some(fault.report.kind.clone()),

@@ -133,6 +133,9 @@ impl FaultManager {
     async fn end(&self, fault: Fault, state: State) -> FaultReport {
         let Fault { mut report, spec, undo, .. } = fault;
         let id = report.id.clone();
+        if let Some(observed) = self.flush_applied(&id) {
+            report.observed = Some(observed);
+        }
         let undone = undo.run(self.network().map(AsRef::as_ref), &mut report).await;
         if let Err(err) = self.journal.remove(&id) {
             warn!(%err, "cannot update the journal");

@@ -18,11 +18,13 @@
 //! - [`table`](self::table) — active faults, their deadlines in time order, the history
 //! - [`lifecycle`](self::lifecycle) — refresh, revert, the expiry task, listing, the journal's leftovers
 //! - [`dry_run`](self::dry_run), [`follow`](self::follow) — dry-run sentences, following restarted services
+//! - [`effect`](self::effect) — measuring what an applied network fault does; the `applied` event carries it
 //!
-//! Two tasks run beside the requests: the expiry task and the follower. Both hold the manager until
-//! [`FaultManager::shutdown`] ends them.
+//! Three tasks run beside the requests: the expiry task, the follower and the verifier. They hold the manager
+//! until [`FaultManager::shutdown`] ends them.
 
 mod dry_run;
+mod effect;
 mod error;
 mod exec;
 mod follow;
@@ -115,7 +117,9 @@ pub struct FaultManager {
     /// Every apply holds it for reading; [`FaultManager::shutdown`] takes it for writing (waiting for the applies
     /// in progress) and sets it: no fault is applied after that.
     closed: RwLock<bool>,
-    /// Ends the expiry task and the follower.
+    /// `applied` events waiting for their fault's measured effect; the verifier's queue.
+    effects: effect::Effects,
+    /// Ends the expiry task, the follower and the verifier.
     stop: CancellationToken,
     tasks: StdMutex<Vec<JoinHandle<()>>>,
 }
@@ -149,6 +153,7 @@ impl FaultManager {
             roots: parts.config.disk_paths.clone(),
             allow_memory_filesystems: parts.config.allow_memory_filesystems,
         };
+        let (effects, jobs) = effect::Effects::new();
         let manager = Arc::new(FaultManager {
             resolver: Resolver::new(parts.config.allow_unbound_ports),
             config: parts.config,
@@ -165,12 +170,14 @@ impl FaultManager {
             table: Mutex::new(Table::default()),
             expiry_changed: Notify::new(),
             closed: RwLock::new(false),
+            effects,
             stop: CancellationToken::new(),
             tasks: StdMutex::new(Vec::new()),
         });
         let expiry = tokio::spawn(manager.clone().expire(manager.stop.clone()));
         let follower = tokio::spawn(manager.clone().follow(manager.discovery.subscribe(), manager.stop.clone()));
-        manager.tasks.lock().expect("poisoned").extend([expiry, follower]);
+        let verifier = tokio::spawn(manager.clone().verify(jobs, manager.stop.clone()));
+        manager.tasks.lock().expect("poisoned").extend([expiry, follower, verifier]);
         Ok(manager)
     }
 
@@ -187,8 +194,8 @@ impl FaultManager {
         }
     }
 
-    /// Stops applying faults (waiting for the applies in progress), ends the expiry task and the follower, and
-    /// reverts every active fault; returns their reports. Later applies answer [`FaultError::ShuttingDown`].
+    /// Stops applying faults (waiting for the applies in progress), ends the expiry task, the follower and the
+    /// verifier, and reverts every active fault; returns their reports. Later applies answer [`FaultError::ShuttingDown`].
     pub async fn shutdown(&self) -> Vec<FaultReport> {
         *self.closed.write().await = true;
         self.stop.cancel();
@@ -260,7 +267,12 @@ impl FaultManager {
         let executed = self.execute(&mut report, spec, &chosen, lifetime).await?;
         report.message = with_notes(executed.message);
         report.state = Some(if executed.undo.lasts() { State::Active } else { State::Expired });
-        self.events.record(event(Action::Applied, &report));
+        let verification = match &executed.undo {
+            exec::Undo::Network(handle) => effect::plan(&spec.action, &report.ports, handle, lifetime, &report.id),
+            _ => None,
+        };
+        report.observed = Self::initial_observation(&verification);
+        let applied = event(Action::Applied, &report);
         info!(fault = %report.id, kind = %report.kind, target = %spec.target.describe(), pids = ?report.pids, ports = ?report.ports, "fault applied");
         let mut table = self.table.lock().await;
         if executed.undo.lasts() {
@@ -276,6 +288,9 @@ impl FaultManager {
         } else {
             table.push_history(report.clone());
         }
+        // Recorded with the table held: the fault's end cannot be recorded before it.
+        self.applied(applied, verification);
+        drop(table);
         Ok(report)
     }
 

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`classifier`] — the embedded BPF object, its programs and maps
 //! - [`netlink`] — links, qdiscs, classes, filters over rtnetlink
+//! - [`effect`] — probes that measure what a fault does to a caller's handshake
 //! - [`encode`] — `TCA_OPTIONS` payloads (netem, htb, fifo, tbf, cls_bpf + mirred), byte-tested against `tc`
 //!
 //! ```text
@@ -35,6 +36,7 @@
 //! [`Direction::Both`] does both (round trip grows twice for single-connection protocols).
 
 pub mod classifier;
+pub mod effect;
 pub mod encode;
 pub mod netlink;
 
