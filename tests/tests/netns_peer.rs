@@ -222,3 +222,54 @@ fn bad_peer_input_is_refused_clearly_and_changes_nothing() {
         engine.cleanup().await.unwrap();
     });
 }
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn the_agent_applies_a_peer_cidr_fault_refuses_bad_peers_without_changing_anything_and_expires_it() {
+    use chaos_tests::agent::{AgentOptions, AgentProcess, EchoProcess};
+    use serde_json::json;
+    let srv = Netns::new("peeras");
+    let cli = Netns::new("peerac");
+    srv.veth_to(&cli, 38).expect("veth pair");
+    cli.ip(&["addr", "add", "10.38.0.3/24", "dev", "veth1"]).expect("second address");
+    let port = 7314u16;
+    let _server = EchoProcess::start(&srv, port);
+    let config = format!("faults: {{allowed_processes: [\"{}\"]}}\n", EchoProcess::MARKER);
+    let agent = AgentProcess::start(Some(&srv), AgentOptions { config_yaml: config, ..Default::default() }).unwrap();
+    let target: SocketAddr = format!("10.38.0.1:{port}").parse().unwrap();
+    let mut affected = Caller::start(&cli, target, Some("10.38.0.2"));
+    let mut other = Caller::start(&cli, target, Some("10.38.0.3"));
+    // Bad input: a clear error, and nothing in the kernel.
+    let bad = [
+        (json!({"kind": "blackhole", "port": port, "peer": "NoSuchService"}), "NoSuchService"),
+        (json!({"kind": "blackhole", "port": port, "peer_cidr": "10.38.0.0/40"}), "prefix length"),
+        (json!({"kind": "blackhole", "port": port, "peer_cidr": "not-a-network"}), "not a network"),
+        (json!({"kind": "blackhole", "port": port, "peer": "A", "peer_cidr": "10.0.0.0/8"}), "one of peer"),
+        (json!({"kind": "blackhole", "port": port, "peer_cidr": "10.0.0.0/8", "direction": "from"}), "direction"),
+    ];
+    for (kwargs, words) in bad {
+        match agent.call("inject", kwargs.clone()) {
+            Err(e) => assert!(e.to_string().contains(words), "{kwargs}: {e}"),
+            Ok(v) => panic!("{kwargs} was accepted: {v}"),
+        }
+    }
+    let status = agent.ok("status", json!({}));
+    assert_eq!((status["network"]["rules"].as_u64(), status["network"]["peer_rules"].as_u64()), (Some(0), Some(0)));
+    assert!(agent.ok("faults", json!({})).as_array().unwrap().is_empty());
+    // A real one: only the caller from 10.38.0.2.
+    let fault =
+        agent.ok("inject", json!({"kind": "blackhole", "port": port, "peer_cidr": "10.38.0.2/32", "lifetime": 3}));
+    assert!(agent.ok("status", json!({}))["network"]["peer_rules"].as_u64().unwrap() >= 2);
+    assert!(affected.call("new").is_err(), "the caller in the peer network got through");
+    other.call("new").expect("a caller outside the peer network must work");
+    other.call("old").expect("its old connection too");
+    chaos_test_support::eventually(
+        "the peer fault's expiry",
+        Duration::from_secs(6),
+        Duration::from_millis(100),
+        || agent.events().into_iter().any(|e| e["action"] == "expired" && e["fault"] == fault["id"]),
+    )
+    .unwrap_or_else(|e| panic!("{e}; events: {:?}", agent.events()));
+    assert_eq!(agent.ok("status", json!({}))["network"]["peer_rules"], 0, "peer rules left after expiry");
+    affected.call("new").expect("the caller after the fault expired");
+}
