@@ -1087,6 +1087,37 @@ mod tests {
     }
 
     #[test]
+    fn peers_decode_one_at_a_time_and_bad_ones_are_value_errors() {
+        let inject = |extra: &[(&str, Value)]| {
+            let mut args = vec![("kind", s("blackhole")), ("name", s("Payments"))];
+            args.extend(extra.iter().cloned());
+            Inject::from_kwargs(kwargs(&args))
+        };
+        let peer_of = |req: Inject| match req.fault {
+            Fault::Network { params, .. } => params.peer,
+            _ => panic!("not a network fault"),
+        };
+        assert_eq!(peer_of(inject(&[("peer", s("Billing"))]).unwrap()), Some(Peer::Service("Billing".into())));
+        assert_eq!(
+            peer_of(inject(&[("peer_cidr", s("10.1.0.0/16"))]).unwrap()),
+            Some(Peer::Cidr { addr: "10.1.0.0".parse().unwrap(), len: 16 })
+        );
+        assert_eq!(
+            peer_of(inject(&[("peer_cidr", s("fd00::1"))]).unwrap()),
+            Some(Peer::Cidr { addr: "fd00::1".parse().unwrap(), len: 128 })
+        );
+        let err = |extra: &[(&str, Value)]| inject(extra).unwrap_err().to_string();
+        assert!(err(&[("peer_cidr", s("10.1.0.0/33"))]).contains("prefix length must be 0-32"));
+        assert!(err(&[("peer_cidr", s("ten/8"))]).contains("not a network"));
+        assert!(err(&[("peer", s("A")), ("peer_host", s("b"))]).contains("one of peer"));
+        assert!(err(&[("peer", s(" "))]).contains("empty"));
+        assert!(err(&[("peer_host", s("b")), ("direction", s("from"))]).contains("direction"));
+        let both = inject(&[("peer", s("Billing")), ("direction", s("both"))]).unwrap();
+        let back = Kwargs(both.to_kwargs().iter().map(|(k, v)| (k.clone(), Value::from_json(v))).collect());
+        assert_eq!(Inject::from_kwargs(back).unwrap(), both);
+    }
+
+    #[test]
     fn requests_survive_encoding_and_decoding() {
         let options = FaultOptions {
             id: Some("f-1".into()),
