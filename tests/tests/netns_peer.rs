@@ -273,3 +273,56 @@ fn the_agent_applies_a_peer_cidr_fault_refuses_bad_peers_without_changing_anythi
     assert_eq!(agent.ok("status", json!({}))["network"]["peer_rules"], 0, "peer rules left after expiry");
     affected.call("new").expect("the caller after the fault expired");
 }
+
+/// Ids of the programs behind the agent's cgroup BPF links (from `/proc/<pid>/fdinfo`).
+fn cgroup_link_programs(pid: i32) -> Vec<u32> {
+    let mut ids = Vec::new();
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return ids };
+    for entry in entries.flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else { continue };
+        let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()));
+        if field("link_type:").as_deref() == Some("cgroup")
+            && let Some(id) = field("prog_id:").and_then(|v| v.parse().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    ids
+}
+
+fn loaded(ids: &[u32]) -> Vec<u32> {
+    let live: Vec<u32> = aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect();
+    ids.iter().copied().filter(|id| live.contains(id)).collect()
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn the_socket_owner_programs_leave_the_cgroup_when_the_agent_stops_or_is_killed() {
+    use chaos_tests::agent::{AgentOptions, AgentProcess};
+    let ns = Netns::new("peercg");
+    for kill in [true, false] {
+        let mut agent = AgentProcess::start(Some(&ns), AgentOptions::default()).unwrap();
+        let ids = cgroup_link_programs(agent.pid());
+        assert_eq!(ids.len(), 2, "connect4 and connect6 should be attached through two cgroup links: {ids:?}");
+        assert_eq!(loaded(&ids), ids);
+        let names: Vec<String> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| ids.contains(&p.id()))
+            .filter_map(|p| p.name_as_str().map(str::to_owned))
+            .collect();
+        assert!(names.iter().all(|n| n.starts_with("chaos_connect")), "{names:?}");
+        if kill {
+            agent.kill9();
+        } else {
+            assert!(agent.stop(), "the agent did not stop on SIGTERM");
+        }
+        chaos_test_support::eventually(
+            "the programs of the agent's cgroup links are gone",
+            Duration::from_secs(5),
+            Duration::from_millis(100),
+            || loaded(&ids).is_empty(),
+        )
+        .unwrap_or_else(|e| panic!("{e} (kill -9: {kill}): still loaded {:?}", loaded(&ids)));
+    }
+}
