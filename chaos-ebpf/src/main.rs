@@ -250,7 +250,7 @@ fn record_sock_owner(ctx: &SockAddrContext) {
     // has none yet, so the classifier reads the same one later.
     let (cookie, tgid) =
         unsafe { (bpf_get_socket_cookie(ctx.sock_addr.cast()), (bpf_get_current_pid_tgid() >> 32) as u32) };
-    let _ = SOCK_OWNERS.insert(&cookie, &tgid, 0);
+    let _ = SOCK_OWNERS.insert(cookie, tgid, 0);
 }
 
 /// The live peer rule for the packet's receiver and sender, if any.
@@ -266,17 +266,17 @@ fn find_peer_rule(ctx: &TcContext, flow: &Flow, hook: u8) -> Option<Rule> {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
         // SAFETY: copied out right away.
         if cookie != 0
-            && let Some(tgid) = unsafe { SOCK_OWNERS.get(&cookie) }.copied()
+            && let Some(tgid) = unsafe { SOCK_OWNERS.get(cookie) }.copied()
         {
             let mut key = PeerProcKey { daddr: flow.daddr, port: flow.dport, proto: flow.proto, scope, tgid };
             // SAFETY: as above.
-            if let Some(rule) = live(unsafe { PEER_PROC_RULES.get(&key) }) {
+            if let Some(rule) = live(unsafe { PEER_PROC_RULES.get(key) }) {
                 return Some(rule);
             }
             if local {
                 key.daddr = ANY_LOCAL_ADDR;
                 // SAFETY: as above.
-                if let Some(rule) = live(unsafe { PEER_PROC_RULES.get(&key) }) {
+                if let Some(rule) = live(unsafe { PEER_PROC_RULES.get(key) }) {
                     return Some(rule);
                 }
             }
