@@ -308,3 +308,106 @@ fn instance_ip(inst: &crate::discovery::Instance) -> Option<IpAddr> {
     let (host, _) = rest.rsplit_once(':')?;
     host.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
 }
+
+#[cfg(test)]
+mod peer_tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        discovery::{Instance, Snapshot, ZkState, instance::Source},
+        faults::process::{Origin, ProcInfo},
+    };
+
+    fn instance(service: &str, id: &str, endpoint: &str, local: bool, pid: Option<i32>) -> Instance {
+        let port = endpoint.rsplit(':').next().and_then(|p| p.parse().ok());
+        let ip = endpoint.strip_prefix("tcp://").and_then(|e| e.rsplit_once(':')).map(|(h, _)| h.to_owned());
+        Instance {
+            service: service.into(),
+            id: id.into(),
+            identity: id.into(),
+            endpoint: endpoint.into(),
+            version: None,
+            hostname: None,
+            ip,
+            source: Source::Zookeeper,
+            local,
+            pid,
+            port,
+            listening: local,
+            process: None,
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        let mut services = BTreeMap::new();
+        services.insert(
+            "Billing".to_owned(),
+            vec![
+                instance("Billing", "b-here", "tcp://127.0.0.1:41001", true, Some(4001)),
+                instance("Billing", "b-there", "tcp://10.9.0.7:41002", false, None),
+            ],
+        );
+        services
+            .insert("Payments".to_owned(), vec![instance("Payments", "p", "tcp://127.0.0.1:42000", true, Some(4200))]);
+        Snapshot { services, zookeeper: ZkState::Disabled, generation: 1 }
+    }
+
+    fn callee() -> Vec<Candidate> {
+        let process = ProcInfo {
+            pid: 4200,
+            ppid: 1,
+            comm: "lymph".into(),
+            cmdline: "lymph-instance".into(),
+            start_time: 1,
+            kthread: false,
+            state: 'S',
+        };
+        vec![Candidate { process: Some(process), ports: vec![42000], instance: None, origin: Origin::LymphInstance }]
+    }
+
+    fn pairs(direction: Direction) -> Vec<PeerMatch> {
+        let ports: BTreeSet<u16> = [42000].into();
+        let peer = Peer::Service("Billing".into());
+        peer_matches(&snapshot(), &peer, &callee(), &ports, Some(Protocol::Tcp), direction).unwrap().0
+    }
+
+    #[test]
+    fn to_means_the_peers_requests_by_process_here_and_by_address_elsewhere() {
+        let got = pairs(Direction::To);
+        let expected = [PeerSender::Process(4001), PeerSender::Prefix { addr: "10.9.0.7".parse().unwrap(), len: 32 }];
+        assert_eq!(got.len(), 2, "{got:?}");
+        for sender in expected {
+            assert!(
+                got.iter().any(|m| m.sender == sender && m.port == 42000 && m.addr.is_none()),
+                "{sender:?}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn from_means_the_targets_replies_to_each_peer_endpoint_and_both_is_the_union() {
+        let from = pairs(Direction::From);
+        let endpoints: BTreeSet<(Option<IpAddr>, u16)> = from.iter().map(|m| (m.addr, m.port)).collect();
+        assert!(from.iter().all(|m| m.sender == PeerSender::Process(4200)), "{from:?}");
+        assert_eq!(
+            endpoints,
+            [(Some("127.0.0.1".parse().unwrap()), 41001), (Some("10.9.0.7".parse().unwrap()), 41002)].into()
+        );
+        let both = pairs(Direction::Both);
+        let mut union = pairs(Direction::To);
+        union.extend(from);
+        union.sort();
+        assert_eq!(both, union);
+    }
+
+    #[test]
+    fn unknown_peers_and_address_peers_with_from_are_refused() {
+        let ports: BTreeSet<u16> = [42000].into();
+        let unknown = peer_matches(&snapshot(), &Peer::Service("Nope".into()), &callee(), &ports, None, Direction::To);
+        assert!(matches!(unknown, Err(FaultError::UnknownService { .. })));
+        let cidr = Peer::Cidr { addr: "10.0.0.0".parse().unwrap(), len: 8 };
+        let from = peer_matches(&snapshot(), &cidr, &callee(), &ports, None, Direction::From);
+        assert!(matches!(from, Err(FaultError::Invalid(ref why)) if why.contains("direction")), "{from:?}");
+    }
+}
