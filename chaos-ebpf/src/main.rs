@@ -14,8 +14,9 @@
 //!   (ours or the operator's) still runs.
 //! - `chaos_steer` (clsact, classic mode with an `act_mirred` redirect to the agent's IFB): matches marked packets.
 //! - `chaos_ifb` (on the IFB's root HTB, direct action): turns the mark into the HTB class and clears it.
-//! - `chaos_connect4` / `chaos_connect6` (cgroup/connect4, cgroup/connect6 on the cgroup v2 root): record which
-//!   process connected each socket, for peer rules whose sender is a local process (see `chaos_common::peer`).
+//! - `chaos_connect4` / `chaos_connect6` / `chaos_sendmsg4` / `chaos_sendmsg6` (cgroup/connect4, connect6,
+//!   sendmsg4, sendmsg6 on the cgroup v2 root): record which process connected each socket (or sent an
+//!   unconnected UDP datagram on it), for peer rules whose sender is a local process (see `chaos_common::peer`).
 //!
 //! Peer rules (faults between two parties only) are looked up before the port rules, in `find_peer_rule` and
 //! the maps of `chaos_common::peer`; everything about them is kept in the "Peer-scoped rules" section below.
@@ -240,6 +241,20 @@ pub fn chaos_connect4(ctx: SockAddrContext) -> i32 {
 /// As `chaos_connect4`, for IPv6 sockets.
 #[cgroup_sock_addr(connect6)]
 pub fn chaos_connect6(ctx: SockAddrContext) -> i32 {
+    record_sock_owner(&ctx);
+    1
+}
+
+/// As `chaos_connect4`, for UDP datagrams sent without `connect` (`sendto`/`sendmsg` on IPv4 sockets).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn chaos_sendmsg4(ctx: SockAddrContext) -> i32 {
+    record_sock_owner(&ctx);
+    1
+}
+
+/// As `chaos_sendmsg4`, for IPv6 sockets.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn chaos_sendmsg6(ctx: SockAddrContext) -> i32 {
     record_sock_owner(&ctx);
     1
 }

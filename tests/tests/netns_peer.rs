@@ -304,14 +304,14 @@ fn the_socket_owner_programs_leave_the_cgroup_when_the_agent_stops_or_is_killed(
     for kill in [true, false] {
         let mut agent = AgentProcess::start(Some(&ns), AgentOptions::default()).unwrap();
         let ids = cgroup_link_programs(agent.pid());
-        assert_eq!(ids.len(), 2, "connect4 and connect6 should be attached through two cgroup links: {ids:?}");
+        assert_eq!(ids.len(), 4, "connect4/6 and sendmsg4/6 should be attached through four cgroup links: {ids:?}");
         assert_eq!(loaded(&ids), ids);
         let names: Vec<String> = aya::programs::loaded_programs()
             .filter_map(Result::ok)
             .filter(|p| ids.contains(&p.id()))
             .filter_map(|p| p.name_as_str().map(str::to_owned))
             .collect();
-        assert!(names.iter().all(|n| n.starts_with("chaos_connect")), "{names:?}");
+        assert!(names.iter().all(|n| n.starts_with("chaos_connect") || n.starts_with("chaos_sendmsg")), "{names:?}");
         if kill {
             agent.kill9();
         } else {
@@ -325,4 +325,74 @@ fn the_socket_owner_programs_leave_the_cgroup_when_the_agent_stops_or_is_killed(
         )
         .unwrap_or_else(|e| panic!("{e} (kill -9: {kill}): still loaded {:?}", loaded(&ids)));
     }
+}
+
+const UDP_CALLER: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1.0)
+print('ready', flush=True)
+for line in sys.stdin:
+    try:
+        s.sendto(b'ping', (host, port))
+        s.recvfrom(16)
+        print('ok', flush=True)
+    except Exception as e:
+        print('err', repr(e), flush=True)
+"#;
+
+impl Caller {
+    /// A caller that sends unconnected UDP datagrams (`sendto`) and waits for the echo.
+    fn start_udp(ns: &Netns, target: SocketAddr) -> Caller {
+        let mut cmd = ns.command("/usr/bin/python3");
+        cmd.args(["-c", UDP_CALLER, &target.ip().to_string(), &target.port().to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().expect("python3");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut caller = Caller { child: ChildGuard::new(child), stdin, stdout };
+        assert_eq!(caller.line(), "ready");
+        caller
+    }
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn a_local_udp_sender_without_connect_is_cut_off_by_process_while_another_sender_works() {
+    let ns = Netns::new("peeru");
+    let tmp = tempfile::tempdir().unwrap();
+    let port = 7315u16;
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        ns.run(move || {
+            let sock = std::net::UdpSocket::bind(target).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                        let _ = sock.send_to(&buf[..n], from);
+                    }
+                }
+            })
+        })
+    };
+    ns.block_on(|| async {
+        let (engine, _) = NetworkEngine::start(net_config(tmp.path()), true).await.expect("engine");
+        let mut affected = Caller::start_udp(&ns, target);
+        let mut other = Caller::start_udp(&ns, target);
+        let peer = PeerMatch { sender: PeerSender::Process(affected.pid()), addr: None, port, protocol: Protocol::Udp };
+        let h = engine.apply_peer("peer-udp", &[peer], &blackhole(), Duration::from_secs(60)).await.unwrap();
+        let (a, o) = tokio::task::spawn_blocking(move || (affected.call("send"), other.call("send"))).await.unwrap();
+        assert!(a.is_err(), "the affected UDP sender got an answer");
+        o.expect("the other UDP sender must get its echo");
+        assert!(engine.counters(&h).await.drops > 0);
+        engine.cleanup().await.unwrap();
+    });
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
 }

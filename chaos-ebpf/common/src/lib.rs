@@ -185,11 +185,12 @@ pub struct Iface {
 /// [`scope::SIDE_DST`]) and by its *sender*, which is either
 /// - an address or prefix (remote senders): [`MAP_PEER_ADDR_RULES`], an LPM trie over [`PeerAddrKey`], or
 /// - a process (senders on this host, e.g. every service talking over 127.0.0.1): [`MAP_PEER_PROC_RULES`] over
-///   [`PeerProcKey`]. The sender's process is known from its socket: `chaos_connect4`/`chaos_connect6`
-///   (`cgroup/connect4`/`connect6`, attached to the cgroup v2 root through a BPF link (always multi-attach)
-///   that dies with the agent) record socket cookie → tgid in [`MAP_SOCK_OWNERS`] for every connection made on
-///   this host, and the classifier reads the packet's socket with `bpf_get_socket_cookie` (set on locally
-///   generated packets at egress hooks, `lo` included). Connections made before the programs were attached are
+///   [`PeerProcKey`]. The sender's process is known from its socket: `chaos_connect4`/`chaos_connect6` and
+///   `chaos_sendmsg4`/`chaos_sendmsg6` (`cgroup/connect4`/`connect6`/`sendmsg4`/`sendmsg6`, attached to the
+///   cgroup v2 root through BPF links, always multi-attach, that die with the agent) record socket cookie → tgid
+///   in [`MAP_SOCK_OWNERS`] for every connection made (and every unconnected UDP datagram sent) on this host, and
+///   the classifier reads the packet's socket with `bpf_get_socket_cookie` (set on locally generated packets at
+///   egress hooks, `lo` included). TCP connections made before the programs were attached are
 ///   entered by the agent from `sock_diag` (socket cookies) and `/proc/<pid>/fd`.
 ///
 /// The classifier looks peer rules up before the port rules of [`MAP_RULES`], first with the exact receiver
@@ -206,6 +207,12 @@ pub mod peer {
     pub const PROG_CONNECT4: &str = "chaos_connect4";
     /// `cgroup/connect6` program, the same for IPv6 sockets (IPv4-mapped destinations included).
     pub const PROG_CONNECT6: &str = "chaos_connect6";
+    /// `cgroup/sendmsg4` program: the same for UDP datagrams sent without `connect`.
+    pub const PROG_SENDMSG4: &str = "chaos_sendmsg4";
+    /// `cgroup/sendmsg6` program: the same for IPv6 sockets.
+    pub const PROG_SENDMSG6: &str = "chaos_sendmsg6";
+    /// Every socket-owner program, in the order the agent attaches them.
+    pub const SOCK_OWNER_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
     /// Capacity of [`MAP_PEER_ADDR_RULES`]: one entry per receiver × sender prefix × protocol × hook (≈ 1.6 MiB).
     pub const MAX_PEER_ADDR_RULES: u32 = 16_384;
     /// Capacity of [`MAP_PEER_PROC_RULES`]: one entry per receiver × sender process × protocol × hook.

@@ -22,7 +22,7 @@ use aya::{
 use chaos_common::{
     Counters, Iface, MAP_COUNTERS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_RULES, PROG_EGRESS, PROG_IFB, PROG_INGRESS,
     PROG_STEER, PeerAddrKey, PeerProcKey, Rule, RuleKey,
-    peer::{MAP_PEER_ADDR_RULES, MAP_PEER_PROC_RULES, MAP_SOCK_OWNERS, PROG_CONNECT4, PROG_CONNECT6},
+    peer::{MAP_PEER_ADDR_RULES, MAP_PEER_PROC_RULES, MAP_SOCK_OWNERS, SOCK_OWNER_PROGRAMS},
 };
 
 /// The classifier object built by `cargo xtask build-ebpf` (empty when it was not built).
@@ -109,8 +109,9 @@ struct PeerMaps {
     addr_rules: LpmTrie<MapData, PeerAddrKey, Rule>,
     proc_rules: BpfHashMap<MapData, PeerProcKey, Rule>,
     sock_owners: BpfHashMap<MapData, u64, u32>,
-    /// The cgroup v2 root `chaos_connect4`/`chaos_connect6` are attached to (BPF links owned by this process: the
-    /// kernel detaches them when the classifier is dropped or the agent dies), or why they are not.
+    /// The cgroup v2 root the socket-owner programs (`chaos_connect4/6`, `chaos_sendmsg4/6`) are attached to (BPF
+    /// links owned by this process: the kernel detaches them when the classifier is dropped or the agent dies), or
+    /// why they are not.
     tracking: Result<PathBuf, String>,
 }
 
@@ -266,8 +267,8 @@ impl Classifier {
         self.peer.as_ref().map_or(0, |p| p.addr_rules.keys().count() + p.proc_rules.keys().count())
     }
 
-    /// Records that the socket with `cookie` belongs to `tgid` (connections made before `chaos_connect4/6` were
-    /// attached; later ones the programs record themselves).
+    /// Records that the socket with `cookie` belongs to `tgid` (connections made before the socket-owner programs
+    /// were attached; later ones the programs record themselves).
     ///
     /// # Errors
     /// When the kernel refuses the update.
@@ -533,10 +534,11 @@ fn load_peer(
     Ok(Some(PeerMaps { addr_rules, proc_rules, sock_owners, tracking }))
 }
 
-/// Loads `chaos_connect4`/`chaos_connect6` and attaches them to the cgroup v2 root (found in `/proc/mounts`, or
-/// a cgroup2 mount of our own that is detached again right after: the attachment lives on the cgroup, not the
-/// mount). Links on a cgroup are always multi-attach, which leaves other programs there alone; the attachments are BPF links owned by this
-/// process, never pinned, so nothing of them outlives the agent.
+/// Loads `chaos_connect4`/`chaos_connect6`/`chaos_sendmsg4`/`chaos_sendmsg6` and attaches them to the cgroup v2
+/// root (found in `/proc/mounts`, or a cgroup2 mount of our own that is detached again right after: the
+/// attachment lives on the cgroup, not the mount). Links on a cgroup are always multi-attach, which leaves other
+/// programs there alone; the attachments are BPF links owned by this process, never pinned, so nothing of them
+/// outlives the agent.
 fn attach_sock_tracking(ebpf: &mut Ebpf) -> Result<PathBuf, String> {
     let (root, own_mount) = match cgroup2_mount() {
         Some(path) => (path, false),
@@ -550,7 +552,7 @@ fn attach_sock_tracking(ebpf: &mut Ebpf) -> Result<PathBuf, String> {
     };
     let result = (|| {
         let cgroup = std::fs::File::open(&root).map_err(|e| format!("opening cgroup {}: {e}", root.display()))?;
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        for name in SOCK_OWNER_PROGRAMS {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or_else(|| format!("no program {name} in the object"))?

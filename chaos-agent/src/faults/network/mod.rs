@@ -39,10 +39,10 @@
 //! A [`PeerMatch`] narrows a fault to the packets one sender sends to one receiver (address, port): "Billing
 //! cannot reach Payments, everything else is fine". The sender is a prefix of addresses (remote callers, matched
 //! at the ingress of other interfaces and at `lo` egress) or a process of this host (matched by the socket the
-//! packet belongs to: the classifier reads `bpf_get_socket_cookie`, and `cgroup/connect4`/`connect6` programs on
-//! the cgroup v2 root record which process connected each socket, see `chaos_common::peer`). Connections made
-//! before those programs were attached are entered from `sock_diag` when the fault starts
-//! ([`NetworkEngine::apply_peer`]). Peer rules are looked up before port rules and never conflict with them.
+//! packet belongs to: the classifier reads `bpf_get_socket_cookie`, and `cgroup/connect4`/`connect6`/`sendmsg4`/
+//! `sendmsg6` programs on the cgroup v2 root record which process connected each socket, see
+//! `chaos_common::peer`). TCP connections made before those programs were attached are entered from `sock_diag`
+//! when the fault starts ([`NetworkEngine::apply_peer`]). Peer rules are looked up before port rules and never conflict with them.
 
 pub mod classifier;
 pub mod encode;
