@@ -80,6 +80,7 @@ impl Chaos {
             if let (Some(engine), Some(net)) = (self.manager.network(), map.get_mut("network")) {
                 net["interfaces"] = engine.attached().await.into();
                 net["rules"] = engine.rule_count().await.into();
+                net["peer_rules"] = engine.peer_rule_count().await.into();
             }
             map.insert("active_faults".into(), self.manager.active_count().await.into());
             map.insert("unleashed".into(), serde_json::to_value(self.unleasher.state()).unwrap_or_default());

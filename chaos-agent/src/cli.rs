@@ -103,11 +103,14 @@ pub enum Command {
     /// Example: lymph-chaos inject loss Echo loss=30 --lifetime 20
     ///          lymph-chaos inject rate --port 8080 rate=1mbit
     ///          lymph-chaos inject cpu --pid 4242 workers=1 in_target_cgroup=true
+    ///          lymph-chaos inject blackhole Payments --peer Billing direction=both
     Inject {
         /// latency, loss, duplicate, corrupt, reorder, rate, blackhole, cpu, memory, disk, kill, terminate, pause.
         kind: String,
         #[command(flatten)]
         target: TargetArgs,
+        #[command(flatten)]
+        peer: PeerArgs,
         /// Parameters as key=value (numbers and true/false are typed).
         #[arg(value_name = "KEY=VALUE")]
         params: Vec<String>,
@@ -387,6 +390,21 @@ impl TargetFlags {
     }
 }
 
+/// The other party of a network fault: only the traffic between the target and it is affected.
+#[derive(ClapArgs, Clone, Debug, Default)]
+pub struct PeerArgs {
+    /// Only traffic between the target and this lymph service (direction=to: its requests to the target;
+    /// from: the target's replies to it; both).
+    #[arg(long, value_name = "SERVICE")]
+    pub peer: Option<String>,
+    /// Only traffic from this host name or address to the target.
+    #[arg(long, value_name = "HOST")]
+    pub peer_host: Option<String>,
+    /// Only traffic from this network (address/length) to the target.
+    #[arg(long, value_name = "CIDR")]
+    pub peer_cidr: Option<String>,
+}
+
 /// A target is required: a usage error without one.
 fn required(target: Option<Target>) -> Result<Target, String> {
     target.ok_or_else(|| "give a target: SERVICE, --instance, --pid, --port or --process".to_owned())
@@ -478,7 +496,7 @@ pub fn request_for(command: &Command) -> Result<Request, String> {
             };
             request::InjectLatency { target, params, options: common.options()? }.into()
         }
-        Command::Inject { kind, target, params, common } => {
+        Command::Inject { kind, target, peer, params, common } => {
             // `inject loss --port 80 loss=30`: the first key=value lands in the SERVICE slot.
             let mut params = params.clone();
             let mut target_name = target.name.clone();
@@ -494,6 +512,11 @@ pub fn request_for(command: &Command) -> Result<Request, String> {
                     .filter(|j| !j.is_string())
                     .unwrap_or_else(|| Json::String(v.to_owned()));
                 map.insert(k.to_owned(), value);
+            }
+            for (key, value) in [("peer", &peer.peer), ("peer_host", &peer.peer_host), ("peer_cidr", &peer.peer_cidr)] {
+                if let Some(v) = value {
+                    map.insert(key.to_owned(), Json::String(v.clone()));
+                }
             }
             // Resource faults without a target act on the host; the others say they need one.
             let target = target.target()?.unwrap_or(Target::AllServices);
@@ -795,6 +818,14 @@ mod tests {
         );
         let cli = Cli::try_parse_from(["lymph-chaos", "inject", "loss", "Echo", "nonsense"]).unwrap();
         assert!(request_for(&cli.command).is_err());
+        let cli = Cli::try_parse_from(["lymph-chaos", "inject", "blackhole", "Payments", "--peer", "Billing"]).unwrap();
+        let Request::Inject(inject) = request_for(&cli.command).unwrap() else { panic!("not inject") };
+        let Fault::Network { params, .. } = &inject.fault else { panic!("not a network fault") };
+        assert_eq!(params.peer, Some(chaos_api::fault::Peer::Service("Billing".into())));
+        let cli = Cli::try_parse_from(["lymph-chaos", "inject", "blackhole", "Payments", "--peer-cidr", "10.0.0.0/33"])
+            .unwrap();
+        let err = request_for(&cli.command).unwrap_err();
+        assert!(err.contains("prefix length"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,9 @@ pub const PID_NAME: &str = "agent.pid";
 pub const NET_STATE_FILE: &str = "/run/lymph-chaos/network.json";
 /// Where our BPF maps are pinned (bpffs).
 pub const BPF_PIN_DIR: &str = "/sys/fs/bpf/lymph-chaos";
+/// Where the agent mounts cgroup v2 for a moment when none is mounted (to attach its socket-owner programs to the
+/// root cgroup; unmounted right after).
+pub const CGROUP2_MOUNT: &str = "/run/lymph-chaos/cgroup2";
 /// Event log (JSON lines, rotated).
 pub const EVENTS_FILE: &str = "/var/log/lymph-chaos/events.jsonl";
 /// Name prefix of disk-fill files (`<dir>/.lymph-chaos-fill-<fault id>`).

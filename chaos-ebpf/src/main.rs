@@ -14,19 +14,27 @@
 //!   (ours or the operator's) still runs.
 //! - `chaos_steer` (clsact, classic mode with an `act_mirred` redirect to the agent's IFB): matches marked packets.
 //! - `chaos_ifb` (on the IFB's root HTB, direct action): turns the mark into the HTB class and clears it.
+//! - `chaos_connect4` / `chaos_connect6` / `chaos_sendmsg4` / `chaos_sendmsg6` (cgroup/connect4, connect6,
+//!   sendmsg4, sendmsg6 on the cgroup v2 root): record which process connected each socket (or sent an
+//!   unconnected UDP datagram on it), for peer rules whose sender is a local process (see `chaos_common::peer`).
+//!
+//! Peer rules (faults between two parties only) are looked up before the port rules, in `find_peer_rule` and
+//! the maps of `chaos_common::peer`; everything about them is kept in the "Peer-scoped rules" section below.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-    macros::{classifier, map},
-    maps::{HashMap, PerCpuArray},
-    programs::TcContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::{cgroup_sock_addr, classifier, map},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key as LpmKey},
+    programs::{SockAddrContext, TcContext},
 };
 use chaos_common::{
-    ANY_LOCAL_ADDR, Counters, Iface, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULE_KEYS, MAX_RULES, Rule, RuleKey, action,
+    ANY_LOCAL_ADDR, Counters, Iface, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULE_KEYS, MAX_RULES, PeerAddrKey, PeerProcKey,
+    Rule, RuleKey, action,
+    peer::{ADDR_KEY_FIXED_BITS, MAX_PEER_ADDR_RULES, MAX_PEER_PROC_RULES, MAX_SOCK_OWNERS},
     proto,
     scope::{self, HOOK_EGRESS, HOOK_INGRESS, HOOK_LOCAL, HOOK_NONE},
     tc_index::{EGRESS_ORIGIN, JUDGED, JUDGED_IN, JUDGED_OUT, MINOR_MASK, RETURN as RETURN_MARK, SHAPE as SHAPE_MARK},
@@ -139,11 +147,12 @@ fn try_classify(ctx: &TcContext, at_ingress: bool) -> Option<i32> {
     let flow = parse(ctx, iface.l3_offset as usize)?;
     // Rules for packets *to* a port live at loopback and ingress hooks, rules for packets *from* a port at
     // loopback and egress hooks (see `PortMatch::keys` in the agent): look up only the sides this hook can have.
-    let rule = match hook {
+    // Peer rules (traffic between two parties) first: they are narrower than a port rule.
+    let rule = find_peer_rule(ctx, &flow, hook).or_else(|| match hook {
         HOOK_INGRESS => find_rule(&flow, hook, scope::SIDE_DST),
         HOOK_EGRESS => find_rule(&flow, hook, scope::SIDE_SRC),
         _ => find_rule(&flow, hook, scope::SIDE_DST).or_else(|| find_rule(&flow, hook, scope::SIDE_SRC)),
-    }?;
+    })?;
     // A live rule matched: the packet is judged in this direction, and the devices it crosses next on the same
     // way leave it alone. (A packet no rule matched is not marked: a device above may see a different packet in
     // the same skb — the inner packet of a tunnel after decapsulation — and must judge that one.)
@@ -207,6 +216,109 @@ fn find_rule(flow: &Flow, hook: u8, side: u8) -> Option<Rule> {
         Some(rule) if unsafe { bpf_ktime_get_ns() } < rule.expires_at_ns => Some(*rule),
         _ => None,
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Peer-scoped rules (see `chaos_common::peer`): the packet's receiver (destination address and port) and its
+// sender, by address (LPM trie) or by the process that connected the packet's socket.
+
+#[map(name = "CHAOS_PEER_ADDR")]
+static PEER_ADDR_RULES: LpmTrie<PeerAddrKey, Rule> = LpmTrie::with_max_entries(MAX_PEER_ADDR_RULES, 0);
+
+#[map(name = "CHAOS_PEER_PROC")]
+static PEER_PROC_RULES: HashMap<PeerProcKey, Rule> = HashMap::with_max_entries(MAX_PEER_PROC_RULES, 0);
+
+#[map(name = "CHAOS_SOCK_OWNERS")]
+static SOCK_OWNERS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_SOCK_OWNERS, 0);
+
+/// Records socket cookie → tgid of the connecting process; never refuses the connect.
+#[cgroup_sock_addr(connect4)]
+pub fn chaos_connect4(ctx: SockAddrContext) -> i32 {
+    record_sock_owner(&ctx);
+    1
+}
+
+/// As `chaos_connect4`, for IPv6 sockets.
+#[cgroup_sock_addr(connect6)]
+pub fn chaos_connect6(ctx: SockAddrContext) -> i32 {
+    record_sock_owner(&ctx);
+    1
+}
+
+/// As `chaos_connect4`, for UDP datagrams sent without `connect` (`sendto`/`sendmsg` on IPv4 sockets).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn chaos_sendmsg4(ctx: SockAddrContext) -> i32 {
+    record_sock_owner(&ctx);
+    1
+}
+
+/// As `chaos_sendmsg4`, for IPv6 sockets.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn chaos_sendmsg6(ctx: SockAddrContext) -> i32 {
+    record_sock_owner(&ctx);
+    1
+}
+
+#[inline(always)]
+fn record_sock_owner(ctx: &SockAddrContext) {
+    // SAFETY: the helpers take the program's own context; `bpf_get_socket_cookie` assigns the cookie if the socket
+    // has none yet, so the classifier reads the same one later.
+    let (cookie, tgid) =
+        unsafe { (bpf_get_socket_cookie(ctx.sock_addr.cast()), (bpf_get_current_pid_tgid() >> 32) as u32) };
+    let _ = SOCK_OWNERS.insert(cookie, tgid, 0);
+}
+
+/// The live peer rule for the packet's receiver and sender, if any.
+#[inline(always)]
+fn find_peer_rule(ctx: &TcContext, flow: &Flow, hook: u8) -> Option<Rule> {
+    let scope = scope::encode(hook, scope::SIDE_DST);
+    // The receiver may be this host ("any local address" keys) only when it is one of its addresses.
+    // SAFETY: only tested for presence.
+    let local = hook == HOOK_LOCAL || unsafe { LOCAL_ADDRS.get(flow.daddr) }.is_some();
+    // By sender process: only packets that carry a socket of this host (egress hooks).
+    if hook != HOOK_INGRESS {
+        // SAFETY: the skb is the program's context; a packet without a socket gives cookie 0.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+        // SAFETY: copied out right away.
+        if cookie != 0
+            && let Some(tgid) = unsafe { SOCK_OWNERS.get(cookie) }.copied()
+        {
+            let mut key = PeerProcKey { daddr: flow.daddr, port: flow.dport, proto: flow.proto, scope, tgid };
+            // SAFETY: as above.
+            if let Some(rule) = live(unsafe { PEER_PROC_RULES.get(key) }) {
+                return Some(rule);
+            }
+            if local {
+                key.daddr = ANY_LOCAL_ADDR;
+                // SAFETY: as above.
+                if let Some(rule) = live(unsafe { PEER_PROC_RULES.get(key) }) {
+                    return Some(rule);
+                }
+            }
+        }
+    }
+    // By sender address.
+    let full = ADDR_KEY_FIXED_BITS + 128;
+    let mut key = LpmKey::new(
+        full,
+        PeerAddrKey { proto: flow.proto, scope, port_be: flow.dport.to_be(), daddr: flow.daddr, saddr: flow.saddr },
+    );
+    if let Some(rule) = live(PEER_ADDR_RULES.get(&key)) {
+        return Some(rule);
+    }
+    if local {
+        key.data.daddr = ANY_LOCAL_ADDR;
+        return live(PEER_ADDR_RULES.get(&key));
+    }
+    None
+}
+
+/// A copy of the rule when it has not expired.
+#[inline(always)]
+fn live(rule: Option<&Rule>) -> Option<Rule> {
+    let rule = *rule?;
+    // SAFETY: helper without arguments.
+    (unsafe { bpf_ktime_get_ns() } < rule.expires_at_ns).then_some(rule)
 }
 
 /// IPv4 address as `::ffff:a.b.c.d`.

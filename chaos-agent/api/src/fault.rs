@@ -81,6 +81,65 @@ pub enum Direction {
     Both,
 }
 
+/// The other party of a peer fault: the fault then touches only the traffic between the target and it.
+///
+/// For a lymph peer, `direction` means what it means for calls (lymph sends requests and replies on separate
+/// connections, each from the sender's ROUTER to the receiver's bound endpoint): `to` = packets the peer sends to
+/// the target's port (its requests); `from` = packets the target sends to the peer's registered endpoints (the
+/// replies to the peer's calls, on the reverse connection); `both` = both, i.e. the peer's calls to the target
+/// fail in both legs. The same two connections also carry the target's own calls to the peer, so a blackhole in
+/// either direction breaks calls both ways; a one-way cut of lymph calls is not possible at the packet level.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Peer {
+    /// A lymph service: its registered instances, by address on other hosts and by process on this one (followed
+    /// as instances come and go).
+    Service(String),
+    /// A host name or address (every address it resolves to); callers only (`direction` `to`).
+    Host(String),
+    /// A network of callers (`direction` `to`).
+    Cidr {
+        /// The network.
+        addr: std::net::IpAddr,
+        /// Prefix length.
+        len: u8,
+    },
+}
+
+impl Peer {
+    /// Parses `addr/len` (a bare address is a single host).
+    ///
+    /// # Errors
+    /// A sentence saying what is wrong.
+    pub fn parse_cidr(text: &str) -> Result<Peer, String> {
+        let (addr, len) = match text.trim().split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (text.trim(), None),
+        };
+        let addr: std::net::IpAddr =
+            addr.parse().map_err(|_| format!("`{text}` is not a network: give address/length, e.g. 10.1.0.0/16"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("`{text}`: the prefix length must be 0-{max}"))?,
+        };
+        Ok(Peer::Cidr { addr, len })
+    }
+
+    /// How the peer is written in a request: (parameter, value).
+    pub fn to_param(&self) -> (&'static str, String) {
+        match self {
+            Peer::Service(name) => ("peer", name.clone()),
+            Peer::Host(host) => ("peer_host", host.clone()),
+            Peer::Cidr { addr, len } => ("peer_cidr", format!("{addr}/{len}")),
+        }
+    }
+}
+
 /// Transport protocol(s).
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -327,6 +386,9 @@ pub struct NetworkParams {
     pub direction: Direction,
     /// TCP, UDP or both; `None` = what the target listens on.
     pub protocol: Option<Protocol>,
+    /// Only the traffic between the target and this peer (see [`Peer`] for what `direction` then means).
+    #[serde(default)]
+    pub peer: Option<Peer>,
 }
 
 /// A fault with its typed parameters.

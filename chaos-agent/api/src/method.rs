@@ -21,6 +21,9 @@ pub(crate) const NETWORK: &[&str] = &[
     "rate",
     "direction",
     "protocol",
+    "peer",
+    "peer_host",
+    "peer_cidr",
 ];
 /// Parameters of resource faults.
 pub(crate) const RESOURCE: &[&str] = &[
@@ -169,7 +172,8 @@ impl Method {
             Method::Inject => {
                 "Inject a fault of `kind`: latency, loss, duplicate, corrupt, reorder, rate, blackhole (network, on the \
                  target's ports: latency/delay/jitter in seconds, percentages 0-100, rate like \"1mbit\" or bytes/s, \
-                 direction to|from|both, protocol tcp|udp|both, default: what the port listens on), observe (count packets only), cpu (workers|percent_cores, load), memory \
+                 direction to|from|both, protocol tcp|udp|both, default: what the port listens on; peer=<service>, \
+                 peer_host or peer_cidr: only the traffic between the target and that caller), observe (count packets only), cpu (workers|percent_cores, load), memory \
                  (mib|percent_available), disk (path, mib|percent_free, floor_percent), kill, terminate, pause. Target \
                  with name (lymph service), instance, pid, port or process (text or /regex/); lifetime in seconds."
             }
@@ -263,7 +267,22 @@ pub(crate) const PARAM_DOCS: &[ParamDoc] = &[
     p("reorder", "percent", Some("0"), "packets sent out of order (needs a delay)"),
     p("reorder_correlation", "percent", Some("0"), "correlation of reordering"),
     p("rate", "rate", None, "bandwidth limit: bytes/s, or text with tc units (1mbit, 512kbit, 1mbps)"),
-    p("direction", "to|from|both", Some("\"to\""), "packets to the port, from it, or both"),
+    p(
+        "direction",
+        "to|from|both",
+        Some("\"to\""),
+        "packets to the port, from it, or both; with a lymph peer: to = the peer's requests to the target, from = \
+         the target's replies to the peer's endpoints (the reverse connection), both = both legs of the peer's calls",
+    ),
+    p(
+        "peer",
+        "str",
+        None,
+        "network faults: only traffic between the target and this lymph service (its instances: by address on other \
+         hosts, by process on this one; followed as they change)",
+    ),
+    p("peer_host", "str", None, "network faults: only traffic from this host name or address to the target"),
+    p("peer_cidr", "str", None, "network faults: only traffic from this network (address/length) to the target"),
     p("protocol", "tcp|udp|both", None, "transport protocol(s) (default: what the port listens on, else tcp)"),
     p("workers", "int", None, "CPU: busy workers (default 1)"),
     p("percent_cores", "float", None, "CPU: workers as a percentage of the machine's cores"),

@@ -13,7 +13,7 @@ use serde_json::{Map, Value as Json};
 
 use crate::{
     error::RpcError,
-    fault::{CpuSpec, DiskSpec, Fault, FaultKind, MemorySpec, NetworkParams, Selection, Target},
+    fault::{CpuSpec, DiskSpec, Fault, FaultKind, MemorySpec, NetworkParams, Peer, Selection, Target},
     kwargs::Kwargs,
     method::{COMMON, Method, NETWORK, TARGETING},
     units,
@@ -390,7 +390,42 @@ impl Args {
         }
         params.direction = self.opt("direction")?.unwrap_or_default();
         params.protocol = self.opt("protocol")?;
+        params.peer = self.peer()?;
         Ok(params)
+    }
+
+    /// `peer`, `peer_host` or `peer_cidr` (at most one).
+    fn peer(&self) -> Result<Option<Peer>, RpcError> {
+        if !self.allowed.contains(&"peer") {
+            return Ok(None);
+        }
+        let given: Vec<(&str, String)> = ["peer", "peer_host", "peer_cidr"]
+            .into_iter()
+            .filter_map(|k| self.opt::<String>(k).transpose().map(|v| v.map(|v| (k, v))))
+            .collect::<Result<_, _>>()?;
+        let [(key, value)] = given.as_slice() else {
+            if given.is_empty() {
+                return Ok(None);
+            }
+            return Err(RpcError::bad_arguments(format!("{}(): give one of peer, peer_host, peer_cidr", self.method)));
+        };
+        if value.trim().is_empty() {
+            return Err(RpcError::bad_value(format!("{}(): `{key}` is empty", self.method)));
+        }
+        let peer = match *key {
+            "peer" => Peer::Service(value.clone()),
+            "peer_host" => Peer::Host(value.clone()),
+            _ => Peer::parse_cidr(value)
+                .map_err(|why| RpcError::bad_value(format!("{}(): peer_cidr {why}", self.method)))?,
+        };
+        if !matches!(peer, Peer::Service(_)) && params_direction(self)? != crate::fault::Direction::To {
+            return Err(RpcError::bad_value(format!(
+                "{}(): {key} matches callers by address, so only direction \"to\" applies; give peer=<service> for \
+                 the reverse connection of lymph replies",
+                self.method
+            )));
+        }
+        Ok(Some(peer))
     }
 
     fn signal(&self) -> Result<i32, RpcError> {
@@ -495,6 +530,10 @@ impl Args {
     }
 }
 
+fn params_direction(args: &Args) -> Result<crate::fault::Direction, RpcError> {
+    Ok(args.opt("direction")?.unwrap_or_default())
+}
+
 /// A rate: bytes/s as a number, or text with tc's units (see [`units::parse_rate`]).
 fn rate_value(v: &Value) -> Option<u64> {
     if let Some(n) = v.to_json().as_f64() {
@@ -576,6 +615,10 @@ fn put_network(map: &mut Map<String, Json>, params: &NetworkParams, required: &[
     }
     if let Some(p) = params.protocol {
         put("protocol", serde_json::to_value(p).unwrap_or_default(), true);
+    }
+    if let Some(peer) = &params.peer {
+        let (key, value) = peer.to_param();
+        put(key, value.into(), true);
     }
 }
 
@@ -1041,6 +1084,37 @@ mod tests {
             req.fault,
             Fault::Memory(MemorySpec { mib: Some(64), percent_available: None, in_target_cgroup: false })
         );
+    }
+
+    #[test]
+    fn peers_decode_one_at_a_time_and_bad_ones_are_value_errors() {
+        let inject = |extra: &[(&str, Value)]| {
+            let mut args = vec![("kind", s("blackhole")), ("name", s("Payments"))];
+            args.extend(extra.iter().cloned());
+            Inject::from_kwargs(kwargs(&args))
+        };
+        let peer_of = |req: Inject| match req.fault {
+            Fault::Network { params, .. } => params.peer,
+            _ => panic!("not a network fault"),
+        };
+        assert_eq!(peer_of(inject(&[("peer", s("Billing"))]).unwrap()), Some(Peer::Service("Billing".into())));
+        assert_eq!(
+            peer_of(inject(&[("peer_cidr", s("10.1.0.0/16"))]).unwrap()),
+            Some(Peer::Cidr { addr: "10.1.0.0".parse().unwrap(), len: 16 })
+        );
+        assert_eq!(
+            peer_of(inject(&[("peer_cidr", s("fd00::1"))]).unwrap()),
+            Some(Peer::Cidr { addr: "fd00::1".parse().unwrap(), len: 128 })
+        );
+        let err = |extra: &[(&str, Value)]| inject(extra).unwrap_err().to_string();
+        assert!(err(&[("peer_cidr", s("10.1.0.0/33"))]).contains("prefix length must be 0-32"));
+        assert!(err(&[("peer_cidr", s("ten/8"))]).contains("not a network"));
+        assert!(err(&[("peer", s("A")), ("peer_host", s("b"))]).contains("one of peer"));
+        assert!(err(&[("peer", s(" "))]).contains("empty"));
+        assert!(err(&[("peer_host", s("b")), ("direction", s("from"))]).contains("direction"));
+        let both = inject(&[("peer", s("Billing")), ("direction", s("both"))]).unwrap();
+        let back = Kwargs(both.to_kwargs().iter().map(|(k, v)| (k.clone(), Value::from_json(v))).collect());
+        assert_eq!(Inject::from_kwargs(back).unwrap(), both);
     }
 
     #[test]

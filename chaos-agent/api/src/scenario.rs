@@ -193,6 +193,30 @@ impl Scenario {
         self.push("inject", service, Json::Object(map), lasting)
     }
 
+    /// Queues a network partition between services `a` and `b`: a peer fault of `kind` (`blackhole`, `loss` with
+    /// `params.loss`, …) on the packets `a` sends to `b` and, unless `one_way`, on those `b` sends to `a`
+    /// (`inject(b, kind, peer=a)` and `inject(a, kind, peer=b)`, direction `to`). Everything else the two services
+    /// send or receive is untouched.
+    ///
+    /// lymph replies travel on the connection the replying side opens to the caller's endpoint, so `a`'s packets to
+    /// `b` carry `a`'s requests to `b` and its replies to `b`'s calls: a one-way blackhole from `a` to `b` makes
+    /// calls fail in both directions (`b`'s requests arrive, `a`'s replies do not).
+    pub fn partition(&mut self, a: &str, b: &str, kind: &str, one_way: bool, params: Json) -> &mut Self {
+        let mut map = params.as_object().cloned().unwrap_or_default();
+        map.remove("id");
+        map.insert("direction".into(), "to".into());
+        let with_peer = |peer: &str| {
+            let mut m = map.clone();
+            m.insert("peer".into(), peer.into());
+            Json::Object(m)
+        };
+        self.inject(b, kind, with_peer(a));
+        if !one_way {
+            self.inject(a, kind, with_peer(b));
+        }
+        self
+    }
+
     /// Queues a pause of `service` for `lifetime`.
     pub fn pause(&mut self, service: &str, lifetime: Duration) -> &mut Self {
         self.push("pause", service, json!({"lifetime": lifetime.as_secs_f64()}), true)
@@ -491,6 +515,24 @@ mod tests {
 
     fn params(v: Json) -> Map<String, Json> {
         v.as_object().cloned().unwrap()
+    }
+
+    #[tokio::test]
+    async fn partitions_queue_a_peer_fault_on_each_side_or_one() {
+        let mut sn = Scenario::from_agents(&["tcp://127.0.0.1:9"]).unwrap();
+        sn.partition("Billing", "Payments", "blackhole", false, json!({"id": "ignored"}));
+        sn.partition("Billing", "Payments", "loss", true, json!({"loss": 30}));
+        let got: Vec<(&str, Json)> =
+            sn.actions.iter().map(|a| (a.service.as_str(), Json::Object(a.params.clone()))).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("Payments", json!({"kind": "blackhole", "direction": "to", "peer": "Billing"})),
+                ("Billing", json!({"kind": "blackhole", "direction": "to", "peer": "Payments"})),
+                ("Payments", json!({"kind": "loss", "loss": 30, "direction": "to", "peer": "Billing"})),
+            ]
+        );
+        assert!(sn.actions.iter().all(|a| a.lasting && a.method == "inject"));
     }
 
     #[test]

@@ -258,6 +258,21 @@ def test_queued_actions_get_deterministic_ids() -> None:
     ]
 
 
+def test_partitions_queue_peer_faults_on_both_sides_or_one() -> None:
+    sn = object.__new__(lymph_chaos.Scenario)
+    sn.id = "p"
+    sn._lock = threading.RLock()
+    sn._actions = []
+    assert sn.partition("Billing", "Payments") == ["sn-p-1", "sn-p-2"]
+    assert sn.partition("Billing", "Payments", "loss", one_way=True, loss=30) == ["sn-p-3"]
+    got = [(a.name, a.params) for a in sn.actions]
+    assert got == [
+        ("Payments", {"kind": "blackhole", "direction": "to", "peer": "Billing"}),
+        ("Billing", {"kind": "blackhole", "direction": "to", "peer": "Payments"}),
+        ("Payments", {"loss": 30, "kind": "loss", "direction": "to", "peer": "Billing"}),
+    ]
+
+
 def test_a_round_sends_kills_only_after_the_lasting_faults_are_answered() -> None:
     """A kill sent with the round's other faults can end the instance before its agent resolved them."""
     sn = object.__new__(lymph_chaos.Scenario)

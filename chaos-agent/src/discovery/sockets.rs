@@ -124,6 +124,39 @@ struct NlRequest {
 }
 
 fn sock_diag_listeners() -> io::Result<Vec<Listener>> {
+    let mut out = Vec::new();
+    sock_diag_dump(1 << TCP_LISTEN, |payload, family| {
+        if let Some(l) = parse_diag_msg(payload, family) {
+            out.push(l);
+        }
+    })?;
+    Ok(out)
+}
+
+/// Socket inode → socket cookie (the kernel's `sock_gen_cookie`, what `bpf_get_socket_cookie` returns) of every
+/// TCP socket of this network namespace that is not listening (connections, in any state).
+///
+/// # Errors
+/// When `sock_diag` cannot be read.
+pub fn tcp_socket_cookies() -> io::Result<HashMap<u64, u64>> {
+    let mut out = HashMap::new();
+    sock_diag_dump(!(1 << TCP_LISTEN), |payload, _| {
+        // `struct inet_diag_msg`: the cookie (two u32, low word first) ends the 48-byte socket id at offset 4.
+        if payload.len() >= 72 {
+            let word = |at: usize| u64::from(u32::from_ne_bytes(payload[at..at + 4].try_into().expect("4 bytes")));
+            let cookie = word(44) | (word(48) << 32);
+            let inode = word(68);
+            if inode != 0 {
+                out.insert(inode, cookie);
+            }
+        }
+    })?;
+    Ok(out)
+}
+
+/// One `sock_diag` TCP dump per address family for the sockets in `states` (a bit per TCP state); `each` gets
+/// every `inet_diag_msg` and its family.
+fn sock_diag_dump(states: u32, mut each: impl FnMut(&[u8], u8)) -> io::Result<()> {
     // SAFETY: plain socket(2); the fd is owned immediately.
     let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
     if raw < 0 {
@@ -131,7 +164,6 @@ fn sock_diag_listeners() -> io::Result<Vec<Listener>> {
     }
     // SAFETY: fresh fd we own.
     let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut out = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         let request = NlRequest {
             header: libc::nlmsghdr {
@@ -141,12 +173,7 @@ fn sock_diag_listeners() -> io::Result<Vec<Listener>> {
                 nlmsg_seq: u32::from(family),
                 nlmsg_pid: 0,
             },
-            req: InetDiagReqV2 {
-                family,
-                protocol: libc::IPPROTO_TCP as u8,
-                states: 1 << TCP_LISTEN,
-                ..Default::default()
-            },
+            req: InetDiagReqV2 { family, protocol: libc::IPPROTO_TCP as u8, states, ..Default::default() },
         };
         // SAFETY: sending the bytes of a #[repr(C)] struct we own.
         let sent =
@@ -154,12 +181,12 @@ fn sock_diag_listeners() -> io::Result<Vec<Listener>> {
         if sent < 0 {
             return Err(io::Error::last_os_error());
         }
-        read_dump(&sock, family, &mut out)?;
+        read_dump(&sock, family, &mut each)?;
     }
-    Ok(out)
+    Ok(())
 }
 
-fn read_dump(sock: &OwnedFd, family: u8, out: &mut Vec<Listener>) -> io::Result<()> {
+fn read_dump(sock: &OwnedFd, family: u8, each: &mut impl FnMut(&[u8], u8)) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // SAFETY: receiving into a buffer we own, with its real length.
@@ -177,11 +204,7 @@ fn read_dump(sock: &OwnedFd, family: u8, out: &mut Vec<Listener>) -> io::Result<
             match kind {
                 NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => return Err(io::Error::other("sock_diag dump refused")),
-                _ => {
-                    if let Some(l) = parse_diag_msg(&msgs[size_of::<libc::nlmsghdr>()..len], family) {
-                        out.push(l);
-                    }
-                }
+                _ => each(&msgs[size_of::<libc::nlmsghdr>()..len], family),
             }
             let aligned = (len + 3) & !3;
             msgs = &msgs[aligned.min(msgs.len())..];
@@ -270,6 +293,12 @@ pub fn owners_among(inodes: &HashSet<u64>, pids: &[i32]) -> HashMap<u64, i32> {
         scan_pid(pid, inodes, &mut found);
     }
     found
+}
+
+/// The socket inodes a process holds open (`/proc/<pid>/fd`).
+pub fn socket_inodes_of(pid: i32) -> Vec<u64> {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    entries.flatten().filter_map(|e| socket_inode(&fs::read_link(e.path()).ok()?)).collect()
 }
 
 fn scan_pid(pid: i32, wanted: &HashSet<u64>, found: &mut HashMap<u64, i32>) {

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use self::manager::{FaultError, FaultManager, Refusal};
 use self::network::{Direction, FaultCounters, Impairment, Protocol};
 
-pub use chaos_api::fault::{Selection, Target};
+pub use chaos_api::fault::{Peer, Selection, Target};
 
 /// What to do.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -49,6 +49,9 @@ pub enum FaultAction {
         direction: Direction,
         /// TCP, UDP or both; `None` = what the target listens on (TCP when nothing listens on its port yet).
         protocol: Option<Protocol>,
+        /// Only the traffic between the target and this peer.
+        #[serde(default)]
+        peer: Option<Peer>,
     },
     /// Burn CPU.
     Cpu(resource::CpuSpec),

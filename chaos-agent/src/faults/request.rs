@@ -54,6 +54,7 @@ fn network_action(label: &str, params: NetworkParams, blackhole: bool, observe: 
         impairment,
         direction: params.direction,
         protocol: params.protocol,
+        peer: params.peer,
     })
 }
 

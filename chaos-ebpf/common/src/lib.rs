@@ -179,6 +179,86 @@ pub struct Iface {
     pub _pad: [u8; 2],
 }
 
+/// Peer-scoped rules: faults on the traffic between two parties only ("Billing cannot reach Payments").
+///
+/// A peer rule matches a packet by its *receiver* (destination address and port, as [`RuleKey`] with
+/// [`scope::SIDE_DST`]) and by its *sender*, which is either
+/// - an address or prefix (remote senders): [`MAP_PEER_ADDR_RULES`], an LPM trie over [`PeerAddrKey`], or
+/// - a process (senders on this host, e.g. every service talking over 127.0.0.1): [`MAP_PEER_PROC_RULES`] over
+///   [`PeerProcKey`]. The sender's process is known from its socket: `chaos_connect4`/`chaos_connect6` and
+///   `chaos_sendmsg4`/`chaos_sendmsg6` (`cgroup/connect4`/`connect6`/`sendmsg4`/`sendmsg6`, attached to the
+///   cgroup v2 root through BPF links, always multi-attach, that die with the agent) record socket cookie → tgid
+///   in [`MAP_SOCK_OWNERS`] for every connection made (and every unconnected UDP datagram sent) on this host, and
+///   the classifier reads the packet's socket with `bpf_get_socket_cookie` (set on locally generated packets at
+///   egress hooks, `lo` included). TCP connections made before the programs were attached are
+///   entered by the agent from `sock_diag` (socket cookies) and `/proc/<pid>/fd`.
+///
+/// The classifier looks peer rules up before the port rules of [`MAP_RULES`], first with the exact receiver
+/// address, then with [`ANY_LOCAL_ADDR`] when the receiver is this host. A peer rule's value is a [`Rule`]
+/// (expiry, action, loss, counter slot) like any other.
+pub mod peer {
+    /// LPM trie [`super::PeerAddrKey`] → [`super::Rule`]: peer rules whose sender is an address or prefix.
+    pub const MAP_PEER_ADDR_RULES: &str = "CHAOS_PEER_ADDR";
+    /// Hash map [`super::PeerProcKey`] → [`super::Rule`]: peer rules whose sender is a process of this host.
+    pub const MAP_PEER_PROC_RULES: &str = "CHAOS_PEER_PROC";
+    /// LRU hash map socket cookie (u64) → tgid (u32) of the process that connected the socket.
+    pub const MAP_SOCK_OWNERS: &str = "CHAOS_SOCK_OWNERS";
+    /// `cgroup/connect4` program that fills [`MAP_SOCK_OWNERS`] (always allows the connect).
+    pub const PROG_CONNECT4: &str = "chaos_connect4";
+    /// `cgroup/connect6` program, the same for IPv6 sockets (IPv4-mapped destinations included).
+    pub const PROG_CONNECT6: &str = "chaos_connect6";
+    /// `cgroup/sendmsg4` program: the same for UDP datagrams sent without `connect`.
+    pub const PROG_SENDMSG4: &str = "chaos_sendmsg4";
+    /// `cgroup/sendmsg6` program: the same for IPv6 sockets.
+    pub const PROG_SENDMSG6: &str = "chaos_sendmsg6";
+    /// Every socket-owner program, in the order the agent attaches them.
+    pub const SOCK_OWNER_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
+    /// Capacity of [`MAP_PEER_ADDR_RULES`]: one entry per receiver × sender prefix × protocol × hook (≈ 1.6 MiB).
+    pub const MAX_PEER_ADDR_RULES: u32 = 16_384;
+    /// Capacity of [`MAP_PEER_PROC_RULES`]: one entry per receiver × sender process × protocol × hook.
+    pub const MAX_PEER_PROC_RULES: u32 = 65_536;
+    /// Capacity of [`MAP_SOCK_OWNERS`]; least recently used entries (closed connections, mostly) make room.
+    /// 262,144 × (8 + 4 bytes + LRU overhead) ≈ 20 MiB at most.
+    pub const MAX_SOCK_OWNERS: u32 = 262_144;
+    /// Bits of [`super::PeerAddrKey`] before the sender address (protocol, scope, port, receiver address): the
+    /// LPM prefix length of a rule is this plus the sender prefix (IPv4 /n is `96 + n` as `::ffff:a.b.c.d`).
+    pub const ADDR_KEY_FIXED_BITS: u32 = 32 + 128;
+}
+
+/// Data of a [`peer::MAP_PEER_ADDR_RULES`] key. The LPM trie key is `{ prefix_len: u32, data: PeerAddrKey }`
+/// (aya's `lpm_trie::Key`); `prefix_len` is [`peer::ADDR_KEY_FIXED_BITS`] + the sender prefix length, and lookups
+/// use all 288 bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerAddrKey {
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// [`scope::encode`]`(hook, `[`scope::SIDE_DST`]`)`.
+    pub scope: u8,
+    /// Receiver port, network byte order (as every field after `prefix_len`, compared byte by byte).
+    pub port_be: u16,
+    /// Receiver address (IPv4 as `::ffff:a.b.c.d`) or [`ANY_LOCAL_ADDR`].
+    pub daddr: [u8; 16],
+    /// Sender address (IPv4 as `::ffff:a.b.c.d`); bits past the prefix are zero.
+    pub saddr: [u8; 16],
+}
+
+/// Key of [`peer::MAP_PEER_PROC_RULES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerProcKey {
+    /// Receiver address (IPv4 as `::ffff:a.b.c.d`) or [`ANY_LOCAL_ADDR`].
+    pub daddr: [u8; 16],
+    /// Receiver port in host byte order.
+    pub port: u16,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// [`scope::encode`]`(hook, `[`scope::SIDE_DST`]`)`.
+    pub scope: u8,
+    /// The sending process (tgid, as `bpf_get_current_pid_tgid() >> 32` in the initial pid namespace).
+    pub tgid: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all four are `#[repr(C)]`, `Copy`, contain only integers and have no implicit padding.
@@ -186,6 +266,9 @@ mod user {
     unsafe impl aya::Pod for super::Rule {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::Iface {}
+    // SAFETY: as above (`#[repr(C)]`, integers only, no implicit padding).
+    unsafe impl aya::Pod for super::PeerAddrKey {}
+    unsafe impl aya::Pod for super::PeerProcKey {}
 }
 
 /// Bits of `skb->tc_index` (16 bits). The kernel leaves `tc_index` alone along the whole path of a packet
@@ -229,6 +312,9 @@ mod tests {
         assert_eq!(size_of::<Rule>(), 24);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<Iface>(), 8);
+        assert_eq!(size_of::<PeerAddrKey>(), 36);
+        assert_eq!(size_of::<PeerProcKey>(), 24);
+        assert_eq!(size_of::<PeerAddrKey>() as u32 * 8, peer::ADDR_KEY_FIXED_BITS + 128);
     }
 
     #[test]

@@ -384,6 +384,28 @@ class Scenario:
         """
         return self._queue("inject", name, dict(params, kind=kind))
 
+    def partition(self, a: str, b: str, kind: str = "blackhole", one_way: bool = False, **params: Any) -> List[str]:
+        """Queues a network partition between services ``a`` and ``b``; returns the fault ids.
+
+        Symmetric (default): every packet ``a`` sends to ``b``'s endpoint and every packet ``b`` sends to ``a``'s
+        (two peer faults, ``inject(b, kind, peer=a)`` and ``inject(a, kind, peer=b)``, direction ``to``); with
+        ``one_way=True`` only the packets from ``a`` to ``b``. Everything else both services send or receive is
+        untouched. ``kind`` is any network kind (``blackhole``, ``loss`` with ``loss=``, ``latency`` …).
+
+        lymph replies travel on the connection the replying side opens to the caller's endpoint, so ``a``'s
+        packets to ``b`` carry ``a``'s requests to ``b`` *and* its replies to ``b``'s calls: a one-way blackhole
+        from ``a`` to ``b`` makes calls fail in both directions (``b``'s requests arrive, ``a``'s replies do not).
+        """
+        if one_way and "direction" in params:
+            raise TypeError("partition(): direction is implied (packets from a to b)")
+        if "id" in params:
+            raise TypeError("partition(): queues two faults; ids are derived from the scenario's")
+        opts = dict(params, kind=kind, direction="to")
+        ids = [self._queue("inject", b, dict(opts, peer=a))]
+        if not one_way:
+            ids.append(self._queue("inject", a, dict(opts, peer=b)))
+        return ids
+
     def _queue(self, method: str, name: str, params: Dict[str, Any]) -> str:
         if not isinstance(name, str) or not name:
             raise TypeError(f"{method}(): the service name must be a non-empty string, got {name!r}")

@@ -17,7 +17,7 @@ impl FaultManager {
                 format!("send SIGTERM (SIGKILL after {:?}) to pid(s) {:?}", self.config.terminate_grace, report.pids)
             }
             FaultAction::Pause => format!("stop pid(s) {:?} for {secs:.1} s", report.pids),
-            FaultAction::Network { label, direction, .. } => {
+            FaultAction::Network { label, direction, peer, .. } => {
                 let ifaces = match self.network() {
                     Some(engine) => {
                         let a = engine.attached().await;
@@ -25,7 +25,14 @@ impl FaultManager {
                     }
                     None => "no interface (network faults disabled)".into(),
                 };
-                format!("{label} on port(s) {:?} (direction {direction:?}) on {ifaces} for {secs:.1} s", report.ports)
+                let between = peer
+                    .as_ref()
+                    .map(|p| format!(" only between them and {}", super::exec::describe_peer(p)))
+                    .unwrap_or_default();
+                format!(
+                    "{label} on port(s) {:?}{between} (direction {direction:?}) on {ifaces} for {secs:.1} s",
+                    report.ports
+                )
             }
             FaultAction::Cpu(c) => format!("burn CPU ({c:?}) for {secs:.1} s"),
             FaultAction::Memory(m) => format!("hold memory ({m:?}) for {secs:.1} s"),

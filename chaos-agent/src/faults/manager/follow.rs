@@ -1,4 +1,5 @@
-//! Following restarted services: a network fault aimed at a service moves to the new ports of its instances.
+//! Following restarted services: a network fault aimed at a service moves to the new ports of its instances, and
+//! a peer fault to the instances its peer service has now.
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
@@ -8,14 +9,15 @@ use tracing::warn;
 
 use super::{
     FaultManager,
-    exec::{Undo, port_matches},
+    exec::{Undo, describe_peer, peer_matches, port_matches},
     now_unix,
+    resolve::Candidate,
     table::Fault,
 };
 use crate::{
     discovery::Snapshot,
     events::{Action, Event},
-    faults::{FaultAction, Target},
+    faults::{FaultAction, Peer, Target},
 };
 
 impl FaultManager {
@@ -34,7 +36,8 @@ impl FaultManager {
     async fn follow_once(&self, snap: &Snapshot) {
         let mut table = self.table.lock().await;
         for fault in table.active.values_mut() {
-            if matches!(fault.spec.target, Target::Service { .. } | Target::AllServices)
+            let peer = matches!(&fault.spec.action, FaultAction::Network { peer: Some(_), .. });
+            if (peer || matches!(fault.spec.target, Target::Service { .. } | Target::AllServices))
                 && matches!(fault.undo, Undo::Network(_))
             {
                 self.move_fault(fault, snap).await;
@@ -45,8 +48,13 @@ impl FaultManager {
     /// Moves one network fault to the ports its target has now, if they changed.
     async fn move_fault(&self, fault: &mut Fault, snap: &Snapshot) {
         let Some(engine) = self.network() else { return };
-        let FaultAction::Network { impairment, direction, protocol, .. } = &fault.spec.action else { return };
+        let FaultAction::Network { impairment, direction, protocol, peer, .. } = &fault.spec.action else { return };
         let Ok(resolved) = self.resolver.resolve(&fault.spec.target, &fault.spec.action, snap) else { return };
+        if let Some(peer) = peer {
+            let peer = peer.clone();
+            self.move_peer_fault(fault, snap, &resolved.candidates, &peer).await;
+            return;
+        }
         let ports: BTreeSet<u16> = resolved.candidates.iter().flat_map(|c| c.ports.clone()).collect();
         let ports: Vec<u16> = ports.into_iter().collect();
         if ports.is_empty() || ports == fault.report.ports {
@@ -77,6 +85,54 @@ impl FaultManager {
             Err(err) => {
                 fault.undo = Undo::Nothing;
                 warn!(%err, fault = %fault.report.id, "following: could not re-apply");
+            }
+        }
+    }
+
+    /// Moves a peer fault to the instances its peer (and its target) have now: new instances of the peer service
+    /// (new pids, new addresses, new endpoints) are covered, departed ones dropped.
+    async fn move_peer_fault(&self, fault: &mut Fault, snap: &Snapshot, candidates: &[Candidate], peer: &Peer) {
+        let Some(engine) = self.network() else { return };
+        let FaultAction::Network { impairment, direction, protocol, .. } = &fault.spec.action else { return };
+        let Undo::Network(handle) = &fault.undo else { return };
+        let ports: BTreeSet<u16> = candidates.iter().flat_map(|c| c.ports.clone()).collect();
+        if ports.is_empty() {
+            return;
+        }
+        let Ok((matches, _)) = peer_matches(snap, peer, candidates, &ports, *protocol, *direction) else { return };
+        let mut keys = BTreeSet::new();
+        for m in &matches {
+            match m.keys() {
+                Ok(k) => keys.extend(k),
+                Err(_) => return,
+            }
+        }
+        let current: BTreeSet<_> = handle.peer_keys.iter().copied().collect();
+        if keys == current {
+            return;
+        }
+        let remaining = Duration::from_secs_f64((fault.report.expires - now_unix()).max(0.05));
+        if let Err(err) = engine.revert(handle).await {
+            warn!(%err, "following: could not remove old peer rules");
+        }
+        match engine.apply_peer(&fault.report.id, &matches, impairment, remaining).await {
+            Ok(new) => {
+                fault.report.ports = ports.iter().copied().collect();
+                fault.undo = Undo::Network(new);
+                self.events.record(Event {
+                    fault: Some(fault.report.id.clone()),
+                    kind: Some(fault.report.kind.clone()),
+                    ports: fault.report.ports.clone(),
+                    ..Event::new(Action::Followed).message(format!(
+                        "peer fault follows {}: {} sender/receiver pair(s)",
+                        describe_peer(peer),
+                        matches.len()
+                    ))
+                });
+            }
+            Err(err) => {
+                fault.undo = Undo::Nothing;
+                warn!(%err, fault = %fault.report.id, "following: could not re-apply the peer fault");
             }
         }
     }

@@ -13,12 +13,16 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{ProgramError, SchedClassifier},
+    maps::{
+        HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier},
 };
 use chaos_common::{
     Counters, Iface, MAP_COUNTERS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_RULES, PROG_EGRESS, PROG_IFB, PROG_INGRESS,
-    PROG_STEER, Rule, RuleKey,
+    PROG_STEER, PeerAddrKey, PeerProcKey, Rule, RuleKey,
+    peer::{MAP_PEER_ADDR_RULES, MAP_PEER_PROC_RULES, MAP_SOCK_OWNERS, SOCK_OWNER_PROGRAMS},
 };
 
 /// The classifier object built by `cargo xtask build-ebpf` (empty when it was not built).
@@ -96,6 +100,19 @@ pub struct Classifier {
     local_addrs: BpfHashMap<MapData, [u8; 16], u8>,
     slots: u32,
     pins: Vec<PathBuf>,
+    /// Peer-scoped rules (absent in builds of the classifier that predate them).
+    peer: Option<PeerMaps>,
+}
+
+/// The maps of peer-scoped rules and where the socket-owner programs are attached.
+struct PeerMaps {
+    addr_rules: LpmTrie<MapData, PeerAddrKey, Rule>,
+    proc_rules: BpfHashMap<MapData, PeerProcKey, Rule>,
+    sock_owners: BpfHashMap<MapData, u64, u32>,
+    /// The cgroup v2 root the socket-owner programs (`chaos_connect4/6`, `chaos_sendmsg4/6`) are attached to (BPF
+    /// links owned by this process: the kernel detaches them when the classifier is dropped or the agent dies), or
+    /// why they are not.
+    tracking: Result<PathBuf, String>,
 }
 
 /// File descriptors of the four programs, for tc filters.
@@ -175,7 +192,93 @@ impl Classifier {
             BpfHashMap::try_from(ifaces_map).map_err(|source| ClassifierError::Map { map: MAP_IFACES, source })?;
         let local_addrs =
             BpfHashMap::try_from(local_map).map_err(|source| ClassifierError::Map { map: MAP_LOCAL_ADDRS, source })?;
-        Ok(Classifier { ebpf, rules, counters, ifaces, local_addrs, slots, pins })
+        let peer = load_peer(&mut ebpf, pin_dir, &mut pins)?;
+        Ok(Classifier { ebpf, rules, counters, ifaces, local_addrs, slots, pins, peer })
+    }
+
+    /// Whether peer rules whose sender is a process of this host work: `Err` says why not.
+    pub fn sock_tracking(&self) -> Result<&Path, String> {
+        match &self.peer {
+            None => Err("this build of the classifier has no peer rules".into()),
+            Some(p) => p.tracking.as_deref().map_err(Clone::clone),
+        }
+    }
+
+    fn peer_maps(&mut self) -> Result<&mut PeerMaps, aya::maps::MapError> {
+        self.peer.as_mut().ok_or(aya::maps::MapError::InvalidName { name: MAP_PEER_ADDR_RULES.into() })
+    }
+
+    /// Inserts or replaces a peer rule whose sender is an address prefix (`prefix_len` counts the key's bits,
+    /// see `chaos_common::peer::ADDR_KEY_FIXED_BITS`).
+    ///
+    /// # Errors
+    /// When the map is full or the kernel refuses the update.
+    pub fn set_peer_addr_rule(
+        &mut self,
+        prefix_len: u32,
+        key: PeerAddrKey,
+        rule: Rule,
+    ) -> Result<(), aya::maps::MapError> {
+        self.peer_maps()?.addr_rules.insert(&LpmKey::new(prefix_len, key), rule, 0)
+    }
+
+    /// Removes a peer rule by sender prefix (absent is fine).
+    ///
+    /// # Errors
+    /// When the kernel refuses the delete for another reason than absence.
+    pub fn remove_peer_addr_rule(&mut self, prefix_len: u32, key: PeerAddrKey) -> Result<(), aya::maps::MapError> {
+        match self.peer_maps()?.addr_rules.remove(&LpmKey::new(prefix_len, key)) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// A peer rule by sender prefix.
+    pub fn peer_addr_rule(&self, prefix_len: u32, key: PeerAddrKey) -> Option<Rule> {
+        self.peer.as_ref()?.addr_rules.get(&LpmKey::new(prefix_len, key), 0).ok()
+    }
+
+    /// Inserts or replaces a peer rule whose sender is a process of this host.
+    ///
+    /// # Errors
+    /// When the map is full or the kernel refuses the update.
+    pub fn set_peer_proc_rule(&mut self, key: PeerProcKey, rule: Rule) -> Result<(), aya::maps::MapError> {
+        self.peer_maps()?.proc_rules.insert(key, rule, 0)
+    }
+
+    /// Removes a peer rule by sender process (absent is fine).
+    ///
+    /// # Errors
+    /// When the kernel refuses the delete for another reason than absence.
+    pub fn remove_peer_proc_rule(&mut self, key: &PeerProcKey) -> Result<(), aya::maps::MapError> {
+        match self.peer_maps()?.proc_rules.remove(key) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// A peer rule by sender process.
+    pub fn peer_proc_rule(&self, key: &PeerProcKey) -> Option<Rule> {
+        self.peer.as_ref()?.proc_rules.get(key, 0).ok()
+    }
+
+    /// Number of peer rules in both maps.
+    pub fn peer_rule_count(&self) -> usize {
+        self.peer.as_ref().map_or(0, |p| p.addr_rules.keys().count() + p.proc_rules.keys().count())
+    }
+
+    /// Records that the socket with `cookie` belongs to `tgid` (connections made before the socket-owner programs
+    /// were attached; later ones the programs record themselves).
+    ///
+    /// # Errors
+    /// When the kernel refuses the update.
+    pub fn set_sock_owner(&mut self, cookie: u64, tgid: u32) -> Result<(), aya::maps::MapError> {
+        self.peer_maps()?.sock_owners.insert(cookie, tgid, 0)
+    }
+
+    /// The process recorded for a socket cookie.
+    pub fn sock_owner(&self, cookie: u64) -> Option<u32> {
+        self.peer.as_ref()?.sock_owners.get(&cookie, 0).ok()
     }
 
     /// Counter slots (the most network faults at once on this machine).
@@ -390,10 +493,121 @@ fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
+/// Loads the peer-rule maps and the socket-owner programs (when the object has them), pins the maps, and
+/// attaches the programs to the cgroup v2 root. A kernel that refuses the programs or has no cgroup v2 leaves
+/// peer rules by address working and says why peer rules by process do not.
+fn load_peer(
+    ebpf: &mut Ebpf,
+    pin_dir: Option<&Path>,
+    pins: &mut Vec<PathBuf>,
+) -> Result<Option<PeerMaps>, ClassifierError> {
+    if ebpf.map(MAP_PEER_ADDR_RULES).is_none() {
+        return Ok(None);
+    }
+    let take = |ebpf: &mut Ebpf, map: &'static str| {
+        ebpf.take_map(map)
+            .ok_or(ClassifierError::Map { map, source: aya::maps::MapError::InvalidName { name: map.into() } })
+    };
+    let addr_map = take(ebpf, MAP_PEER_ADDR_RULES)?;
+    let proc_map = take(ebpf, MAP_PEER_PROC_RULES)?;
+    let owners_map = take(ebpf, MAP_SOCK_OWNERS)?;
+    if let Some(dir) = pin_dir {
+        for (name, map) in
+            [(MAP_PEER_ADDR_RULES, &addr_map), (MAP_PEER_PROC_RULES, &proc_map), (MAP_SOCK_OWNERS, &owners_map)]
+        {
+            let path = dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            map.pin(&path).map_err(|e| ClassifierError::Pin { dir: dir.to_owned(), reason: e.to_string() })?;
+            pins.push(path);
+        }
+    }
+    let addr_rules =
+        LpmTrie::try_from(addr_map).map_err(|source| ClassifierError::Map { map: MAP_PEER_ADDR_RULES, source })?;
+    let proc_rules =
+        BpfHashMap::try_from(proc_map).map_err(|source| ClassifierError::Map { map: MAP_PEER_PROC_RULES, source })?;
+    let sock_owners =
+        BpfHashMap::try_from(owners_map).map_err(|source| ClassifierError::Map { map: MAP_SOCK_OWNERS, source })?;
+    let tracking = attach_sock_tracking(ebpf);
+    if let Err(why) = &tracking {
+        tracing::warn!(%why, "peer faults by process unavailable (peer faults by address still work)");
+    }
+    Ok(Some(PeerMaps { addr_rules, proc_rules, sock_owners, tracking }))
+}
+
+/// Loads `chaos_connect4`/`chaos_connect6`/`chaos_sendmsg4`/`chaos_sendmsg6` and attaches them to the cgroup v2
+/// root (found in `/proc/mounts`, or a cgroup2 mount of our own that is detached again right after: the
+/// attachment lives on the cgroup, not the mount). Links on a cgroup are always multi-attach, which leaves other
+/// programs there alone; the attachments are BPF links owned by this process, never pinned, so nothing of them
+/// outlives the agent.
+fn attach_sock_tracking(ebpf: &mut Ebpf) -> Result<PathBuf, String> {
+    let (root, own_mount) = match cgroup2_mount() {
+        Some(path) => (path, false),
+        None => {
+            let dir = PathBuf::from(crate::paths::CGROUP2_MOUNT);
+            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            nix::mount::mount(Some("cgroup2"), &dir, Some("cgroup2"), nix::mount::MsFlags::empty(), None::<&str>)
+                .map_err(|e| format!("no cgroup v2 mounted and mounting one on {} failed: {e}", dir.display()))?;
+            (dir, true)
+        }
+    };
+    let result = (|| {
+        let cgroup = std::fs::File::open(&root).map_err(|e| format!("opening cgroup {}: {e}", root.display()))?;
+        for name in SOCK_OWNER_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| format!("no program {name} in the object"))?
+                .try_into()
+                .map_err(|e| format!("{name}: {e}"))?;
+            program.load().map_err(|e| format!("the kernel refused {name}: {}", error_chain(&e)))?;
+            // A BPF link on a cgroup is always attached as BPF_F_ALLOW_MULTI, and `bpf_link_create` refuses any
+            // flag (EINVAL): `Single` is aya's "no flags" (aya uses links on kernels ≥ 5.7).
+            program
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| format!("attaching {name} to {}: {}", root.display(), error_chain(&e)))?;
+        }
+        Ok(root.clone())
+    })();
+    if own_mount {
+        let _ = nix::mount::umount2(&root, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&root);
+    }
+    result
+}
+
+/// An error and its sources, one sentence (aya puts the errno in the source).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The first cgroup v2 mount in `/proc/mounts`.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path.replace("\\040", " ")))
+    })
+}
+
 /// Removes leftover pins of an earlier run (and the directory, when empty).
 pub fn remove_pins(dir: &Path) -> io::Result<usize> {
     let mut removed = 0;
-    for name in [MAP_RULES, MAP_COUNTERS, MAP_IFACES, MAP_LOCAL_ADDRS] {
+    for name in [
+        MAP_RULES,
+        MAP_COUNTERS,
+        MAP_IFACES,
+        MAP_LOCAL_ADDRS,
+        MAP_PEER_ADDR_RULES,
+        MAP_PEER_PROC_RULES,
+        MAP_SOCK_OWNERS,
+    ] {
         match std::fs::remove_file(dir.join(name)) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -35,6 +35,16 @@
 //! matches packets leaving the port (responses of request/response protocols on one connection, e.g. HTTP);
 //! [`Direction::Both`] does both (round trip grows twice for single-connection protocols).
 
+//!
+//! ## Peer faults (between two parties only)
+//! A [`PeerMatch`] narrows a fault to the packets one sender sends to one receiver (address, port): "Billing
+//! cannot reach Payments, everything else is fine". The sender is a prefix of addresses (remote callers, matched
+//! at the ingress of other interfaces and at `lo` egress) or a process of this host (matched by the socket the
+//! packet belongs to: the classifier reads `bpf_get_socket_cookie`, and `cgroup/connect4`/`connect6`/`sendmsg4`/
+//! `sendmsg6` programs on the cgroup v2 root record which process connected each socket, see
+//! `chaos_common::peer`). TCP connections made before those programs were attached are entered from `sock_diag`
+//! when the fault starts ([`NetworkEngine::apply_peer`]). Peer rules are looked up before port rules and never conflict with them.
+
 pub mod classifier;
 pub mod effect;
 pub mod encode;
@@ -43,12 +53,14 @@ pub mod netlink;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
 use chaos_common::{
-    ANY_LOCAL_ADDR, Counters, Iface, MAX_CLASS_MINOR, Rule, RuleKey, action, proto,
+    ANY_LOCAL_ADDR, Counters, Iface, MAX_CLASS_MINOR, PeerAddrKey, PeerProcKey, Rule, RuleKey, action,
+    peer::ADDR_KEY_FIXED_BITS,
+    proto,
     scope::{self, HOOK_EGRESS, HOOK_INGRESS, HOOK_LOCAL, HOOK_NONE, SIDE_DST, SIDE_SRC},
 };
 use serde::{Deserialize, Serialize};
@@ -162,6 +174,188 @@ impl PortMatch {
                 })
             })
             .collect()
+    }
+}
+
+/// Who sends the packets of a peer fault.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerSender {
+    /// A process of this host (its tgid): packets of the sockets it connected, over loopback or out of any
+    /// interface.
+    Process(u32),
+    /// Senders whose address is in `addr/len` (other hosts; this host's own addresses over loopback).
+    Prefix {
+        /// The network (bits past `len` are ignored).
+        addr: IpAddr,
+        /// Prefix length (0–32 for IPv4, 0–128 for IPv6).
+        len: u8,
+    },
+}
+
+/// The packets `sender` sends to a receiver: `port` on `addr` (`None` = any address of this host, or of the
+/// sender's choice for process senders).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerMatch {
+    /// Who sends.
+    pub sender: PeerSender,
+    /// The receiver's address; `None` = any address of this host.
+    pub addr: Option<IpAddr>,
+    /// The receiver's port.
+    pub port: u16,
+    /// Protocol(s).
+    pub protocol: Protocol,
+}
+
+/// A peer rule's key, as the engine records it (see `chaos_common::peer`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerRuleKey {
+    /// Sender by address prefix.
+    Addr {
+        /// LPM prefix length over the whole key.
+        prefix_len: u32,
+        /// IP protocol.
+        proto: u8,
+        /// Scope (hook, destination side).
+        scope: u8,
+        /// Receiver port.
+        port: u16,
+        /// Receiver address or any-local.
+        daddr: [u8; 16],
+        /// Sender network.
+        saddr: [u8; 16],
+    },
+    /// Sender by process.
+    Proc {
+        /// Receiver address or any-local.
+        daddr: [u8; 16],
+        /// Receiver port.
+        port: u16,
+        /// IP protocol.
+        proto: u8,
+        /// Scope (hook, destination side).
+        scope: u8,
+        /// Sending process.
+        tgid: u32,
+    },
+}
+
+impl PeerRuleKey {
+    fn port(&self) -> u16 {
+        match self {
+            PeerRuleKey::Addr { port, .. } | PeerRuleKey::Proc { port, .. } => *port,
+        }
+    }
+
+    fn proto(&self) -> u8 {
+        match self {
+            PeerRuleKey::Addr { proto, .. } | PeerRuleKey::Proc { proto, .. } => *proto,
+        }
+    }
+
+    fn addr_key(proto: u8, scope: u8, port: u16, daddr: [u8; 16], saddr: [u8; 16]) -> PeerAddrKey {
+        PeerAddrKey { proto, scope, port_be: port.to_be(), daddr, saddr }
+    }
+
+    fn set(&self, classifier: &mut Classifier, rule: Rule) -> Result<(), aya::maps::MapError> {
+        match *self {
+            PeerRuleKey::Addr { prefix_len, proto, scope, port, daddr, saddr } => {
+                classifier.set_peer_addr_rule(prefix_len, Self::addr_key(proto, scope, port, daddr, saddr), rule)
+            }
+            PeerRuleKey::Proc { daddr, port, proto, scope, tgid } => {
+                classifier.set_peer_proc_rule(PeerProcKey { daddr, port, proto, scope, tgid }, rule)
+            }
+        }
+    }
+
+    fn get(&self, classifier: &Classifier) -> Option<Rule> {
+        match *self {
+            PeerRuleKey::Addr { prefix_len, proto, scope, port, daddr, saddr } => {
+                classifier.peer_addr_rule(prefix_len, Self::addr_key(proto, scope, port, daddr, saddr))
+            }
+            PeerRuleKey::Proc { daddr, port, proto, scope, tgid } => {
+                classifier.peer_proc_rule(&PeerProcKey { daddr, port, proto, scope, tgid })
+            }
+        }
+    }
+
+    fn remove(&self, classifier: &mut Classifier) -> Result<(), aya::maps::MapError> {
+        match *self {
+            PeerRuleKey::Addr { prefix_len, proto, scope, port, daddr, saddr } => {
+                classifier.remove_peer_addr_rule(prefix_len, Self::addr_key(proto, scope, port, daddr, saddr))
+            }
+            PeerRuleKey::Proc { daddr, port, proto, scope, tgid } => {
+                classifier.remove_peer_proc_rule(&PeerProcKey { daddr, port, proto, scope, tgid })
+            }
+        }
+    }
+}
+
+/// `addr` with every bit past `len` cleared, as the classifier keys it.
+fn masked(addr: [u8; 16], bits: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (i, byte) in addr.iter().enumerate() {
+        let keep = bits.saturating_sub(i as u32 * 8).min(8);
+        out[i] = if keep == 0 { 0 } else { byte & (0xffu8 << (8 - keep)) };
+    }
+    out
+}
+
+impl PeerMatch {
+    /// The map keys this match needs.
+    ///
+    /// # Errors
+    /// A prefix length beyond the address family's.
+    pub fn keys(&self) -> Result<Vec<PeerRuleKey>, NetError> {
+        let protos: &[u8] = match self.protocol {
+            Protocol::Tcp => &[proto::TCP],
+            Protocol::Udp => &[proto::UDP],
+            Protocol::Both => &[proto::TCP, proto::UDP],
+        };
+        let daddr = self.addr.map_or(ANY_LOCAL_ADDR, key_addr);
+        let mut keys = Vec::new();
+        match self.sender {
+            // A local sender's packets leave through `lo` (to this host) or another interface (to other hosts).
+            PeerSender::Process(tgid) => {
+                for &p in protos {
+                    for hook in [HOOK_LOCAL, HOOK_EGRESS] {
+                        keys.push(PeerRuleKey::Proc {
+                            daddr,
+                            port: self.port,
+                            proto: p,
+                            scope: scope::encode(hook, SIDE_DST),
+                            tgid,
+                        });
+                    }
+                }
+            }
+            // An address sender arrives on another interface (a remote host) or on `lo` (this host's address).
+            PeerSender::Prefix { addr, len } => {
+                let (family_bits, offset) = if addr.to_canonical().is_ipv4() { (32, 96) } else { (128, 0) };
+                if u32::from(len) > family_bits {
+                    return Err(NetError::Invalid(format!(
+                        "prefix length /{len} is longer than an IPv{} address",
+                        if family_bits == 32 { 4 } else { 6 }
+                    )));
+                }
+                let bits = offset + u32::from(len);
+                let saddr = masked(key_addr(addr.to_canonical()), bits);
+                for &p in protos {
+                    for hook in [HOOK_LOCAL, HOOK_INGRESS] {
+                        keys.push(PeerRuleKey::Addr {
+                            prefix_len: ADDR_KEY_FIXED_BITS + bits,
+                            proto: p,
+                            scope: scope::encode(hook, SIDE_DST),
+                            port: self.port,
+                            daddr,
+                            saddr,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(keys)
     }
 }
 
@@ -357,6 +551,9 @@ pub struct NetHandle {
     pub expires_at_ns: u64,
     /// Interfaces the classifier was attached to when applied.
     pub interfaces: Vec<String>,
+    /// Peer rule keys it owns (peer faults).
+    #[serde(default)]
+    pub peer_keys: Vec<PeerRuleKey>,
 }
 
 /// A rule key in reports: port, protocol, scope, address (`::ffff:a.b.c.d` for IPv4, `::` = any of this host).
@@ -420,6 +617,7 @@ struct Inner {
     shaping_error: Option<&'static str>,
     netem_missing: bool,
     owners: HashMap<RuleKey, String>,
+    peer_owners: HashMap<PeerRuleKey, String>,
     free_slots: Vec<u32>,
     free_classes: Vec<u32>,
     state: NetState,
@@ -462,6 +660,7 @@ impl NetworkEngine {
                 shaping_error: None,
                 netem_missing: false,
                 owners: HashMap::new(),
+                peer_owners: HashMap::new(),
                 free_slots: Vec::new(),
                 free_classes: (1..=MAX_CLASS_MINOR).rev().collect(),
                 state: NetState::default(),
@@ -507,7 +706,6 @@ impl NetworkEngine {
         if matches.is_empty() {
             return Err(NetError::Invalid("a network fault needs at least one port".into()));
         }
-        let mut inner = self.inner.lock().await;
         let keys: Vec<RuleKey> = {
             let mut set = BTreeSet::new();
             for m in matches {
@@ -518,9 +716,74 @@ impl NetworkEngine {
             }
             set.into_iter().collect()
         };
+        self.install(fault, keys, Vec::new(), imp, ttl).await
+    }
+
+    /// Applies a peer fault: the packets of `matches` (each a sender and a receiver) get `imp` until `ttl` from
+    /// now. Sockets the process senders connected before the socket-owner programs were attached are entered
+    /// from `sock_diag` first.
+    ///
+    /// # Errors
+    /// As [`NetworkEngine::apply`]; a process sender when this kernel cannot track socket owners.
+    pub async fn apply_peer(
+        &self,
+        fault: &str,
+        matches: &[PeerMatch],
+        imp: &Impairment,
+        ttl: Duration,
+    ) -> Result<NetHandle, NetError> {
+        imp.validate()?;
+        if matches.is_empty() {
+            return Err(NetError::Invalid("a peer fault needs at least one sender and receiver".into()));
+        }
+        let mut keys = BTreeSet::new();
+        for m in matches {
+            if m.port == 0 {
+                return Err(NetError::Invalid("port 0 is not a port a service listens on".into()));
+            }
+            keys.extend(m.keys()?);
+        }
+        let tgids: BTreeSet<u32> = matches
+            .iter()
+            .filter_map(|m| match m.sender {
+                PeerSender::Process(tgid) => Some(tgid),
+                PeerSender::Prefix { .. } => None,
+            })
+            .collect();
+        if !tgids.is_empty() {
+            let mut inner = self.inner.lock().await;
+            let classifier = self.ensure_classifier(&mut inner)?;
+            if let Err(why) = classifier.sock_tracking() {
+                return Err(NetError::Invalid(format!(
+                    "peer faults on callers of this host need the socket-owner programs, which are not attached: {why}"
+                )));
+            }
+            seed_sock_owners(classifier, &tgids);
+        }
+        self.install(fault, Vec::new(), keys.into_iter().collect(), imp, ttl).await
+    }
+
+    async fn install(
+        &self,
+        fault: &str,
+        keys: Vec<RuleKey>,
+        peer_keys: Vec<PeerRuleKey>,
+        imp: &Impairment,
+        ttl: Duration,
+    ) -> Result<NetHandle, NetError> {
+        let mut inner = self.inner.lock().await;
         for key in &keys {
             if let Some(owner) = inner.owners.get(key).filter(|o| o.as_str() != fault) {
                 return Err(NetError::Conflict { port: key.port, proto: proto_name(key.proto), fault: owner.clone() });
+            }
+        }
+        for key in &peer_keys {
+            if let Some(owner) = inner.peer_owners.get(key).filter(|o| o.as_str() != fault) {
+                return Err(NetError::Conflict {
+                    port: key.port(),
+                    proto: proto_name(key.proto()),
+                    fault: owner.clone(),
+                });
             }
         }
         self.ensure_classifier(&mut inner)?;
@@ -549,6 +812,7 @@ impl NetworkEngine {
         let classifier = inner.classifier.as_mut().expect("loaded above");
         let mut result = classifier.reset_counters(slot).map_err(NetError::from);
         let mut inserted = Vec::new();
+        let mut inserted_peer = Vec::new();
         if result.is_ok() {
             for key in &keys {
                 match classifier.set_rule(*key, rule) {
@@ -560,9 +824,23 @@ impl NetworkEngine {
                 }
             }
         }
+        if result.is_ok() {
+            for key in &peer_keys {
+                match key.set(classifier, rule) {
+                    Ok(()) => inserted_peer.push(*key),
+                    Err(err) => {
+                        result = Err(map_full(err));
+                        break;
+                    }
+                }
+            }
+        }
         if let Err(err) = result {
             for key in &inserted {
                 let _ = classifier.remove_rule(key);
+            }
+            for key in &inserted_peer {
+                let _ = key.remove(classifier);
             }
             inner.free_slots.push(slot);
             if let Some(minor) = class_minor {
@@ -573,7 +851,10 @@ impl NetworkEngine {
         for key in &keys {
             inner.owners.insert(*key, fault.to_owned());
         }
-        debug!(fault, ?keys, ?rule, "network rule installed");
+        for key in &peer_keys {
+            inner.peer_owners.insert(*key, fault.to_owned());
+        }
+        debug!(fault, ?keys, ?peer_keys, ?rule, "network rule installed");
         Ok(NetHandle {
             fault: fault.to_owned(),
             keys: keys.iter().map(|k| (k.port, k.proto, k.scope, k.addr)).collect(),
@@ -581,6 +862,7 @@ impl NetworkEngine {
             class_minor,
             expires_at_ns,
             interfaces,
+            peer_keys,
         })
     }
 
@@ -596,6 +878,11 @@ impl NetworkEngine {
         for key in handle.rule_keys() {
             if let Some(rule) = rules.get(&key) {
                 classifier.set_rule(key, Rule { expires_at_ns, ..*rule })?;
+            }
+        }
+        for key in &handle.peer_keys {
+            if let Some(rule) = key.get(classifier) {
+                key.set(classifier, Rule { expires_at_ns, ..rule })?;
             }
         }
         handle.expires_at_ns = expires_at_ns;
@@ -618,6 +905,15 @@ impl NetworkEngine {
                 classifier.remove_rule(&key)?;
             }
         }
+        for key in &handle.peer_keys {
+            if inner.peer_owners.get(key).is_some_and(|o| o == &handle.fault) {
+                inner.peer_owners.remove(key);
+                owned = true;
+            }
+            if let Some(classifier) = inner.classifier.as_mut() {
+                key.remove(classifier)?;
+            }
+        }
         if owned {
             inner.free_slots.push(handle.slot);
             if let Some(minor) = handle.class_minor {
@@ -637,6 +933,24 @@ impl NetworkEngine {
     /// Number of rules in the kernel map.
     pub async fn rule_count(&self) -> usize {
         self.inner.lock().await.classifier.as_ref().map_or(0, |c| c.rules().len())
+    }
+
+    /// Number of peer rules in the kernel maps.
+    pub async fn peer_rule_count(&self) -> usize {
+        self.inner.lock().await.classifier.as_ref().map_or(0, Classifier::peer_rule_count)
+    }
+
+    /// Where the socket-owner programs are attached (the cgroup v2 root), or why peer faults on callers of this
+    /// host are unavailable.
+    pub async fn sock_tracking(&self) -> Result<PathBuf, String> {
+        let mut inner = self.inner.lock().await;
+        let classifier = self.ensure_classifier(&mut inner).map_err(|e| e.to_string())?;
+        classifier.sock_tracking().map(Path::to_path_buf)
+    }
+
+    /// The process the classifier would attribute a socket to (by its cookie), for diagnostics and tests.
+    pub async fn sock_owner(&self, cookie: u64) -> Option<u32> {
+        self.inner.lock().await.classifier.as_ref().and_then(|c| c.sock_owner(cookie))
     }
 
     /// Interfaces the classifier is attached to.
@@ -988,6 +1302,7 @@ impl NetworkEngine {
         inner.ifb = None;
         inner.shaping_error = None;
         inner.owners.clear();
+        inner.peer_owners.clear();
         inner.free_slots = Vec::new();
         inner.free_classes = (1..=MAX_CLASS_MINOR).rev().collect();
         // Dropping the classifier unloads programs and maps now that no filter holds them.
@@ -996,6 +1311,27 @@ impl NetworkEngine {
             info!(?report, "removed network objects of ours");
         }
         Ok(report)
+    }
+}
+
+/// Enters the open TCP connections of `tgids` (this network namespace, from `sock_diag` and `/proc/<pid>/fd`)
+/// into the socket-owner map.
+fn seed_sock_owners(classifier: &mut Classifier, tgids: &BTreeSet<u32>) {
+    let cookies = match crate::discovery::sockets::tcp_socket_cookies() {
+        Ok(c) => c,
+        Err(err) => {
+            warn!(%err, "cannot list socket cookies: connections made before the agent started are not attributed");
+            return;
+        }
+    };
+    for &tgid in tgids {
+        for inode in crate::discovery::sockets::socket_inodes_of(tgid as i32) {
+            if let Some(&cookie) = cookies.get(&inode)
+                && let Err(err) = classifier.set_sock_owner(cookie, tgid)
+            {
+                warn!(%err, tgid, "cannot record a socket owner");
+            }
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use crate::{
     journal::Entry,
 };
 
-pub(super) use self::network::port_matches;
+pub(super) use self::network::{describe_peer, peer_matches, port_matches};
 
 /// What ends an active fault.
 pub(super) enum Undo {

@@ -1,16 +1,20 @@
 //! Network faults: the ports of the chosen targets get an impairment in the network engine.
 
-use std::{collections::BTreeSet, net::IpAddr, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, ToSocketAddrs},
+    time::Duration,
+};
 
 use tracing::warn;
 
 use super::{Executed, Undo};
 use crate::{
-    discovery::sockets,
+    discovery::{Snapshot, sockets},
     faults::{
-        FaultAction, FaultReport,
+        FaultAction, FaultReport, Peer,
         manager::{FaultError, FaultManager, resolve::Candidate},
-        network::{Direction, PortMatch, Protocol},
+        network::{Direction, PeerMatch, PeerSender, PortMatch, Protocol},
     },
 };
 
@@ -22,11 +26,41 @@ impl FaultManager {
         chosen: &[Candidate],
         lifetime: Duration,
     ) -> Result<Executed, FaultError> {
-        let FaultAction::Network { impairment, direction, protocol, label } = action else {
+        let FaultAction::Network { impairment, direction, protocol, label, peer } = action else {
             unreachable!("dispatched on the action kind")
         };
         let engine = self.network().ok_or_else(|| FaultError::NetworkDisabled("network control is off".into()))?;
         let ports: BTreeSet<u16> = chosen.iter().flat_map(|c| c.ports.clone()).collect();
+        if let Some(peer) = peer {
+            let snap = self.discovery.snapshot();
+            let (matches, notes) = peer_matches(&snap, peer, chosen, &ports, *protocol, *direction)?;
+            for note in &notes {
+                warn!(fault = %report.id, "{note}");
+            }
+            self.journal(report, label, |e| crate::journal::Entry { network: true, ..e })?;
+            let handle = match engine.apply_peer(&report.id, &matches, impairment, lifetime).await {
+                Ok(h) => h,
+                Err(err) => {
+                    self.unjournal(&report.id);
+                    return Err(err.into());
+                }
+            };
+            report.interfaces = handle.interfaces.clone();
+            report.ports = ports.iter().copied().collect();
+            let mut message = format!(
+                "{label} between port(s) {:?} and {} ({direction:?}: {} sender/receiver pair(s)) via {} for {:.1} s",
+                report.ports,
+                describe_peer(peer),
+                matches.len(),
+                report.interfaces.join(", "),
+                lifetime.as_secs_f64()
+            );
+            for note in notes {
+                message.push_str("; warning: ");
+                message.push_str(&note);
+            }
+            return Ok(Executed { message, undo: Undo::Network(handle) });
+        }
         let (matches, notes) = port_matches(&ports, *protocol, *direction);
         for note in &notes {
             warn!(fault = %report.id, "{note}");
@@ -136,4 +170,244 @@ pub(in crate::faults::manager) fn port_matches(
         }
     }
     (matches, notes)
+}
+
+/// How a peer is named in messages.
+pub(in crate::faults::manager) fn describe_peer(peer: &Peer) -> String {
+    match peer {
+        Peer::Service(name) => format!("service {name}"),
+        Peer::Host(host) => format!("host {host}"),
+        Peer::Cidr { addr, len } => format!("network {addr}/{len}"),
+    }
+}
+
+/// A full-length prefix for one address.
+fn host_prefix(addr: IpAddr) -> PeerSender {
+    let addr = addr.to_canonical();
+    PeerSender::Prefix { addr, len: if addr.is_ipv4() { 32 } else { 128 } }
+}
+
+/// The sender/receiver pairs of a peer fault on the ports of `chosen` (see [`Peer`] for what `direction` means),
+/// plus sentences for the caller (instances whose traffic cannot be recognised).
+///
+/// `to`: the peer's instances (by process when they run here, else by registered address) or the host's / the
+/// network's addresses → the target's ports. `from` (service peers only): the target's processes → each peer
+/// instance's registered endpoint, the connection lymph sends replies on.
+pub(in crate::faults::manager) fn peer_matches(
+    snap: &Snapshot,
+    peer: &Peer,
+    chosen: &[Candidate],
+    ports: &BTreeSet<u16>,
+    protocol: Option<Protocol>,
+    direction: Direction,
+) -> Result<(Vec<PeerMatch>, Vec<String>), FaultError> {
+    let mut notes = Vec::new();
+    let mut matches = BTreeSet::new();
+    let wants_to = direction != Direction::From;
+    let wants_from = direction != Direction::To;
+    match peer {
+        Peer::Service(name) => {
+            let Some((service, instances)) = snap.service(name) else {
+                let known: Vec<&str> = snap.services.keys().map(String::as_str).collect();
+                return Err(FaultError::UnknownService {
+                    name: name.clone(),
+                    known: if known.is_empty() { "none".into() } else { known.join(", ") },
+                });
+            };
+            let (receivers, port_notes) = port_matches(ports, protocol, Direction::To);
+            notes.extend(port_notes);
+            let targets: Vec<u32> = chosen.iter().filter_map(|c| c.process.as_ref().map(|p| p.pid as u32)).collect();
+            if wants_from && targets.is_empty() {
+                return Err(FaultError::NotFound(
+                    "direction from/both needs the target's processes on this host (they send the replies)".into(),
+                ));
+            }
+            for inst in instances {
+                let sender = if inst.local {
+                    match inst.pid {
+                        Some(pid) => PeerSender::Process(pid as u32),
+                        None => {
+                            notes.push(format!(
+                                "instance {} of {service} runs here but its process is unknown",
+                                inst.id
+                            ));
+                            continue;
+                        }
+                    }
+                } else {
+                    match instance_ip(inst) {
+                        Some(ip) => host_prefix(ip),
+                        None => {
+                            notes.push(format!("instance {} of {service} has no address ({})", inst.id, inst.endpoint));
+                            continue;
+                        }
+                    }
+                };
+                if wants_to {
+                    for r in &receivers {
+                        matches.insert(PeerMatch { sender, addr: r.addr, port: r.port, protocol: r.protocol });
+                    }
+                }
+                if wants_from && let (Some(ip), Some(port)) = (instance_ip(inst), inst.port) {
+                    for &tgid in &targets {
+                        matches.insert(PeerMatch {
+                            sender: PeerSender::Process(tgid),
+                            addr: Some(ip),
+                            port,
+                            protocol: protocol.unwrap_or(Protocol::Tcp),
+                        });
+                    }
+                }
+            }
+            if matches.is_empty() {
+                return Err(FaultError::NotFound(format!(
+                    "peer service {service} has no instance whose traffic can be recognised ({} registered{})",
+                    instances.len(),
+                    if notes.is_empty() { String::new() } else { format!("; {}", notes.join("; ")) }
+                )));
+            }
+        }
+        Peer::Host(_) | Peer::Cidr { .. } => {
+            if wants_from {
+                return Err(FaultError::Invalid(
+                    "peer_host and peer_cidr match callers by address: only direction \"to\" applies (give \
+                     peer=<service> for the connection lymph replies travel on)"
+                        .into(),
+                ));
+            }
+            let senders: Vec<PeerSender> = match peer {
+                Peer::Host(host) => {
+                    let addrs: BTreeSet<IpAddr> = (host.as_str(), 0)
+                        .to_socket_addrs()
+                        .map_err(|e| FaultError::NotFound(format!("peer_host `{host}` does not resolve: {e}")))?
+                        .map(|a| a.ip().to_canonical())
+                        .collect();
+                    addrs.into_iter().map(host_prefix).collect()
+                }
+                Peer::Cidr { addr, len } => vec![PeerSender::Prefix { addr: *addr, len: *len }],
+                Peer::Service(_) => unreachable!("handled above"),
+            };
+            let (receivers, port_notes) = port_matches(ports, protocol, Direction::To);
+            notes.extend(port_notes);
+            for sender in senders {
+                for r in &receivers {
+                    matches.insert(PeerMatch { sender, addr: r.addr, port: r.port, protocol: r.protocol });
+                }
+            }
+        }
+    }
+    Ok((matches.into_iter().collect(), notes))
+}
+
+/// The registered address of an instance (`ip`, else the endpoint's host).
+fn instance_ip(inst: &crate::discovery::Instance) -> Option<IpAddr> {
+    if let Some(ip) = inst.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok()) {
+        return Some(ip.to_canonical());
+    }
+    let rest = inst.endpoint.strip_prefix("tcp://")?;
+    let (host, _) = rest.rsplit_once(':')?;
+    host.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        discovery::{Instance, Snapshot, ZkState, instance::Source},
+        faults::process::{Origin, ProcInfo},
+    };
+
+    fn instance(service: &str, id: &str, endpoint: &str, local: bool, pid: Option<i32>) -> Instance {
+        let port = endpoint.rsplit(':').next().and_then(|p| p.parse().ok());
+        let ip = endpoint.strip_prefix("tcp://").and_then(|e| e.rsplit_once(':')).map(|(h, _)| h.to_owned());
+        Instance {
+            service: service.into(),
+            id: id.into(),
+            identity: id.into(),
+            endpoint: endpoint.into(),
+            version: None,
+            hostname: None,
+            ip,
+            source: Source::Zookeeper,
+            local,
+            pid,
+            port,
+            listening: local,
+            process: None,
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        let mut services = BTreeMap::new();
+        services.insert(
+            "Billing".to_owned(),
+            vec![
+                instance("Billing", "b-here", "tcp://127.0.0.1:41001", true, Some(4001)),
+                instance("Billing", "b-there", "tcp://10.9.0.7:41002", false, None),
+            ],
+        );
+        services
+            .insert("Payments".to_owned(), vec![instance("Payments", "p", "tcp://127.0.0.1:42000", true, Some(4200))]);
+        Snapshot { services, zookeeper: ZkState::Disabled, generation: 1 }
+    }
+
+    fn callee() -> Vec<Candidate> {
+        let process = ProcInfo {
+            pid: 4200,
+            ppid: 1,
+            comm: "lymph".into(),
+            cmdline: "lymph-instance".into(),
+            start_time: 1,
+            kthread: false,
+            state: 'S',
+        };
+        vec![Candidate { process: Some(process), ports: vec![42000], instance: None, origin: Origin::LymphInstance }]
+    }
+
+    fn pairs(direction: Direction) -> Vec<PeerMatch> {
+        let ports: BTreeSet<u16> = [42000].into();
+        let peer = Peer::Service("Billing".into());
+        peer_matches(&snapshot(), &peer, &callee(), &ports, Some(Protocol::Tcp), direction).unwrap().0
+    }
+
+    #[test]
+    fn to_means_the_peers_requests_by_process_here_and_by_address_elsewhere() {
+        let got = pairs(Direction::To);
+        let expected = [PeerSender::Process(4001), PeerSender::Prefix { addr: "10.9.0.7".parse().unwrap(), len: 32 }];
+        assert_eq!(got.len(), 2, "{got:?}");
+        for sender in expected {
+            assert!(
+                got.iter().any(|m| m.sender == sender && m.port == 42000 && m.addr.is_none()),
+                "{sender:?}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn from_means_the_targets_replies_to_each_peer_endpoint_and_both_is_the_union() {
+        let from = pairs(Direction::From);
+        let endpoints: BTreeSet<(Option<IpAddr>, u16)> = from.iter().map(|m| (m.addr, m.port)).collect();
+        assert!(from.iter().all(|m| m.sender == PeerSender::Process(4200)), "{from:?}");
+        assert_eq!(
+            endpoints,
+            [(Some("127.0.0.1".parse().unwrap()), 41001), (Some("10.9.0.7".parse().unwrap()), 41002)].into()
+        );
+        let both = pairs(Direction::Both);
+        let mut union = pairs(Direction::To);
+        union.extend(from);
+        union.sort();
+        assert_eq!(both, union);
+    }
+
+    #[test]
+    fn unknown_peers_and_address_peers_with_from_are_refused() {
+        let ports: BTreeSet<u16> = [42000].into();
+        let unknown = peer_matches(&snapshot(), &Peer::Service("Nope".into()), &callee(), &ports, None, Direction::To);
+        assert!(matches!(unknown, Err(FaultError::UnknownService { .. })));
+        let cidr = Peer::Cidr { addr: "10.0.0.0".parse().unwrap(), len: 8 };
+        let from = peer_matches(&snapshot(), &cidr, &callee(), &ports, None, Direction::From);
+        assert!(matches!(from, Err(FaultError::Invalid(ref why)) if why.contains("direction")), "{from:?}");
+    }
 }
