@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 use crate::{
     chaos::Chaos,
     config::Config,
-    discovery::{Discovery, DiscoveryConfig, Registration, zookeeper},
+    discovery::{Discovery, DiscoveryConfig, Registration},
     events::{Action, Event, EventLog},
     faults::{
         FaultManager,
@@ -56,18 +56,6 @@ pub enum AgentError {
     /// Bad configuration.
     #[error("{0}")]
     Config(String),
-}
-
-/// A running agent's handles (used by tests and `main`).
-pub struct Running {
-    /// RPC endpoint.
-    pub endpoint: String,
-    /// Faults.
-    pub manager: Arc<FaultManager>,
-    /// Discovery.
-    pub discovery: Arc<Discovery>,
-    /// Events.
-    pub events: Arc<EventLog>,
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -319,6 +307,3 @@ fn registration(node: &RpcNode, ip: &str) -> Registration {
         extra: Default::default(),
     }
 }
-
-/// Convenience used by tests: the discovery ZooKeeper helper re-exported.
-pub use zookeeper::connect_string;

@@ -20,17 +20,17 @@ use crate::{
 };
 
 /// The `Chaos` interface.
-pub struct Chaos {
+pub(crate) struct Chaos {
     /// Faults.
-    pub manager: Arc<FaultManager>,
+    pub(crate) manager: Arc<FaultManager>,
     /// Discovery.
-    pub discovery: Arc<Discovery>,
+    pub(crate) discovery: Arc<Discovery>,
     /// Events.
-    pub events: Arc<EventLog>,
+    pub(crate) events: Arc<EventLog>,
     /// Unleashed mode.
-    pub unleasher: Arc<Unleasher>,
+    pub(crate) unleasher: Arc<Unleasher>,
     /// Fixed status fields (endpoint, version, network support …).
-    pub status: serde_json::Value,
+    pub(crate) status: serde_json::Value,
 }
 
 fn fault_error(err: crate::faults::FaultError) -> RpcError {

@@ -19,13 +19,13 @@ use serde_json::{Map, Value as Json, json};
 use crate::rpc::{ClientError, client::Client};
 
 /// Exit code: the agent refused or failed the request.
-pub const EXIT_REMOTE: i32 = 1;
+pub(crate) const EXIT_REMOTE: i32 = 1;
 /// Exit code: bad usage.
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code: no agent answered.
-pub const EXIT_UNREACHABLE: i32 = 3;
+pub(crate) const EXIT_UNREACHABLE: i32 = 3;
 /// Exit code: lookup failure.
-pub const EXIT_LOOKUP: i32 = 4;
+pub(crate) const EXIT_LOOKUP: i32 = 4;
 
 /// lymph-chaos: a chaos monkey for lymph services.
 #[derive(Parser, Debug)]
@@ -33,16 +33,16 @@ pub const EXIT_LOOKUP: i32 = 4;
 pub struct Cli {
     /// Agent endpoint to talk to.
     #[arg(long, global = true, env = "LYMPH_CHAOS_AGENT", default_value = "tcp://127.0.0.1:4575")]
-    pub agent: String,
+    pub(crate) agent: String,
     /// Find the agent through ZooKeeper instead (the one on this host, or the only one).
     #[arg(long = "via-zookeeper", global = true, value_name = "HOSTS")]
-    pub via_zookeeper: Option<String>,
+    pub(crate) via_zookeeper: Option<String>,
     /// Print the agent's answer as JSON.
     #[arg(long, global = true)]
     pub json: bool,
     /// Seconds to wait for the agent.
     #[arg(long, global = true, default_value_t = 5.0)]
-    pub timeout: f64,
+    pub(crate) timeout: f64,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -59,6 +59,7 @@ pub enum Command {
     ///
     /// Example: lymph-chaos kill Echo --signal SIGTERM --all
     Kill {
+        /// Which instances.
         #[command(flatten)]
         target: TargetArgs,
         /// Signal name or number.
@@ -67,6 +68,7 @@ pub enum Command {
         /// Also remove the instance from ZooKeeper at once.
         #[arg(long)]
         deregister: bool,
+        /// Lifetime, dry run and how many instances.
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -74,8 +76,10 @@ pub enum Command {
     ///
     /// Example: lymph-chaos pause Echo --lifetime 10
     Pause {
+        /// Which instances.
         #[command(flatten)]
         target: TargetArgs,
+        /// Lifetime, dry run and how many instances.
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -83,6 +87,7 @@ pub enum Command {
     ///
     /// Example: lymph-chaos latency Echo 0.2 --jitter 0.02 --lifetime 30
     Latency {
+        /// Which instances, other than by service name (that is the first word).
         #[command(flatten)]
         target: TargetFlags,
         /// `[SERVICE] DELAY`: the service (unless --pid/--port/… name the target) and the delay in seconds (or
@@ -95,6 +100,7 @@ pub enum Command {
         /// to (default), from or both.
         #[arg(long)]
         direction: Option<String>,
+        /// Lifetime, dry run and how many instances.
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -106,11 +112,13 @@ pub enum Command {
     Inject {
         /// latency, loss, duplicate, corrupt, reorder, rate, blackhole, cpu, memory, disk, kill, terminate, pause.
         kind: String,
+        /// Which instances.
         #[command(flatten)]
         target: TargetArgs,
         /// Parameters as key=value (numbers and true/false are typed).
         #[arg(value_name = "KEY=VALUE")]
         params: Vec<String>,
+        /// Lifetime, dry run and how many instances.
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -204,29 +212,29 @@ pub enum Command {
 #[derive(ClapArgs, Debug, Default, Clone)]
 pub struct RunArgs {
     /// The experiment file (YAML).
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// ZooKeeper hosts (`host:port[,…][/chroot]`); default: the file's `zookeeper`, else lymph's configuration
     /// ($LYMPH_CONFIG or ./.lymph.yml), else 127.0.0.1:2181.
     #[arg(long)]
-    pub zookeeper: Option<String>,
+    pub(crate) zookeeper: Option<String>,
     /// Directory for report.json, summary.txt and timeline.svg (default: <file stem>-report next to the file).
     #[arg(long)]
-    pub out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// Ask the agents what they would do; apply nothing.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Seed for the agents' random choices (overrides the file's).
     #[arg(long)]
-    pub seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Only check the file (and print its steps); contact nobody.
     #[arg(long)]
-    pub check: bool,
+    pub(crate) check: bool,
     /// Longest lifetime a fault gets at once, renewed while it should last: how long faults outlive a crashed run.
     #[arg(long, default_value = "10s")]
-    pub lease: String,
+    pub(crate) lease: String,
     /// No progress lines, only the summary.
     #[arg(long, short)]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
 }
 
 /// Options of `lymph-chaos agent`.
@@ -291,10 +299,10 @@ pub enum LogFormat {
 pub struct TargetArgs {
     /// lymph service name.
     #[arg(value_name = "SERVICE")]
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// The other ways.
     #[command(flatten)]
-    pub flags: TargetFlags,
+    pub(crate) flags: TargetFlags,
 }
 
 /// Targets other than a service name.
@@ -302,16 +310,16 @@ pub struct TargetArgs {
 pub struct TargetFlags {
     /// Instance id or identity.
     #[arg(long)]
-    pub instance: Option<String>,
+    pub(crate) instance: Option<String>,
     /// Process id.
     #[arg(long)]
-    pub pid: Option<i64>,
+    pub(crate) pid: Option<i64>,
     /// Port (whatever listens there; for network faults the port itself).
     #[arg(long)]
-    pub port: Option<i64>,
+    pub(crate) port: Option<i64>,
     /// Processes whose command line contains this (or /regex/).
     #[arg(long)]
-    pub process: Option<String>,
+    pub(crate) process: Option<String>,
 }
 
 /// Options every fault takes.
@@ -319,25 +327,25 @@ pub struct TargetFlags {
 pub struct CommonArgs {
     /// Lifetime in seconds (or 90s, 2m).
     #[arg(long)]
-    pub lifetime: Option<String>,
+    pub(crate) lifetime: Option<String>,
     /// Only report what would be done.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Seed for the random choice of instances.
     #[arg(long)]
-    pub seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Hit this many instances.
     #[arg(long)]
-    pub count: Option<u32>,
+    pub(crate) count: Option<u32>,
     /// Hit this percentage of instances.
     #[arg(long)]
-    pub percent: Option<f64>,
+    pub(crate) percent: Option<f64>,
     /// Hit every instance.
     #[arg(long)]
-    pub all: bool,
+    pub(crate) all: bool,
     /// Fault id (applying the same id again refreshes it).
     #[arg(long)]
-    pub id: Option<String>,
+    pub(crate) id: Option<String>,
 }
 
 fn seconds(key: &str, text: &str) -> Result<Duration, String> {
@@ -656,7 +664,7 @@ async fn find_agent(client: Client, hosts: &str, timeout: Duration) -> Result<(C
 }
 
 /// A short human rendering of an answer.
-pub fn human(method: &str, j: &Json) -> String {
+pub(crate) fn human(method: &str, j: &Json) -> String {
     let fault_line = |f: &Json| -> String {
         let mut line = format!(
             "{:<12} {:<10} {:<9} {}",

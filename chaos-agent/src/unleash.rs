@@ -26,10 +26,10 @@ use crate::{
 
 const ORIGIN: &str = "unleash";
 
-pub use chaos_api::reply::UnleashState;
+pub(crate) use chaos_api::reply::UnleashState;
 
 /// Runs unleashed mode.
-pub struct Unleasher {
+pub(crate) struct Unleasher {
     config: UnleashConfig,
     agent_dry_run: bool,
     manager: Arc<FaultManager>,
@@ -41,7 +41,7 @@ pub struct Unleasher {
 
 impl Unleasher {
     /// Creates it (stopped).
-    pub fn new(
+    pub(crate) fn new(
         config: UnleashConfig,
         agent_dry_run: bool,
         manager: Arc<FaultManager>,
@@ -68,7 +68,7 @@ impl Unleasher {
     }
 
     /// Current state.
-    pub fn state(&self) -> UnleashState {
+    pub(crate) fn state(&self) -> UnleashState {
         self.state.lock().expect("poisoned").clone()
     }
 
@@ -76,7 +76,7 @@ impl Unleasher {
     ///
     /// # Errors
     /// Invalid intervals or an empty menu.
-    pub fn start(
+    pub(crate) fn start(
         &self,
         seed: Option<u64>,
         mean: Option<Duration>,
@@ -134,7 +134,7 @@ impl Unleasher {
     }
 
     /// Stops; faults already started run out their lifetime.
-    pub fn stop(&self) -> UnleashState {
+    pub(crate) fn stop(&self) -> UnleashState {
         let was = self.stop_task();
         let mut state = self.state.lock().expect("poisoned");
         state.enabled = false;

@@ -25,13 +25,13 @@
 //! - [`run`] — the phases, here
 
 pub mod command;
-pub mod driver;
+pub(crate) mod driver;
 pub mod file;
-pub mod http;
-pub mod method;
-pub mod probe;
-pub mod report;
-pub mod svg;
+pub(crate) mod http;
+pub(crate) mod method;
+pub(crate) mod probe;
+pub(crate) mod report;
+pub(crate) mod svg;
 
 use std::{
     collections::BTreeMap,
@@ -58,23 +58,23 @@ use self::{
 };
 
 /// Longest lifetime a fault gets at once (renewed while it should last): how long faults outlive a crashed run.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
 /// How to run.
 #[derive(Clone, Debug)]
-pub struct RunOptions {
+pub(crate) struct RunOptions {
     /// The file (for the report).
-    pub file: String,
+    pub(crate) file: String,
     /// ZooKeeper used (for the report).
-    pub zookeeper: String,
+    pub(crate) zookeeper: String,
     /// Force a dry run.
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Seed (overrides the file's).
-    pub seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Lease of lasting faults.
-    pub lease: Duration,
+    pub(crate) lease: Duration,
     /// A status line every this often (0: none).
-    pub progress_every: Duration,
+    pub(crate) progress_every: Duration,
 }
 
 impl Default for RunOptions {
@@ -113,7 +113,7 @@ enum MethodEnd {
 }
 
 /// Runs an experiment: never panics, always reverts what it applied (see the module docs). `cancel` is Ctrl-C.
-pub async fn run(
+pub(crate) async fn run(
     exp: &Experiment,
     driver: Arc<dyn Driver>,
     opts: RunOptions,
@@ -531,7 +531,7 @@ async fn progress(ctx: Arc<Ctx>, probes: Arc<Vec<ProbeState>>, every: Duration, 
 }
 
 /// The method's steps that are faults, flattened (for listings).
-pub fn fault_steps(exp: &Experiment) -> Vec<String> {
+pub(crate) fn fault_steps(exp: &Experiment) -> Vec<String> {
     exp.method
         .iter()
         .flat_map(|s| s.faults())

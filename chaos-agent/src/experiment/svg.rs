@@ -33,7 +33,7 @@ fn clip(s: &str, n: usize) -> String {
 }
 
 /// Renders the report's timeline.
-pub fn render(report: &Report) -> String {
+pub(crate) fn render(report: &Report) -> String {
     let duration = report.duration.max(1.0);
     let plot_w = WIDTH - LEFT - RIGHT;
     let x = |t: f64| LEFT + (t.clamp(0.0, duration) / duration) * plot_w;

@@ -25,15 +25,15 @@ use super::{FaultAction, process::ProcInfo};
 /// Environment variable that turns the agent's executable into a worker (`cpu:<duty>` or `memory:<mib>`).
 pub const WORKER_ENV: &str = "LYMPH_CHAOS_WORKER";
 /// Free memory that a memory fault always leaves (MiB), on top of the request.
-pub const MEMORY_MARGIN_MIB: u64 = 256;
+pub(crate) const MEMORY_MARGIN_MIB: u64 = 256;
 /// Free space a disk fault always leaves (percent of the filesystem), unless the request asks for more.
-pub const DISK_FLOOR_PERCENT: f64 = 5.0;
+pub(crate) const DISK_FLOOR_PERCENT: f64 = 5.0;
 
-pub use chaos_api::fault::{CpuSpec, DiskSpec, MemorySpec};
+pub(crate) use chaos_api::fault::{CpuSpec, DiskSpec, MemorySpec};
 
 /// Errors of resource faults.
 #[derive(Debug, thiserror::Error)]
-pub enum ResourceError {
+pub(crate) enum ResourceError {
     /// The request would pass a safety limit.
     #[error("{0}")]
     Refused(String),
@@ -56,7 +56,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ResourceError {
 }
 
 /// A checked plan, ready to start.
-pub enum Prepared {
+pub(crate) enum Prepared {
     /// CPU workers.
     Cpu {
         /// How many.
@@ -92,7 +92,7 @@ pub enum Prepared {
 ///
 /// # Errors
 /// [`ResourceError::Refused`] beyond a safety limit, [`ResourceError::Invalid`] for bad parameters.
-pub fn prepare(
+pub(crate) fn prepare(
     action: &FaultAction,
     fault_id: &str,
     target_pid: Option<i32>,
@@ -208,7 +208,7 @@ pub fn prepare(
 
 impl Prepared {
     /// Files this plan will create (for the journal, before anything exists).
-    pub fn files(&self) -> Vec<PathBuf> {
+    pub(crate) fn files(&self) -> Vec<PathBuf> {
         match self {
             Prepared::Disk { file, .. } => vec![file.clone()],
             _ => Vec::new(),
@@ -219,7 +219,7 @@ impl Prepared {
     ///
     /// # Errors
     /// When workers cannot be spawned or the file cannot be created (nothing is left behind then).
-    pub async fn start(self, lifetime: Duration) -> Result<ResourceFault, ResourceError> {
+    pub(crate) async fn start(self, lifetime: Duration) -> Result<ResourceFault, ResourceError> {
         let _ = lifetime;
         match self {
             Prepared::Cpu { workers, load, cgroup } => {
@@ -262,7 +262,7 @@ impl Prepared {
 }
 
 /// A running resource fault.
-pub enum ResourceFault {
+pub(crate) enum ResourceFault {
     /// Worker processes.
     Workers {
         /// cpu / memory.
@@ -289,7 +289,7 @@ pub enum ResourceFault {
 
 impl ResourceFault {
     /// Worker processes (for the journal).
-    pub fn workers(&self) -> Vec<ProcInfo> {
+    pub(crate) fn workers(&self) -> Vec<ProcInfo> {
         match self {
             ResourceFault::Workers { children, .. } => {
                 children.iter().filter_map(|c| c.id()).filter_map(|pid| super::process::proc_info(pid as i32)).collect()
@@ -299,7 +299,7 @@ impl ResourceFault {
     }
 
     /// Files (for the journal).
-    pub fn files(&self) -> Vec<PathBuf> {
+    pub(crate) fn files(&self) -> Vec<PathBuf> {
         match self {
             ResourceFault::Fill { file, .. } => vec![file.clone()],
             ResourceFault::Workers { .. } => Vec::new(),
@@ -307,7 +307,7 @@ impl ResourceFault {
     }
 
     /// A one-line description.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             ResourceFault::Workers { kind, children, detail } => {
                 let pids: Vec<u32> = children.iter().filter_map(Child::id).collect();
@@ -320,7 +320,7 @@ impl ResourceFault {
     }
 
     /// What it consumes now: worker RSS and CPU time, or the file's size.
-    pub fn usage(&self) -> serde_json::Value {
+    pub(crate) fn usage(&self) -> serde_json::Value {
         match self {
             ResourceFault::Workers { children, detail, .. } => {
                 let workers: Vec<serde_json::Value> = children
@@ -344,7 +344,7 @@ impl ResourceFault {
     ///
     /// # Errors
     /// When the file cannot be deleted.
-    pub async fn stop(self) -> Result<(), ResourceError> {
+    pub(crate) async fn stop(self) -> Result<(), ResourceError> {
         match self {
             ResourceFault::Workers { mut children, .. } => {
                 kill_all(&mut children).await;
@@ -440,13 +440,8 @@ fn target_cgroup(pid: Option<i32>) -> Result<Vec<PathBuf>, ResourceError> {
 }
 
 /// The machine's memory (MiB).
-pub fn mem_total_mib() -> Option<u64> {
+pub(crate) fn mem_total_mib() -> Option<u64> {
     meminfo("MemTotal:")
-}
-
-/// Available memory now (MiB).
-pub fn available_mib() -> Option<u64> {
-    meminfo("MemAvailable:")
 }
 
 fn meminfo(key: &str) -> Option<u64> {
@@ -457,7 +452,7 @@ fn meminfo(key: &str) -> Option<u64> {
 }
 
 /// RSS (bytes) and CPU time (seconds) of a process.
-pub fn proc_usage(pid: i32) -> (u64, f64) {
+pub(crate) fn proc_usage(pid: i32) -> (u64, f64) {
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -517,11 +512,11 @@ fn fill(
 
 /// Where disk faults may create files.
 #[derive(Clone, Debug)]
-pub struct DiskLimits {
+pub(crate) struct DiskLimits {
     /// Directories under which fills may be created (the first is the default).
-    pub roots: Vec<PathBuf>,
+    pub(crate) roots: Vec<PathBuf>,
     /// Allow tmpfs/ramfs.
-    pub allow_memory_filesystems: bool,
+    pub(crate) allow_memory_filesystems: bool,
 }
 
 /// Opens the directory to fill: it must be one of `roots` or lie below one; every component is opened without
