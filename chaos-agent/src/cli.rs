@@ -435,15 +435,7 @@ impl CommonArgs {
 /// # Errors
 /// A usage message for a bad target, a bad value or malformed `key=value` parameters.
 pub fn request_for(command: &Command) -> Result<Request, String> {
-    let targets = match command {
-        Command::Kill { target, .. } | Command::Pause { target, .. } => target.count(),
-        Command::Latency { target, words, .. } => target.count() + words.len() - 1,
-        Command::Inject { target, .. } => {
-            target.count() - usize::from(target.name.as_deref().is_some_and(|n| n.contains('=')))
-        }
-        _ => 0,
-    };
-    if targets > 1 {
+    if target_count(command) > 1 {
         return Err("give one target: SERVICE, --instance, --pid, --port or --process".into());
     }
     Ok(match command {
@@ -462,56 +454,9 @@ pub fn request_for(command: &Command) -> Result<Request, String> {
             request::Pause { target: required(target.target()?)?, options: common.options()? }.into()
         }
         Command::Latency { target, words, jitter, direction, common } => {
-            let (name, latency) = match words.as_slice() {
-                [name, latency] => (Some(name), latency),
-                [latency] => (None, latency),
-                _ => return Err("give [SERVICE] DELAY".into()),
-            };
-            let target = match name {
-                Some(name) => Target::Service { name: name.clone() },
-                // The 2015 call: without a target, every lymph service on the agent's host.
-                None => target.target()?.unwrap_or(Target::AllServices),
-            };
-            let direction = match direction.as_deref() {
-                None => Direction::default(),
-                Some(d) => serde_json::from_value(Json::String(d.to_owned()))
-                    .map_err(|_| format!("direction `{d}` is not one of to, from, both"))?,
-            };
-            let params = NetworkParams {
-                delay: seconds("latency", latency)?,
-                jitter: jitter.as_deref().map(|j| seconds("jitter", j)).transpose()?.unwrap_or_default(),
-                direction,
-                ..NetworkParams::default()
-            };
-            request::InjectLatency { target, params, options: common.options()? }.into()
+            latency_request(target, words, jitter.as_deref(), direction.as_deref(), common)?.into()
         }
-        Command::Inject { kind, target, params, common } => {
-            // `inject loss --port 80 loss=30`: the first key=value lands in the SERVICE slot.
-            let mut params = params.clone();
-            let mut target_name = target.name.clone();
-            if target_name.as_deref().is_some_and(|n| n.contains('=')) {
-                params.insert(0, target_name.take().unwrap_or_default());
-            }
-            let target = TargetArgs { name: target_name, flags: target.flags.clone() };
-            let mut map = Map::new();
-            for p in &params {
-                let (k, v) = p.split_once('=').ok_or_else(|| format!("parameter `{p}` is not key=value"))?;
-                let value = serde_json::from_str::<Json>(v)
-                    .ok()
-                    .filter(|j| !j.is_string())
-                    .unwrap_or_else(|| Json::String(v.to_owned()));
-                map.insert(k.to_owned(), value);
-            }
-            // Resource faults without a target act on the host; the others say they need one.
-            let target = target.target()?.unwrap_or(Target::AllServices);
-            let subject = chaos_api::Method::Inject.subject();
-            let mut request = request::Inject::from_params(&subject, kind, &map, target).map_err(|err| match err {
-                RpcError::Error { message, .. } => message,
-                other => other.to_string(),
-            })?;
-            common.overlay(&mut request.options)?;
-            request.into()
-        }
+        Command::Inject { kind, target, params, common } => inject_request(kind, target, params, common)?.into(),
         Command::Faults { all } => request::Faults { all: *all }.into(),
         Command::Revert { id } => request::Revert { id: id.clone() }.into(),
         Command::Clear => request::Clear.into(),
@@ -537,6 +482,91 @@ pub fn request_for(command: &Command) -> Result<Request, String> {
         }
         Command::Leash => request::Leash.into(),
     })
+}
+
+/// How many targets a fault subcommand names (a `key=value` in `inject`'s SERVICE slot is a parameter).
+fn target_count(command: &Command) -> usize {
+    match command {
+        Command::Kill { target, .. } | Command::Pause { target, .. } => target.count(),
+        Command::Latency { target, words, .. } => target.count() + words.len() - 1,
+        Command::Inject { target, .. } => {
+            target.count() - usize::from(target.name.as_deref().is_some_and(|n| n.contains('=')))
+        }
+        _ => 0,
+    }
+}
+
+/// `lymph-chaos latency [SERVICE] DELAY`: the 2015 `Chaos.inject_latency` call.
+fn latency_request(
+    target: &TargetFlags,
+    words: &[String],
+    jitter: Option<&str>,
+    direction: Option<&str>,
+    common: &CommonArgs,
+) -> Result<request::InjectLatency, String> {
+    let (name, latency) = match words {
+        [name, latency] => (Some(name), latency),
+        [latency] => (None, latency),
+        _ => return Err("give [SERVICE] DELAY".into()),
+    };
+    let target = match name {
+        Some(name) => Target::Service { name: name.clone() },
+        // The 2015 call: without a target, every lymph service on the agent's host.
+        None => target.target()?.unwrap_or(Target::AllServices),
+    };
+    let direction = match direction {
+        None => Direction::default(),
+        Some(d) => serde_json::from_value(Json::String(d.to_owned()))
+            .map_err(|_| format!("direction `{d}` is not one of to, from, both"))?,
+    };
+    let params = NetworkParams {
+        delay: seconds("latency", latency)?,
+        jitter: jitter.map(|j| seconds("jitter", j)).transpose()?.unwrap_or_default(),
+        direction,
+        ..NetworkParams::default()
+    };
+    Ok(request::InjectLatency { target, params, options: common.options()? })
+}
+
+/// `lymph-chaos inject KIND … KEY=VALUE…`: the parameters go through the API's own decoding of `Chaos.inject`
+/// ([`request::Inject::from_params`]), so the command line takes exactly what the RPC takes.
+fn inject_request(
+    kind: &str,
+    target: &TargetArgs,
+    params: &[String],
+    common: &CommonArgs,
+) -> Result<request::Inject, String> {
+    // `inject loss --port 80 loss=30`: the first key=value lands in the SERVICE slot.
+    let mut params = params.to_vec();
+    let mut target_name = target.name.clone();
+    if target_name.as_deref().is_some_and(|n| n.contains('=')) {
+        params.insert(0, target_name.take().unwrap_or_default());
+    }
+    let target = TargetArgs { name: target_name, flags: target.flags.clone() };
+    let map = key_values(&params)?;
+    // Resource faults without a target act on the host; the others say they need one.
+    let target = target.target()?.unwrap_or(Target::AllServices);
+    let subject = chaos_api::Method::Inject.subject();
+    let mut request = request::Inject::from_params(&subject, kind, &map, target).map_err(|err| match err {
+        RpcError::Error { message, .. } => message,
+        other => other.to_string(),
+    })?;
+    common.overlay(&mut request.options)?;
+    Ok(request)
+}
+
+/// `key=value` words as JSON: numbers and true/false are typed, anything else is a string.
+fn key_values(params: &[String]) -> Result<Map<String, Json>, String> {
+    let mut map = Map::new();
+    for p in params {
+        let (k, v) = p.split_once('=').ok_or_else(|| format!("parameter `{p}` is not key=value"))?;
+        let value = serde_json::from_str::<Json>(v)
+            .ok()
+            .filter(|j| !j.is_string())
+            .unwrap_or_else(|| Json::String(v.to_owned()));
+        map.insert(k.to_owned(), value);
+    }
+    Ok(map)
 }
 
 /// `lymph-chaos completions SHELL`: the completion script on stdout.
