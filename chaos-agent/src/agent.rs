@@ -62,6 +62,8 @@ pub enum AgentError {
 ///
 /// # Errors
 /// [`AgentError`] when it cannot start.
+// Long on purpose: the whole lifecycle in one place, start-up in dependency order and shutdown in the reverse,
+// so the order (guardian first, cleanup after the last request) can be read and checked top to bottom.
 pub async fn run(
     config: Config,
     log: Option<Arc<dyn LogControl>>,
