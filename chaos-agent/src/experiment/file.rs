@@ -892,6 +892,20 @@ impl RawProbe {
 mod tests {
     use super::*;
 
+    /// A fault step takes the parameters of `Chaos.inject` except the ones the experiment decides (targeting, id,
+    /// seed, dry run) or names otherwise (`fault` for `kind`, `service` for `name`); `lifetime` is its own key.
+    #[test]
+    fn fault_step_parameters_are_those_of_chaos_inject() {
+        let decided = ["name", "instance", "pid", "port", "process", "id", "seed", "dry_run", "kind", "lifetime"];
+        let inject = chaos_api::Method::Inject.params();
+        for p in FAULT_PARAMS {
+            assert!(inject.contains(p), "fault steps take `{p}`, which Chaos.inject does not");
+        }
+        for p in inject.iter().filter(|p| !decided.contains(p)) {
+            assert!(FAULT_PARAMS.contains(p), "Chaos.inject takes `{p}`, which fault steps do not");
+        }
+    }
+
     const GOOD: &str = r#"
 title: Echo survives
 tags: [demo]
