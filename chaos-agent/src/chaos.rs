@@ -59,7 +59,7 @@ impl Chaos {
                 let state = self
                     .unleasher
                     .start(req.seed, req.mean_interval, req.min_gap, req.dry_run)
-                    .map_err(|e| RpcError::error(ErrorCode::ValueError, e))?;
+                    .map_err(|e| RpcError::error(ErrorCode::ValueError, e.to_string()))?;
                 to_value(&state)
             }
             Request::Leash(_) => to_value(&self.unleasher.stop()),
