@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 use crate::{
     chaos::Chaos,
     config::Config,
-    discovery::{Discovery, DiscoveryConfig, Registration, zookeeper},
+    discovery::{Discovery, DiscoveryConfig, Registration},
     events::{Action, Event, EventLog},
     faults::{
         FaultManager,
@@ -58,22 +58,12 @@ pub enum AgentError {
     Config(String),
 }
 
-/// A running agent's handles (used by tests and `main`).
-pub struct Running {
-    /// RPC endpoint.
-    pub endpoint: String,
-    /// Faults.
-    pub manager: Arc<FaultManager>,
-    /// Discovery.
-    pub discovery: Arc<Discovery>,
-    /// Events.
-    pub events: Arc<EventLog>,
-}
-
 /// Runs the agent until `shutdown` resolves.
 ///
 /// # Errors
 /// [`AgentError`] when it cannot start.
+// Long on purpose: the whole lifecycle in one place, start-up in dependency order and shutdown in the reverse,
+// so the order (guardian first, cleanup after the last request) can be read and checked top to bottom.
 pub async fn run(
     config: Config,
     log: Option<Arc<dyn LogControl>>,
@@ -319,6 +309,3 @@ fn registration(node: &RpcNode, ip: &str) -> Registration {
         extra: Default::default(),
     }
 }
-
-/// Convenience used by tests: the discovery ZooKeeper helper re-exported.
-pub use zookeeper::connect_string;

@@ -20,17 +20,17 @@ use crate::{
 };
 
 /// The `Chaos` interface.
-pub struct Chaos {
+pub(crate) struct Chaos {
     /// Faults.
-    pub manager: Arc<FaultManager>,
+    pub(crate) manager: Arc<FaultManager>,
     /// Discovery.
-    pub discovery: Arc<Discovery>,
+    pub(crate) discovery: Arc<Discovery>,
     /// Events.
-    pub events: Arc<EventLog>,
+    pub(crate) events: Arc<EventLog>,
     /// Unleashed mode.
-    pub unleasher: Arc<Unleasher>,
+    pub(crate) unleasher: Arc<Unleasher>,
     /// Fixed status fields (endpoint, version, network support …).
-    pub status: serde_json::Value,
+    pub(crate) status: serde_json::Value,
 }
 
 fn fault_error(err: crate::faults::FaultError) -> RpcError {
@@ -59,7 +59,7 @@ impl Chaos {
                 let state = self
                     .unleasher
                     .start(req.seed, req.mean_interval, req.min_gap, req.dry_run)
-                    .map_err(|e| RpcError::error(ErrorCode::ValueError, e))?;
+                    .map_err(|e| RpcError::error(ErrorCode::ValueError, e.to_string()))?;
                 to_value(&state)
             }
             Request::Leash(_) => to_value(&self.unleasher.stop()),

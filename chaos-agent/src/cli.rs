@@ -19,13 +19,13 @@ use serde_json::{Map, Value as Json, json};
 use crate::rpc::{ClientError, client::Client};
 
 /// Exit code: the agent refused or failed the request.
-pub const EXIT_REMOTE: i32 = 1;
+pub(crate) const EXIT_REMOTE: i32 = 1;
 /// Exit code: bad usage.
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code: no agent answered.
-pub const EXIT_UNREACHABLE: i32 = 3;
+pub(crate) const EXIT_UNREACHABLE: i32 = 3;
 /// Exit code: lookup failure.
-pub const EXIT_LOOKUP: i32 = 4;
+pub(crate) const EXIT_LOOKUP: i32 = 4;
 
 /// lymph-chaos: a chaos monkey for lymph services.
 #[derive(Parser, Debug)]
@@ -33,16 +33,16 @@ pub const EXIT_LOOKUP: i32 = 4;
 pub struct Cli {
     /// Agent endpoint to talk to.
     #[arg(long, global = true, env = "LYMPH_CHAOS_AGENT", default_value = "tcp://127.0.0.1:4575")]
-    pub agent: String,
+    pub(crate) agent: String,
     /// Find the agent through ZooKeeper instead (the one on this host, or the only one).
     #[arg(long = "via-zookeeper", global = true, value_name = "HOSTS")]
-    pub via_zookeeper: Option<String>,
+    pub(crate) via_zookeeper: Option<String>,
     /// Print the agent's answer as JSON.
     #[arg(long, global = true)]
     pub json: bool,
     /// Seconds to wait for the agent.
     #[arg(long, global = true, default_value_t = 5.0)]
-    pub timeout: f64,
+    pub(crate) timeout: f64,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -59,6 +59,7 @@ pub enum Command {
     ///
     /// Example: lymph-chaos kill Echo --signal SIGTERM --all
     Kill {
+        /// Which instances.
         #[command(flatten)]
         target: TargetArgs,
         /// Signal name or number.
@@ -67,6 +68,7 @@ pub enum Command {
         /// Also remove the instance from ZooKeeper at once.
         #[arg(long)]
         deregister: bool,
+        /// Lifetime, dry run and how many instances.
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -74,8 +76,10 @@ pub enum Command {
     ///
     /// Example: lymph-chaos pause Echo --lifetime 10
     Pause {
+        /// Which instances.
         #[command(flatten)]
         target: TargetArgs,
+        /// Lifetime, dry run and how many instances.
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -83,6 +87,7 @@ pub enum Command {
     ///
     /// Example: lymph-chaos latency Echo 0.2 --jitter 0.02 --lifetime 30
     Latency {
+        /// Which instances, other than by service name (that is the first word).
         #[command(flatten)]
         target: TargetFlags,
         /// `[SERVICE] DELAY`: the service (unless --pid/--port/… name the target) and the delay in seconds (or
@@ -95,6 +100,7 @@ pub enum Command {
         /// to (default), from or both.
         #[arg(long)]
         direction: Option<String>,
+        /// Lifetime, dry run and how many instances.
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -107,13 +113,16 @@ pub enum Command {
     Inject {
         /// latency, loss, duplicate, corrupt, reorder, rate, blackhole, cpu, memory, disk, kill, terminate, pause.
         kind: String,
+        /// Which instances.
         #[command(flatten)]
         target: TargetArgs,
+        /// Only the traffic between the target and this peer.
         #[command(flatten)]
         peer: PeerArgs,
         /// Parameters as key=value (numbers and true/false are typed).
         #[arg(value_name = "KEY=VALUE")]
         params: Vec<String>,
+        /// Lifetime, dry run and how many instances.
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -208,29 +217,29 @@ pub enum Command {
 #[derive(ClapArgs, Debug, Default, Clone)]
 pub struct RunArgs {
     /// The experiment file (YAML).
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// ZooKeeper hosts (`host:port[,…][/chroot]`); default: the file's `zookeeper`, else lymph's configuration
     /// ($LYMPH_CONFIG or ./.lymph.yml), else 127.0.0.1:2181.
     #[arg(long)]
-    pub zookeeper: Option<String>,
+    pub(crate) zookeeper: Option<String>,
     /// Directory for report.json, summary.txt and timeline.svg (default: <file stem>-report next to the file).
     #[arg(long)]
-    pub out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// Ask the agents what they would do; apply nothing.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Seed for the agents' random choices (overrides the file's).
     #[arg(long)]
-    pub seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Only check the file (and print its steps); contact nobody.
     #[arg(long)]
-    pub check: bool,
+    pub(crate) check: bool,
     /// Longest lifetime a fault gets at once, renewed while it should last: how long faults outlive a crashed run.
     #[arg(long, default_value = "10s")]
-    pub lease: String,
+    pub(crate) lease: String,
     /// No progress lines, only the summary.
     #[arg(long, short)]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
 }
 
 /// Options of `lymph-chaos agent`.
@@ -295,10 +304,10 @@ pub enum LogFormat {
 pub struct TargetArgs {
     /// lymph service name.
     #[arg(value_name = "SERVICE")]
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// The other ways.
     #[command(flatten)]
-    pub flags: TargetFlags,
+    pub(crate) flags: TargetFlags,
 }
 
 /// Targets other than a service name.
@@ -306,16 +315,16 @@ pub struct TargetArgs {
 pub struct TargetFlags {
     /// Instance id or identity.
     #[arg(long)]
-    pub instance: Option<String>,
+    pub(crate) instance: Option<String>,
     /// Process id.
     #[arg(long)]
-    pub pid: Option<i64>,
+    pub(crate) pid: Option<i64>,
     /// Port (whatever listens there; for network faults the port itself).
     #[arg(long)]
-    pub port: Option<i64>,
+    pub(crate) port: Option<i64>,
     /// Processes whose command line contains this (or /regex/).
     #[arg(long)]
-    pub process: Option<String>,
+    pub(crate) process: Option<String>,
 }
 
 /// Options every fault takes.
@@ -323,25 +332,25 @@ pub struct TargetFlags {
 pub struct CommonArgs {
     /// Lifetime in seconds (or 90s, 2m).
     #[arg(long)]
-    pub lifetime: Option<String>,
+    pub(crate) lifetime: Option<String>,
     /// Only report what would be done.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Seed for the random choice of instances.
     #[arg(long)]
-    pub seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Hit this many instances.
     #[arg(long)]
-    pub count: Option<u32>,
+    pub(crate) count: Option<u32>,
     /// Hit this percentage of instances.
     #[arg(long)]
-    pub percent: Option<f64>,
+    pub(crate) percent: Option<f64>,
     /// Hit every instance.
     #[arg(long)]
-    pub all: bool,
+    pub(crate) all: bool,
     /// Fault id (applying the same id again refreshes it).
     #[arg(long)]
-    pub id: Option<String>,
+    pub(crate) id: Option<String>,
 }
 
 fn seconds(key: &str, text: &str) -> Result<Duration, String> {
@@ -446,15 +455,7 @@ impl CommonArgs {
 /// # Errors
 /// A usage message for a bad target, a bad value or malformed `key=value` parameters.
 pub fn request_for(command: &Command) -> Result<Request, String> {
-    let targets = match command {
-        Command::Kill { target, .. } | Command::Pause { target, .. } => target.count(),
-        Command::Latency { target, words, .. } => target.count() + words.len() - 1,
-        Command::Inject { target, .. } => {
-            target.count() - usize::from(target.name.as_deref().is_some_and(|n| n.contains('=')))
-        }
-        _ => 0,
-    };
-    if targets > 1 {
+    if target_count(command) > 1 {
         return Err("give one target: SERVICE, --instance, --pid, --port or --process".into());
     }
     Ok(match command {
@@ -473,60 +474,10 @@ pub fn request_for(command: &Command) -> Result<Request, String> {
             request::Pause { target: required(target.target()?)?, options: common.options()? }.into()
         }
         Command::Latency { target, words, jitter, direction, common } => {
-            let (name, latency) = match words.as_slice() {
-                [name, latency] => (Some(name), latency),
-                [latency] => (None, latency),
-                _ => return Err("give [SERVICE] DELAY".into()),
-            };
-            let target = match name {
-                Some(name) => Target::Service { name: name.clone() },
-                // The 2015 call: without a target, every lymph service on the agent's host.
-                None => target.target()?.unwrap_or(Target::AllServices),
-            };
-            let direction = match direction.as_deref() {
-                None => Direction::default(),
-                Some(d) => serde_json::from_value(Json::String(d.to_owned()))
-                    .map_err(|_| format!("direction `{d}` is not one of to, from, both"))?,
-            };
-            let params = NetworkParams {
-                delay: seconds("latency", latency)?,
-                jitter: jitter.as_deref().map(|j| seconds("jitter", j)).transpose()?.unwrap_or_default(),
-                direction,
-                ..NetworkParams::default()
-            };
-            request::InjectLatency { target, params, options: common.options()? }.into()
+            latency_request(target, words, jitter.as_deref(), direction.as_deref(), common)?.into()
         }
         Command::Inject { kind, target, peer, params, common } => {
-            // `inject loss --port 80 loss=30`: the first key=value lands in the SERVICE slot.
-            let mut params = params.clone();
-            let mut target_name = target.name.clone();
-            if target_name.as_deref().is_some_and(|n| n.contains('=')) {
-                params.insert(0, target_name.take().unwrap_or_default());
-            }
-            let target = TargetArgs { name: target_name, flags: target.flags.clone() };
-            let mut map = Map::new();
-            for p in &params {
-                let (k, v) = p.split_once('=').ok_or_else(|| format!("parameter `{p}` is not key=value"))?;
-                let value = serde_json::from_str::<Json>(v)
-                    .ok()
-                    .filter(|j| !j.is_string())
-                    .unwrap_or_else(|| Json::String(v.to_owned()));
-                map.insert(k.to_owned(), value);
-            }
-            for (key, value) in [("peer", &peer.peer), ("peer_host", &peer.peer_host), ("peer_cidr", &peer.peer_cidr)] {
-                if let Some(v) = value {
-                    map.insert(key.to_owned(), Json::String(v.clone()));
-                }
-            }
-            // Resource faults without a target act on the host; the others say they need one.
-            let target = target.target()?.unwrap_or(Target::AllServices);
-            let subject = chaos_api::Method::Inject.subject();
-            let mut request = request::Inject::from_params(&subject, kind, &map, target).map_err(|err| match err {
-                RpcError::Error { message, .. } => message,
-                other => other.to_string(),
-            })?;
-            common.overlay(&mut request.options)?;
-            request.into()
+            inject_request(kind, target, peer, params, common)?.into()
         }
         Command::Faults { all } => request::Faults { all: *all }.into(),
         Command::Revert { id } => request::Revert { id: id.clone() }.into(),
@@ -553,6 +504,97 @@ pub fn request_for(command: &Command) -> Result<Request, String> {
         }
         Command::Leash => request::Leash.into(),
     })
+}
+
+/// How many targets a fault subcommand names (a `key=value` in `inject`'s SERVICE slot is a parameter).
+fn target_count(command: &Command) -> usize {
+    match command {
+        Command::Kill { target, .. } | Command::Pause { target, .. } => target.count(),
+        Command::Latency { target, words, .. } => target.count() + words.len() - 1,
+        Command::Inject { target, .. } => {
+            target.count() - usize::from(target.name.as_deref().is_some_and(|n| n.contains('=')))
+        }
+        _ => 0,
+    }
+}
+
+/// `lymph-chaos latency [SERVICE] DELAY`: the 2015 `Chaos.inject_latency` call.
+fn latency_request(
+    target: &TargetFlags,
+    words: &[String],
+    jitter: Option<&str>,
+    direction: Option<&str>,
+    common: &CommonArgs,
+) -> Result<request::InjectLatency, String> {
+    let (name, latency) = match words {
+        [name, latency] => (Some(name), latency),
+        [latency] => (None, latency),
+        _ => return Err("give [SERVICE] DELAY".into()),
+    };
+    let target = match name {
+        Some(name) => Target::Service { name: name.clone() },
+        // The 2015 call: without a target, every lymph service on the agent's host.
+        None => target.target()?.unwrap_or(Target::AllServices),
+    };
+    let direction = match direction {
+        None => Direction::default(),
+        Some(d) => serde_json::from_value(Json::String(d.to_owned()))
+            .map_err(|_| format!("direction `{d}` is not one of to, from, both"))?,
+    };
+    let params = NetworkParams {
+        delay: seconds("latency", latency)?,
+        jitter: jitter.map(|j| seconds("jitter", j)).transpose()?.unwrap_or_default(),
+        direction,
+        ..NetworkParams::default()
+    };
+    Ok(request::InjectLatency { target, params, options: common.options()? })
+}
+
+/// `lymph-chaos inject KIND … KEY=VALUE…`: the parameters go through the API's own decoding of `Chaos.inject`
+/// ([`request::Inject::from_params`]), so the command line takes exactly what the RPC takes.
+fn inject_request(
+    kind: &str,
+    target: &TargetArgs,
+    peer: &PeerArgs,
+    params: &[String],
+    common: &CommonArgs,
+) -> Result<request::Inject, String> {
+    // `inject loss --port 80 loss=30`: the first key=value lands in the SERVICE slot.
+    let mut params = params.to_vec();
+    let mut target_name = target.name.clone();
+    if target_name.as_deref().is_some_and(|n| n.contains('=')) {
+        params.insert(0, target_name.take().unwrap_or_default());
+    }
+    let target = TargetArgs { name: target_name, flags: target.flags.clone() };
+    let mut map = key_values(&params)?;
+    for (key, value) in [("peer", &peer.peer), ("peer_host", &peer.peer_host), ("peer_cidr", &peer.peer_cidr)] {
+        if let Some(v) = value {
+            map.insert(key.to_owned(), Json::String(v.clone()));
+        }
+    }
+    // Resource faults without a target act on the host; the others say they need one.
+    let target = target.target()?.unwrap_or(Target::AllServices);
+    let subject = chaos_api::Method::Inject.subject();
+    let mut request = request::Inject::from_params(&subject, kind, &map, target).map_err(|err| match err {
+        RpcError::Error { message, .. } => message,
+        other => other.to_string(),
+    })?;
+    common.overlay(&mut request.options)?;
+    Ok(request)
+}
+
+/// `key=value` words as JSON: numbers and true/false are typed, anything else is a string.
+fn key_values(params: &[String]) -> Result<Map<String, Json>, String> {
+    let mut map = Map::new();
+    for p in params {
+        let (k, v) = p.split_once('=').ok_or_else(|| format!("parameter `{p}` is not key=value"))?;
+        let value = serde_json::from_str::<Json>(v)
+            .ok()
+            .filter(|j| !j.is_string())
+            .unwrap_or_else(|| Json::String(v.to_owned()));
+        map.insert(k.to_owned(), value);
+    }
+    Ok(map)
 }
 
 /// `lymph-chaos completions SHELL`: the completion script on stdout.
@@ -701,7 +743,7 @@ fn observed_text(o: &Json) -> String {
 }
 
 /// A short human rendering of an answer.
-pub fn human(method: &str, j: &Json) -> String {
+pub(crate) fn human(method: &str, j: &Json) -> String {
     let fault_line = |f: &Json| -> String {
         let mut line = format!(
             "{:<12} {:<10} {:<9} {}",

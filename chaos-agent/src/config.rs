@@ -36,7 +36,7 @@ pub enum ConfigError {
 }
 
 /// ZooKeeper of a default lymph deployment.
-pub const DEFAULT_ZOOKEEPER: &str = "127.0.0.1:2181";
+pub(crate) const DEFAULT_ZOOKEEPER: &str = "127.0.0.1:2181";
 
 /// The whole configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -91,14 +91,14 @@ pub struct RpcConfig {
     pub port: u16,
     /// Address to advertise in ZooKeeper (defaults to `$LYMPH_NODE_IP`, then the bind address; `0.0.0.0` is
     /// replaced by the host's primary address).
-    pub advertise: Option<String>,
+    pub(crate) advertise: Option<String>,
     /// Client networks allowed to connect (CIDR); empty = loopback only, and then `bind` must be a loopback address
     /// (an agent bound elsewhere with neither this nor CURVE refuses to start).
     pub allowed_clients: Vec<String>,
     /// CURVE: path of a file holding the agent's secret key (Z85). When set, clients must use CURVE.
     pub curve_secret_key_file: Option<PathBuf>,
     /// CURVE: Z85 public keys of allowed clients (empty = any client that knows the server key).
-    pub curve_client_keys: Vec<String>,
+    pub(crate) curve_client_keys: Vec<String>,
 }
 
 impl Default for RpcConfig {
@@ -125,26 +125,26 @@ pub struct FaultsConfig {
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub max_lifetime: Duration,
     /// Largest share (%) of one service's instances a single fault may hit; `None` = no cap.
-    pub max_instance_share: Option<f64>,
+    pub(crate) max_instance_share: Option<f64>,
     /// Process targets outside lymph instances must match one of these (substring of the command line, or
     /// `/regex/`). Empty = only lymph instances can be targeted.
-    pub allowed_processes: Vec<String>,
+    pub(crate) allowed_processes: Vec<String>,
     /// Extra processes that are never targeted (same syntax), on top of the built-in guards.
-    pub protected_processes: Vec<String>,
+    pub(crate) protected_processes: Vec<String>,
     /// Seconds to wait after SIGTERM before SIGKILL for `terminate` faults.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
-    pub terminate_grace: Duration,
+    pub(crate) terminate_grace: Duration,
     /// Directories disk faults may fill (a request's `path` must be one of them or lie below one; the first is the
     /// default). Default: `/var/lib/lymph-chaos/fill`, created by the agent (root-only). Empty = no disk faults.
-    pub disk_paths: Vec<PathBuf>,
+    pub(crate) disk_paths: Vec<PathBuf>,
     /// Allow disk faults on memory-backed filesystems (tmpfs, ramfs): a fill there takes memory, not disk.
-    pub allow_memory_filesystems: bool,
+    pub(crate) allow_memory_filesystems: bool,
     /// Most faults active at once.
-    pub max_active: usize,
+    pub(crate) max_active: usize,
     /// Most memory (% of the machine's total) all memory faults together may hold.
-    pub max_memory_percent: f64,
+    pub(crate) max_memory_percent: f64,
     /// Allow network faults on ports no local process listens on (e.g. a remote peer's port).
-    pub allow_unbound_ports: bool,
+    pub(crate) allow_unbound_ports: bool,
 }
 
 impl Default for FaultsConfig {
@@ -172,13 +172,13 @@ pub struct NetworkConfig {
     /// Allow network faults (`--no-network-control` turns this off).
     pub enabled: bool,
     /// Interfaces to attach to; empty = every interface that is up.
-    pub interfaces: Vec<String>,
+    pub(crate) interfaces: Vec<String>,
     /// Our IFB device's name.
     pub ifb: String,
     /// bpffs directory for our pinned maps.
     pub pin_dir: PathBuf,
     /// Highest packet rate through one fault (sizes netem's queue).
-    pub max_packets_per_sec: u64,
+    pub(crate) max_packets_per_sec: u64,
 }
 
 impl Default for NetworkConfig {
@@ -196,15 +196,15 @@ impl Default for NetworkConfig {
 /// One entry of the unleashed menu: a fault template (the same keys as `Chaos.inject`, minus the target).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct MenuItem {
+pub(crate) struct MenuItem {
     /// `kill`, `terminate`, `pause`, `latency`, `loss`, `blackhole`, `rate`, `duplicate`, `corrupt`, `reorder`.
-    pub kind: String,
+    pub(crate) kind: String,
     /// Relative weight (default 1).
     #[serde(default = "one")]
-    pub weight: f64,
+    pub(crate) weight: f64,
     /// Parameters (as for `Chaos.inject`).
     #[serde(default)]
-    pub params: serde_json::Map<String, serde_json::Value>,
+    pub(crate) params: serde_json::Map<String, serde_json::Value>,
 }
 
 fn one() -> f64 {
@@ -218,21 +218,21 @@ pub struct UnleashConfig {
     /// Start unleashed.
     pub enabled: bool,
     /// Seed (random when empty; always recorded).
-    pub seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Mean time between faults.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
-    pub mean_interval: Duration,
+    pub(crate) mean_interval: Duration,
     /// Minimum time between faults.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
-    pub min_gap: Duration,
+    pub(crate) min_gap: Duration,
     /// Only act between these local times (`"09:00"`–`"15:00"`); empty = any time.
-    pub window: Option<TimeWindow>,
+    pub(crate) window: Option<TimeWindow>,
     /// At most this many active unleashed faults per service.
-    pub max_per_service: u32,
+    pub(crate) max_per_service: u32,
     /// Services never chosen.
-    pub exclude_services: Vec<String>,
+    pub(crate) exclude_services: Vec<String>,
     /// Faults to choose from.
-    pub menu: Vec<MenuItem>,
+    pub(crate) menu: Vec<MenuItem>,
 }
 
 impl Default for UnleashConfig {
@@ -253,14 +253,14 @@ impl Default for UnleashConfig {
 /// A daily time window.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct TimeWindow {
+pub(crate) struct TimeWindow {
     /// Start, `HH:MM` local time.
-    pub start: String,
+    pub(crate) start: String,
     /// End, `HH:MM` local time.
-    pub end: String,
+    pub(crate) end: String,
     /// Monday to Friday only.
     #[serde(default)]
-    pub weekdays_only: bool,
+    pub(crate) weekdays_only: bool,
 }
 
 /// Event log.
@@ -270,11 +270,11 @@ pub struct EventsConfig {
     /// JSON lines file; empty = memory only.
     pub file: Option<PathBuf>,
     /// Rotate when the file reaches this size.
-    pub max_bytes: u64,
+    pub(crate) max_bytes: u64,
     /// Rotated files kept (`events.jsonl.1` …).
-    pub keep: u32,
+    pub(crate) keep: u32,
     /// Events kept in memory for `Chaos.events`.
-    pub memory: usize,
+    pub(crate) memory: usize,
 }
 
 impl Default for EventsConfig {
@@ -298,7 +298,7 @@ impl Config {
     ///
     /// # Errors
     /// Invalid YAML, unknown keys, out-of-range values.
-    pub fn from_yaml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    pub(crate) fn from_yaml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = if text.trim().is_empty() {
             Config::default()
         } else {
@@ -376,20 +376,20 @@ impl Config {
     }
 
     /// Path of a file in the state directory.
-    pub fn state_file(&self, name: &str) -> PathBuf {
+    pub(crate) fn state_file(&self, name: &str) -> PathBuf {
         self.state_dir.join(name)
     }
 }
 
 /// Parses `HH:MM` into minutes after midnight.
-pub fn parse_hhmm(s: &str) -> Option<u32> {
+pub(crate) fn parse_hhmm(s: &str) -> Option<u32> {
     let (h, m) = s.trim().split_once(':')?;
     let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
     (h < 24 && m < 60).then_some(h * 60 + m)
 }
 
 /// Parses `a.b.c.d`, `a.b.c.d/n`, `::1`, `fe80::/10`.
-pub fn parse_cidr(s: &str) -> Option<(std::net::IpAddr, u8)> {
+pub(crate) fn parse_cidr(s: &str) -> Option<(std::net::IpAddr, u8)> {
     let (addr, len) = match s.split_once('/') {
         // Digits only (no sign, no spaces), at most 3 of them.
         Some((a, l)) if !l.is_empty() && l.len() <= 3 && l.bytes().all(|b| b.is_ascii_digit()) => {
@@ -411,7 +411,7 @@ pub fn parse_cidr(s: &str) -> Option<(std::net::IpAddr, u8)> {
     (len <= max).then_some((ip, len))
 }
 
-pub use chaos_api::units::parse_duration;
+pub(crate) use chaos_api::units::parse_duration;
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]

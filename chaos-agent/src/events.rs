@@ -15,12 +15,12 @@ use tracing::warn;
 
 use crate::config::EventsConfig;
 
-pub use chaos_api::reply::{Action, Event};
+pub(crate) use chaos_api::reply::{Action, Event};
 
 /// Largest event kept (serialized); a larger one keeps its summary fields and loses the client-supplied rest.
-pub const MAX_EVENT_BYTES: usize = 8 << 10;
+pub(crate) const MAX_EVENT_BYTES: usize = 8 << 10;
 /// Most bytes the in-memory log holds (serialized), whatever `events.memory` says.
-pub const MAX_MEMORY_BYTES: usize = 16 << 20;
+pub(crate) const MAX_MEMORY_BYTES: usize = 16 << 20;
 
 fn cut(s: &mut String, max: usize) {
     if s.len() > max {
@@ -71,14 +71,14 @@ struct Inner {
 }
 
 /// The event log.
-pub struct EventLog {
+pub(crate) struct EventLog {
     config: EventsConfig,
     inner: Mutex<Inner>,
 }
 
 impl EventLog {
     /// Opens (appends to) the configured file.
-    pub fn open(config: EventsConfig) -> EventLog {
+    pub(crate) fn open(config: EventsConfig) -> EventLog {
         let (file, written, next_seq) = match &config.file {
             Some(path) => {
                 if let Some(dir) = path.parent() {
@@ -112,7 +112,7 @@ impl EventLog {
     }
 
     /// Records an event (fills `seq` and `time`) and returns it.
-    pub fn record(&self, mut event: Event) -> Event {
+    pub(crate) fn record(&self, mut event: Event) -> Event {
         let mut inner = self.inner.lock().expect("poisoned");
         event.seq = inner.next_seq;
         inner.next_seq += 1;
@@ -168,7 +168,7 @@ impl EventLog {
     }
 
     /// Events with `seq > since`, oldest first, at most `limit` (the newest ones when more match).
-    pub fn query(&self, since: u64, limit: usize) -> Vec<Event> {
+    pub(crate) fn query(&self, since: u64, limit: usize) -> Vec<Event> {
         let inner = self.inner.lock().expect("poisoned");
         let matching: Vec<&Event> = inner.memory.iter().map(|(e, _)| e).filter(|e| e.seq > since).collect();
         let skip = matching.len().saturating_sub(limit);
@@ -176,12 +176,12 @@ impl EventLog {
     }
 
     /// Events recorded since start, by (action, kind).
-    pub fn counts(&self) -> Vec<((String, String), u64)> {
+    pub(crate) fn counts(&self) -> Vec<((String, String), u64)> {
         self.inner.lock().expect("poisoned").counts.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
     /// The last sequence number used.
-    pub fn last_seq(&self) -> u64 {
+    pub(crate) fn last_seq(&self) -> u64 {
         self.inner.lock().expect("poisoned").next_seq - 1
     }
 }

@@ -56,18 +56,18 @@ struct Orders {
 }
 
 /// The agent's side: dismiss it on clean shutdown.
-pub struct Guardian {
+pub(crate) struct Guardian {
     pipe: std::fs::File,
 }
 
 impl Guardian {
     /// Tells the guardian the agent shut down cleanly.
-    pub fn dismiss(mut self) {
+    pub(crate) fn dismiss(mut self) {
         let _ = self.pipe.write_all(&[DISMISS]);
     }
 }
 
-pub use crate::procinfo::own_executable;
+pub(crate) use crate::procinfo::own_executable;
 
 /// Name the guardian runs under (`argv[0]`): how a new agent recognises a leftover guardian.
 const GUARDIAN_ARG0: &str = "lymph-chaos-guardian";
@@ -76,7 +76,7 @@ const SCOPE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts the guardian (stopping a leftover one first). `None` when this process is not the `lymph-chaos`
 /// executable (e.g. the agent library inside a test).
-pub fn spawn(config: &Config) -> Option<Guardian> {
+pub(crate) fn spawn(config: &Config) -> Option<Guardian> {
     stop_leftover(&config.state_dir);
     let exe = own_executable()?;
     if let Some(service) = systemd_service() {

@@ -16,41 +16,41 @@ use crate::procinfo::ProcInfo;
 
 /// How to undo one fault.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Fault id.
-    pub fault: String,
+    pub(crate) fault: String,
     /// Kind, for messages.
-    pub kind: String,
+    pub(crate) kind: String,
     /// Wall-clock expiry (unix seconds).
-    pub expires_at: f64,
+    pub(crate) expires_at: f64,
     /// Stopped processes to SIGCONT.
     #[serde(default)]
-    pub paused: Vec<ProcInfo>,
+    pub(crate) paused: Vec<ProcInfo>,
     /// Worker processes of resource faults to kill.
     #[serde(default)]
-    pub workers: Vec<ProcInfo>,
+    pub(crate) workers: Vec<ProcInfo>,
     /// Files to delete (disk fill).
     #[serde(default)]
-    pub files: Vec<PathBuf>,
+    pub(crate) files: Vec<PathBuf>,
     /// Whether the fault has network rules.
     #[serde(default)]
-    pub network: bool,
+    pub(crate) network: bool,
 }
 
 /// The journal file.
-pub struct Journal {
+pub(crate) struct Journal {
     path: PathBuf,
     entries: Mutex<Vec<Entry>>,
 }
 
 impl Journal {
     /// Opens the journal at `path` (an absent file is empty).
-    pub fn open(path: &Path) -> Journal {
+    pub(crate) fn open(path: &Path) -> Journal {
         Journal { path: path.to_owned(), entries: Mutex::new(Vec::new()) }
     }
 
     /// Entries left by an earlier run (read from disk).
-    pub fn leftovers(&self) -> Vec<Entry> {
+    pub(crate) fn leftovers(&self) -> Vec<Entry> {
         read(&self.path)
     }
 
@@ -58,7 +58,7 @@ impl Journal {
     ///
     /// # Errors
     /// When the file cannot be written (the caller must not touch anything then).
-    pub fn put(&self, entry: Entry) -> std::io::Result<()> {
+    pub(crate) fn put(&self, entry: Entry) -> std::io::Result<()> {
         let mut entries = self.entries.lock().expect("poisoned");
         entries.retain(|e| e.fault != entry.fault);
         entries.push(entry);
@@ -69,7 +69,7 @@ impl Journal {
     ///
     /// # Errors
     /// When the file cannot be written.
-    pub fn remove(&self, fault: &str) -> std::io::Result<()> {
+    pub(crate) fn remove(&self, fault: &str) -> std::io::Result<()> {
         let mut entries = self.entries.lock().expect("poisoned");
         let before = entries.len();
         entries.retain(|e| e.fault != fault);
@@ -83,20 +83,20 @@ impl Journal {
     ///
     /// # Errors
     /// When the file cannot be written.
-    pub fn clear(&self) -> std::io::Result<()> {
+    pub(crate) fn clear(&self) -> std::io::Result<()> {
         let mut entries = self.entries.lock().expect("poisoned");
         entries.clear();
         write(&self.path, &entries)
     }
 
     /// Current entries.
-    pub fn entries(&self) -> Vec<Entry> {
+    pub(crate) fn entries(&self) -> Vec<Entry> {
         self.entries.lock().expect("poisoned").clone()
     }
 }
 
 /// Reads a journal file (missing or unreadable = empty).
-pub fn read(path: &Path) -> Vec<Entry> {
+pub(crate) fn read(path: &Path) -> Vec<Entry> {
     std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
 }
 

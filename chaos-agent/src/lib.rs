@@ -14,24 +14,26 @@
 //!   instances it hits
 //! - [`experiment`] — chaos experiments: steady state, method, safeguards, report (`lymph-chaos run`)
 //! - [`config`], [`paths`], [`metrics`]
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod agent;
-pub mod chaos;
+pub(crate) mod chaos;
 pub mod cli;
 pub mod config;
-pub mod discovery;
-pub mod events;
+pub(crate) mod discovery;
+pub(crate) mod events;
 pub mod experiment;
 pub mod faults;
 #[cfg(test)]
 mod fuzz;
 pub mod guardian;
-pub mod journal;
+pub(crate) mod journal;
 pub mod lymph_config;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod paths;
-pub mod procinfo;
+pub(crate) mod procinfo;
 pub mod rpc;
-pub mod unleash;
+pub(crate) mod unleash;
 mod util;
 
 pub use chaos_api::{scenario, selection};

@@ -50,15 +50,15 @@ use yaml_serde::{Mapping, Value};
 use crate::config::Config;
 
 /// The node's config file (set by `lymph node` for its instances).
-pub const NODE_CONFIG_ENV: &str = "LYMPH_NODE_CONFIG";
+pub(crate) const NODE_CONFIG_ENV: &str = "LYMPH_NODE_CONFIG";
 /// An explicit lymph config file.
-pub const CONFIG_ENV: &str = "LYMPH_CONFIG";
+pub(crate) const CONFIG_ENV: &str = "LYMPH_CONFIG";
 /// The `$(var.…)` file.
-pub const VARS_ENV: &str = "LYMPH_VARS";
+pub(crate) const VARS_ENV: &str = "LYMPH_VARS";
 /// The instance's name in the node's `instances:`.
-pub const SERVICE_NAME_ENV: &str = "LYMPH_SERVICE_NAME";
+pub(crate) const SERVICE_NAME_ENV: &str = "LYMPH_SERVICE_NAME";
 /// Listening sockets the node shares with its instances (JSON `{port: fd}`).
-pub const SHARED_SOCKETS_ENV: &str = "LYMPH_SHARED_SOCKET_FDS";
+pub(crate) const SHARED_SOCKETS_ENV: &str = "LYMPH_SHARED_SOCKET_FDS";
 /// Sections lymph takes from the node's config file.
 const NODE_SECTIONS: &[&str] = &["container", "registry", "event_system", "plugins", "dependencies"];
 /// The registry class whose hosts we can use.
@@ -68,7 +68,7 @@ const KAZOO_DEFAULT_HOSTS: &str = "127.0.0.1:2181";
 
 /// Why the lymph configuration could not be used.
 #[derive(Debug, thiserror::Error)]
-pub enum LymphConfigError {
+pub(crate) enum LymphConfigError {
     /// A file cannot be read.
     #[error("cannot read the lymph configuration {path}: {source}")]
     Read {
@@ -103,11 +103,11 @@ pub enum LymphConfigError {
 
 /// ZooKeeper hosts found in a lymph configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LymphZookeeper {
+pub(crate) struct LymphZookeeper {
     /// kazoo's `hosts` (`host:port[,…][/chroot]`).
-    pub hosts: String,
+    pub(crate) hosts: String,
     /// The files they came from (node config first).
-    pub sources: Vec<PathBuf>,
+    pub(crate) sources: Vec<PathBuf>,
 }
 
 /// The hook for `lymph-chaos agent`: unless the agent's own configuration file names `zookeeper` (any value,
@@ -149,7 +149,9 @@ fn names_zookeeper(path: &Path) -> bool {
 ///
 /// # Errors
 /// [`LymphConfigError`] when a file is unreadable or invalid, or its registry is not ZooKeeper.
-pub fn zookeeper_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<LymphZookeeper>, LymphConfigError> {
+pub(crate) fn zookeeper_from_env(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<LymphZookeeper>, LymphConfigError> {
     let node = env(NODE_CONFIG_ENV).filter(|s| !s.is_empty()).map(PathBuf::from);
     let own = env(CONFIG_ENV).filter(|s| !s.is_empty()).map(PathBuf::from);
     if node.is_none() && own.is_none() {

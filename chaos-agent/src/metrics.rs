@@ -24,7 +24,7 @@ const MAX_CONNECTIONS: usize = 16;
 ///
 /// # Errors
 /// When the address cannot be bound.
-pub async fn serve(
+pub(crate) async fn serve(
     addr: &str,
     server: Arc<Server>,
     manager: Arc<FaultManager>,
@@ -84,7 +84,7 @@ fn esc(s: &str) -> String {
 }
 
 /// Renders every metric in Prometheus text format.
-pub async fn render(server: &Server, manager: &FaultManager, events: &EventLog) -> String {
+pub(crate) async fn render(server: &Server, manager: &FaultManager, events: &EventLog) -> String {
     let mut out = String::new();
     let faults = manager.list(false).await;
     let _ = writeln!(out, "# HELP lymph_chaos_active_faults Faults in effect.\n# TYPE lymph_chaos_active_faults gauge");

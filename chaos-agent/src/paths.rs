@@ -5,13 +5,13 @@ pub const CONFIG_FILE: &str = "/etc/lymph-chaos/config.yml";
 /// Runtime state (tmpfs: a reboot wipes it together with the kernel state it describes).
 pub const STATE_DIR: &str = "/run/lymph-chaos";
 /// Journal of faults, inside the state directory.
-pub const JOURNAL_NAME: &str = "journal.json";
+pub(crate) const JOURNAL_NAME: &str = "journal.json";
 /// Network state (clsact qdiscs we created), inside the state directory.
-pub const NET_STATE_NAME: &str = "network.json";
+pub(crate) const NET_STATE_NAME: &str = "network.json";
 /// Pid file of the agent, inside the state directory.
-pub const PID_NAME: &str = "agent.pid";
+pub(crate) const PID_NAME: &str = "agent.pid";
 /// Default network state file.
-pub const NET_STATE_FILE: &str = "/run/lymph-chaos/network.json";
+pub(crate) const NET_STATE_FILE: &str = "/run/lymph-chaos/network.json";
 /// Where our BPF maps are pinned (bpffs).
 pub const BPF_PIN_DIR: &str = "/sys/fs/bpf/lymph-chaos";
 /// Where the agent mounts cgroup v2 for a moment when none is mounted (to attach its socket-owner programs to the
@@ -20,9 +20,9 @@ pub const CGROUP2_MOUNT: &str = "/run/lymph-chaos/cgroup2";
 /// Event log (JSON lines, rotated).
 pub const EVENTS_FILE: &str = "/var/log/lymph-chaos/events.jsonl";
 /// Name prefix of disk-fill files (`<dir>/.lymph-chaos-fill-<fault id>`).
-pub const FILL_FILE_PREFIX: &str = ".lymph-chaos-fill";
+pub(crate) const FILL_FILE_PREFIX: &str = ".lymph-chaos-fill";
 /// Default directory of disk-fill files (`faults.disk_paths`), created root-only by the agent.
-pub const DISK_FILL_DIR: &str = "/var/lib/lymph-chaos/fill";
+pub(crate) const DISK_FILL_DIR: &str = "/var/lib/lymph-chaos/fill";
 /// Default RPC port of the agent (fixed, so lymph clients and the CLI find a standalone agent).
 pub const DEFAULT_RPC_PORT: u16 = 4575;
-pub use chaos_api::SERVICE_NAME;
+pub(crate) use chaos_api::SERVICE_NAME;

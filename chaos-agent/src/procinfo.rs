@@ -11,17 +11,17 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ProcInfo {
     /// Pid.
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// Parent pid.
-    pub ppid: i32,
+    pub(crate) ppid: i32,
     /// `comm` (kernel name, 15 chars).
-    pub comm: String,
+    pub(crate) comm: String,
     /// Command line (NULs as spaces).
-    pub cmdline: String,
+    pub(crate) cmdline: String,
     /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22): with the pid, identifies the process.
-    pub start_time: u64,
+    pub(crate) start_time: u64,
     /// Kernel thread (`PF_KTHREAD`).
-    pub kthread: bool,
+    pub(crate) kthread: bool,
     /// State letter (`R`, `S`, `T` stopped, `Z` zombie …).
     pub state: char,
 }
@@ -60,7 +60,7 @@ pub fn still_running(info: &ProcInfo) -> bool {
 }
 
 /// The command line of a process, NULs turned into spaces (setproctitle may leave padding).
-pub fn cmdline(pid: i32) -> Option<String> {
+pub(crate) fn cmdline(pid: i32) -> Option<String> {
     let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let text: String = String::from_utf8_lossy(&raw).replace('\0', " ");
     let text = text.trim().to_owned();
@@ -68,7 +68,7 @@ pub fn cmdline(pid: i32) -> Option<String> {
 }
 
 /// Whether this executable is the agent's (guardians and workers re-execute it).
-pub fn own_executable() -> Option<PathBuf> {
+pub(crate) fn own_executable() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let name = exe.file_name()?.to_str()?;
     (name == "lymph-chaos").then_some(exe)

@@ -26,10 +26,21 @@ use crate::{
 
 const ORIGIN: &str = "unleash";
 
-pub use chaos_api::reply::UnleashState;
+pub(crate) use chaos_api::reply::UnleashState;
+
+/// Why unleashed mode does not start (a `ValueError` on the wire).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum UnleashError {
+    /// The configuration names no fault to choose from.
+    #[error("unleash.menu is empty: nothing to choose from")]
+    EmptyMenu,
+    /// A mean interval of zero would fire faults back to back.
+    #[error("mean_interval must be above 0")]
+    ZeroMeanInterval,
+}
 
 /// Runs unleashed mode.
-pub struct Unleasher {
+pub(crate) struct Unleasher {
     config: UnleashConfig,
     agent_dry_run: bool,
     manager: Arc<FaultManager>,
@@ -41,7 +52,7 @@ pub struct Unleasher {
 
 impl Unleasher {
     /// Creates it (stopped).
-    pub fn new(
+    pub(crate) fn new(
         config: UnleashConfig,
         agent_dry_run: bool,
         manager: Arc<FaultManager>,
@@ -68,28 +79,28 @@ impl Unleasher {
     }
 
     /// Current state.
-    pub fn state(&self) -> UnleashState {
+    pub(crate) fn state(&self) -> UnleashState {
         self.state.lock().expect("poisoned").clone()
     }
 
     /// Starts (or restarts) with optional overrides.
     ///
     /// # Errors
-    /// Invalid intervals or an empty menu.
-    pub fn start(
+    /// [`UnleashError`]: an empty menu or a zero mean interval.
+    pub(crate) fn start(
         &self,
         seed: Option<u64>,
         mean: Option<Duration>,
         gap: Option<Duration>,
         dry_run: Option<bool>,
-    ) -> Result<UnleashState, String> {
+    ) -> Result<UnleashState, UnleashError> {
         if self.config.menu.is_empty() {
-            return Err("unleash.menu is empty: nothing to choose from".into());
+            return Err(UnleashError::EmptyMenu);
         }
         let mean = mean.unwrap_or(self.config.mean_interval);
         let gap = gap.unwrap_or(self.config.min_gap);
         if mean.is_zero() {
-            return Err("mean_interval must be above 0".into());
+            return Err(UnleashError::ZeroMeanInterval);
         }
         self.stop_task();
         let seed = seed.or(self.config.seed).unwrap_or_else(rand::random);
@@ -134,7 +145,7 @@ impl Unleasher {
     }
 
     /// Stops; faults already started run out their lifetime.
-    pub fn stop(&self) -> UnleashState {
+    pub(crate) fn stop(&self) -> UnleashState {
         let was = self.stop_task();
         let mut state = self.state.lock().expect("poisoned");
         state.enabled = false;

@@ -48,22 +48,47 @@ pub struct Kill {
     pub options: FaultOptions,
 }
 
-/// `Chaos.terminate`: SIGTERM, then SIGKILL after the agent's grace period.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Terminate {
-    /// What to terminate.
-    pub target: Target,
-    /// Id, selection, lifetime, dry run, seed.
-    pub options: FaultOptions,
+/// Process faults that take a target and the common options and nothing else: the same request shape, a method
+/// each.
+macro_rules! target_only_requests {
+    ($($(#[$doc:meta])* $ty:ident: $what:literal;)*) => {$(
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq)]
+        pub struct $ty {
+            #[doc = $what]
+            pub target: Target,
+            /// Id, selection, lifetime, dry run, seed.
+            pub options: FaultOptions,
+        }
+
+        impl Decode for $ty {
+            fn decode(args: &Args) -> Result<$ty, RpcError> {
+                Ok($ty { target: args.target(None)?, options: args.options()? })
+            }
+        }
+
+        impl ChaosRequest for $ty {
+            const METHOD: Method = Method::$ty;
+
+            fn from_kwargs(kwargs: Kwargs) -> Result<$ty, RpcError> {
+                $ty::decode_kwargs(kwargs)
+            }
+
+            fn to_kwargs(&self) -> Map<String, Json> {
+                let mut map = Map::new();
+                put_target(&mut map, &self.target);
+                put_options(&mut map, &self.options);
+                map
+            }
+        }
+    )*};
 }
 
-/// `Chaos.pause`: SIGSTOP for the lifetime, then SIGCONT.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Pause {
-    /// What to pause.
-    pub target: Target,
-    /// Id, selection, lifetime, dry run, seed.
-    pub options: FaultOptions,
+target_only_requests! {
+    /// `Chaos.terminate`: SIGTERM, then SIGKILL after the agent's grace period.
+    Terminate: "What to terminate.";
+    /// `Chaos.pause`: SIGSTOP for the lifetime, then SIGCONT.
+    Pause: "What to pause.";
 }
 
 /// `Chaos.inject_latency`: the 2015 call (latency in seconds, default 1; no target = every local lymph service).
@@ -655,48 +680,6 @@ impl ChaosRequest for Kill {
     }
 }
 
-impl Decode for Terminate {
-    fn decode(args: &Args) -> Result<Terminate, RpcError> {
-        Ok(Terminate { target: args.target(None)?, options: args.options()? })
-    }
-}
-
-impl ChaosRequest for Terminate {
-    const METHOD: Method = Method::Terminate;
-
-    fn from_kwargs(kwargs: Kwargs) -> Result<Terminate, RpcError> {
-        Terminate::decode_kwargs(kwargs)
-    }
-
-    fn to_kwargs(&self) -> Map<String, Json> {
-        let mut map = Map::new();
-        put_target(&mut map, &self.target);
-        put_options(&mut map, &self.options);
-        map
-    }
-}
-
-impl Decode for Pause {
-    fn decode(args: &Args) -> Result<Pause, RpcError> {
-        Ok(Pause { target: args.target(None)?, options: args.options()? })
-    }
-}
-
-impl ChaosRequest for Pause {
-    const METHOD: Method = Method::Pause;
-
-    fn from_kwargs(kwargs: Kwargs) -> Result<Pause, RpcError> {
-        Pause::decode_kwargs(kwargs)
-    }
-
-    fn to_kwargs(&self) -> Map<String, Json> {
-        let mut map = Map::new();
-        put_target(&mut map, &self.target);
-        put_options(&mut map, &self.options);
-        map
-    }
-}
-
 impl Decode for InjectLatency {
     fn decode(args: &Args) -> Result<InjectLatency, RpcError> {
         // 2015 shape: latency in seconds, default 1; no target = every lymph service here.
@@ -1023,6 +1006,43 @@ mod tests {
 
     fn s(text: &str) -> Value {
         Value::Str(text.into())
+    }
+
+    /// The parameter table of each method (what `lymph inspect Chaos` and api.json list, and what decoding lets
+    /// through) agrees with the decoding: every listed parameter is looked at. Given a value no parameter takes
+    /// (a map), decoding fails and names it; a listed parameter the decoder ignored would decode without error.
+    #[test]
+    fn every_listed_parameter_is_decoded() {
+        let junk = Value::Map(vec![(s("x"), Value::Int(1))]);
+        for method in Method::ALL {
+            for &param in method.params() {
+                let mut given = vec![(param, junk.clone())];
+                // What a call needs besides the parameter under test: a kind that takes it, its required value.
+                if *method == Method::Inject && param != "kind" {
+                    let kind = crate::fault::FaultKind::ALL
+                        .iter()
+                        .find(|k| k.params().contains(&param))
+                        .map_or("kill", |k| k.name());
+                    given.push(("kind", s(kind)));
+                    for (key, value) in [("latency", Value::Float(0.1)), ("loss", Value::Int(1))] {
+                        if kind == key && param != key {
+                            given.push((key, value));
+                        }
+                    }
+                }
+                if method.params().contains(&"name") && !TARGETING.contains(&param) {
+                    given.push(("name", s("Echo")));
+                }
+                if *method == Method::Revert && param != "id" {
+                    given.push(("id", s("f1")));
+                }
+                let err = Request::decode(*method, kwargs(&given)).expect_err(&format!(
+                    "{}({param}=<map>) decoded: the parameter is listed but not read",
+                    method.subject()
+                ));
+                assert!(err.to_string().contains(param), "{}({param}=<map>): {err}", method.subject());
+            }
+        }
     }
 
     #[test]

@@ -19,26 +19,26 @@ use super::{
 
 /// A lymph process found in `/proc`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LymphProcess {
+pub(crate) struct LymphProcess {
     /// Its pid.
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// Container identity from the title.
-    pub identity: String,
+    pub(crate) identity: String,
     /// RPC endpoint from the title.
-    pub endpoint: String,
+    pub(crate) endpoint: String,
     /// The whole title.
-    pub title: String,
+    pub(crate) title: String,
 }
 
 /// Parses a lymph process title.
-pub fn parse_title(cmdline: &str) -> Option<(String, String)> {
+pub(crate) fn parse_title(cmdline: &str) -> Option<(String, String)> {
     let rest = cmdline.trim().strip_prefix("lymph-instance (")?;
     let identity = rest.strip_prefix("identity: ")?.split(',').next()?.trim().to_owned();
     let endpoint = rest.split("endpoint: ").nth(1)?.split([',', ')']).next()?.trim().to_owned();
     Some((identity, endpoint))
 }
 
-pub use crate::procinfo::cmdline;
+pub(crate) use crate::procinfo::cmdline;
 
 /// The network namespace of a process (`net:[<inode>]`).
 fn netns_of(pid: &str) -> Option<std::path::PathBuf> {
@@ -47,7 +47,7 @@ fn netns_of(pid: &str) -> Option<std::path::PathBuf> {
 
 /// Every lymph instance process of this host that shares our network namespace (the only ones whose endpoints
 /// and ports mean what they say here: two namespaces can each have a `tcp://127.0.0.1:4242`).
-pub fn lymph_processes() -> Vec<LymphProcess> {
+pub(crate) fn lymph_processes() -> Vec<LymphProcess> {
     let ours = netns_of("self");
     sockets::all_pids()
         .into_iter()
@@ -60,11 +60,11 @@ pub fn lymph_processes() -> Vec<LymphProcess> {
         .collect()
 }
 
-pub use chaos_api::node::local_addresses;
+pub(crate) use chaos_api::node::local_addresses;
 
 /// A one-shot view of this host, used to resolve many instances at once.
 #[derive(Debug, Default)]
-pub struct HostView {
+pub(crate) struct HostView {
     listeners: Vec<Listener>,
     owners: HashMap<u64, i32>,
     processes: Vec<LymphProcess>,
@@ -73,7 +73,7 @@ pub struct HostView {
 
 impl HostView {
     /// Reads listening sockets, their owners and lymph processes now.
-    pub fn capture() -> HostView {
+    pub(crate) fn capture() -> HostView {
         let listeners = sockets::tcp_listeners().unwrap_or_default();
         let processes = lymph_processes();
         let inodes: HashSet<u64> = listeners.iter().map(|l| l.inode).collect();
@@ -85,12 +85,12 @@ impl HostView {
     }
 
     /// The lymph processes seen.
-    pub fn processes(&self) -> &[LymphProcess] {
+    pub(crate) fn processes(&self) -> &[LymphProcess] {
         &self.processes
     }
 
     /// The listener a connection to `ip:port` would reach, if any.
-    pub fn listener_for(&self, ip: IpAddr, port: u16) -> Option<&Listener> {
+    pub(crate) fn listener_for(&self, ip: IpAddr, port: u16) -> Option<&Listener> {
         // Prefer an exact address match over a wildcard.
         self.listeners
             .iter()
@@ -99,7 +99,7 @@ impl HostView {
     }
 
     /// The pid holding a listening socket.
-    pub fn owner_of(&mut self, listener: &Listener) -> Option<i32> {
+    pub(crate) fn owner_of(&mut self, listener: &Listener) -> Option<i32> {
         if let Some(pid) = self.owners.get(&listener.inode) {
             return Some(*pid);
         }
@@ -111,7 +111,7 @@ impl HostView {
 
     /// Fills `local`, `pid`, `listening` and `process` of an instance. A host name in its endpoint takes its
     /// address from `names` (answers known now, see [`super::names`]); without one the instance is not here.
-    pub fn resolve(&mut self, inst: &mut Instance, names: &HashMap<String, IpAddr>) {
+    pub(crate) fn resolve(&mut self, inst: &mut Instance, names: &HashMap<String, IpAddr>) {
         inst.local = false;
         inst.pid = None;
         inst.listening = false;

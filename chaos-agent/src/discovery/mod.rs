@@ -13,11 +13,11 @@
 //! (none configured, or unreachable) the agent is *standalone*: instances come from lymph process titles on this
 //! host (their interfaces asked with `lymph.inspect`), and the task keeps retrying ZooKeeper in the background.
 
-pub mod local;
-pub mod names;
-pub mod sockets;
+pub(crate) mod local;
+pub(crate) mod names;
+pub(crate) mod sockets;
 
-pub use chaos_api::{instance, registry as zookeeper};
+pub(crate) use chaos_api::{instance, registry as zookeeper};
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -25,7 +25,7 @@ use std::{
     time::Duration,
 };
 
-pub use instance::{Instance, Registration, Source};
+pub(crate) use instance::{Instance, Registration, Source};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -36,15 +36,15 @@ use crate::rpc::{Value, node::RpcNode, value};
 
 /// How discovery runs.
 #[derive(Clone, Debug)]
-pub struct DiscoveryConfig {
+pub(crate) struct DiscoveryConfig {
     /// ZooKeeper hosts (lymph style, optional `/chroot`); `None` = standalone only.
-    pub zookeeper: Option<String>,
+    pub(crate) zookeeper: Option<String>,
     /// ZooKeeper session timeout.
-    pub session_timeout: Duration,
+    pub(crate) session_timeout: Duration,
     /// How long one connection attempt may take.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// How often the local view (pids, standalone instances) is refreshed when nothing else triggers it.
-    pub local_refresh: Duration,
+    pub(crate) local_refresh: Duration,
 }
 
 impl Default for DiscoveryConfig {
@@ -61,7 +61,7 @@ impl Default for DiscoveryConfig {
 /// State of the ZooKeeper connection.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(tag = "state", rename_all = "lowercase")]
-pub enum ZkState {
+pub(crate) enum ZkState {
     /// No ZooKeeper configured: standalone.
     Disabled,
     /// Not connected (yet); `error` says why the last attempt failed.
@@ -82,19 +82,19 @@ pub enum ZkState {
 
 /// What discovery knows at one moment.
 #[derive(Clone, Debug, Serialize)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// Service name → instances (sorted by id).
-    pub services: BTreeMap<String, Vec<Instance>>,
+    pub(crate) services: BTreeMap<String, Vec<Instance>>,
     /// ZooKeeper state.
-    pub zookeeper: ZkState,
+    pub(crate) zookeeper: ZkState,
     /// Increases with every published snapshot.
-    pub generation: u64,
+    pub(crate) generation: u64,
 }
 
 impl Snapshot {
     /// Instances of `service`: exact name first, else a unique case-insensitive match (the 2015 Scenario used
     /// node config names such as `echo` for the interface `Echo`).
-    pub fn service(&self, name: &str) -> Option<(&str, &[Instance])> {
+    pub(crate) fn service(&self, name: &str) -> Option<(&str, &[Instance])> {
         if let Some((k, v)) = self.services.get_key_value(name) {
             return Some((k.as_str(), v.as_slice()));
         }
@@ -104,7 +104,7 @@ impl Snapshot {
     }
 
     /// Every instance of every service.
-    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
+    pub(crate) fn instances(&self) -> impl Iterator<Item = &Instance> {
         self.services.values().flatten()
     }
 }
@@ -113,7 +113,7 @@ impl Snapshot {
 type InspectResult = (Vec<String>, Option<std::time::Instant>);
 
 /// The discovery service (see the module docs).
-pub struct Discovery {
+pub(crate) struct Discovery {
     config: DiscoveryConfig,
     tx: watch::Sender<Arc<Snapshot>>,
     /// Wakes the discovery task for a scan now (a request, a deregistration, a host name answered).
@@ -131,7 +131,7 @@ pub struct Discovery {
 
 impl Discovery {
     /// Starts discovery. `registration` is ours (`("Chaos", record)`), registered whenever a session is open.
-    pub fn start(
+    pub(crate) fn start(
         config: DiscoveryConfig,
         registration: Option<(String, Registration)>,
         node: Option<RpcNode>,
@@ -158,51 +158,18 @@ impl Discovery {
     }
 
     /// The current snapshot.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
         self.tx.borrow().clone()
     }
 
     /// A receiver that sees every new snapshot.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.tx.subscribe()
-    }
-
-    /// Asks for a rescan now and waits (bounded) for the snapshot it produces.
-    pub async fn refresh(&self) -> Arc<Snapshot> {
-        let mut rx = self.subscribe();
-        let before = rx.borrow_and_update().generation;
-        self.rescan.notify_one();
-        let _ = tokio::time::timeout(Duration::from_secs(3), async {
-            while rx.changed().await.is_ok() {
-                if rx.borrow().generation > before {
-                    break;
-                }
-            }
-        })
-        .await;
-        self.snapshot()
-    }
-
-    /// Waits until `pred` holds for a snapshot, or `timeout` passes; returns the last snapshot.
-    pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&Snapshot) -> bool) -> Arc<Snapshot> {
-        let mut rx = self.subscribe();
-        let _ = tokio::time::timeout(timeout, async {
-            loop {
-                if pred(&rx.borrow_and_update()) {
-                    return;
-                }
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-        .await;
-        self.snapshot()
     }
 
     /// Removes the registrations of a process (all its interfaces) from ZooKeeper, so clients stop routing to it
     /// before its session times out. Returns the paths removed.
-    pub async fn deregister_identity(&self, identity: &str) -> Vec<String> {
+    pub(crate) async fn deregister_identity(&self, identity: &str) -> Vec<String> {
         let client = self.client.lock().expect("poisoned").clone();
         let Some(client) = client else { return Vec::new() };
         let mut removed = Vec::new();
@@ -216,7 +183,7 @@ impl Discovery {
     }
 
     /// Stops discovery and removes our registration.
-    pub async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         self.cancel.cancel();
         let client = self.client.lock().expect("poisoned").take();
         if let (Some(client), Some((service, reg))) = (client, &self.registration) {

@@ -25,13 +25,13 @@ use tracing::{debug, warn};
 use super::instance::{parse_endpoint, split_endpoint};
 
 /// Lookups running at once.
-pub const MAX_IN_FLIGHT: usize = 4;
+pub(crate) const MAX_IN_FLIGHT: usize = 4;
 /// Names remembered.
-pub const MAX_NAMES: usize = 1024;
+pub(crate) const MAX_NAMES: usize = 1024;
 /// How long an answer is used before it is refreshed.
-pub const FRESH: Duration = Duration::from_secs(60);
+pub(crate) const FRESH: Duration = Duration::from_secs(60);
 /// How long after a failed lookup the name is tried again.
-pub const RETRY: Duration = Duration::from_secs(30);
+pub(crate) const RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 struct Entry {
@@ -52,7 +52,7 @@ struct State {
 
 /// The cache of host-name answers (see the module docs).
 #[derive(Debug)]
-pub struct HostNames {
+pub(crate) struct HostNames {
     state: Arc<Mutex<State>>,
     wake: Arc<Notify>,
     lookup: fn(&str) -> Option<IpAddr>,
@@ -65,7 +65,7 @@ fn system_lookup(name: &str) -> Option<IpAddr> {
 
 impl HostNames {
     /// A cache whose background lookups call `wake.notify_one()` when a name gets a new answer.
-    pub fn new(wake: Arc<Notify>) -> HostNames {
+    pub(crate) fn new(wake: Arc<Notify>) -> HostNames {
         HostNames::with_lookup(wake, system_lookup)
     }
 
@@ -75,7 +75,7 @@ impl HostNames {
 
     /// The answers known now for the host names among `endpoints` (endpoints with an address need none); starts
     /// lookups for names without a fresh answer, and forgets names not among `endpoints`. Never blocks on DNS.
-    pub fn answers<'a>(&self, endpoints: impl IntoIterator<Item = &'a str>) -> HashMap<String, IpAddr> {
+    pub(crate) fn answers<'a>(&self, endpoints: impl IntoIterator<Item = &'a str>) -> HashMap<String, IpAddr> {
         let mut names: Vec<&str> = endpoints
             .into_iter()
             .filter(|ep| parse_endpoint(ep).is_none())
@@ -152,7 +152,8 @@ impl HostNames {
     }
 
     /// Lookups running now.
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
         self.state.lock().expect("poisoned").in_flight
     }
 }

@@ -15,18 +15,18 @@ use std::{
 
 /// A listening TCP socket.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Listener {
+pub(crate) struct Listener {
     /// Bound address (`0.0.0.0`/`::` for wildcard).
-    pub addr: IpAddr,
+    pub(crate) addr: IpAddr,
     /// Port.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Socket inode (the `socket:[N]` of `/proc/<pid>/fd`).
-    pub inode: u64,
+    pub(crate) inode: u64,
 }
 
 impl Listener {
     /// Whether a connection to `ip:port` would reach this socket.
-    pub fn accepts(&self, ip: IpAddr, port: u16) -> bool {
+    pub(crate) fn accepts(&self, ip: IpAddr, port: u16) -> bool {
         if self.port != port {
             return false;
         }
@@ -48,7 +48,7 @@ fn is_v4_mapped(ip: IpAddr) -> bool {
 ///
 /// # Errors
 /// When neither `sock_diag` nor `/proc/net/tcp` can be read.
-pub fn tcp_listeners() -> io::Result<Vec<Listener>> {
+pub(crate) fn tcp_listeners() -> io::Result<Vec<Listener>> {
     match sock_diag_listeners() {
         Ok(list) => Ok(list),
         Err(_) => proc_net_listeners(),
@@ -56,12 +56,12 @@ pub fn tcp_listeners() -> io::Result<Vec<Listener>> {
 }
 
 /// The UDP sockets of this network namespace that receive from anyone (bound, not connected): (address, port).
-pub fn udp_bound() -> Vec<(IpAddr, u16)> {
+pub(crate) fn udp_bound() -> Vec<(IpAddr, u16)> {
     udp_bound_sockets().into_iter().map(|l| (l.addr, l.port)).collect()
 }
 
 /// Like [`udp_bound`], with each socket's inode (to find the process holding it with [`owners_of`]).
-pub fn udp_bound_sockets() -> Vec<Listener> {
+pub(crate) fn udp_bound_sockets() -> Vec<Listener> {
     let mut out = Vec::new();
     for (file, v6) in [("/proc/net/udp", false), ("/proc/net/udp6", true)] {
         let Ok(text) = fs::read_to_string(file) else { continue };
@@ -138,7 +138,7 @@ fn sock_diag_listeners() -> io::Result<Vec<Listener>> {
 ///
 /// # Errors
 /// When `sock_diag` cannot be read.
-pub fn tcp_socket_cookies() -> io::Result<HashMap<u64, u64>> {
+pub(crate) fn tcp_socket_cookies() -> io::Result<HashMap<u64, u64>> {
     let mut out = HashMap::new();
     sock_diag_dump(!(1 << TCP_LISTEN), |payload, _| {
         // `struct inet_diag_msg`: the cookie (two u32, low word first) ends the 48-byte socket id at offset 4.
@@ -263,7 +263,7 @@ fn parse_proc_net_line(line: &str, v6: bool) -> Option<Listener> {
 
 /// Finds the processes holding the given socket inodes by reading `/proc/<pid>/fd`. `first` are pids to look at
 /// before the full scan (e.g. lymph instances), which usually answers everything at once.
-pub fn owners_of(inodes: &HashSet<u64>, first: &[i32]) -> HashMap<u64, i32> {
+pub(crate) fn owners_of(inodes: &HashSet<u64>, first: &[i32]) -> HashMap<u64, i32> {
     let mut found = HashMap::new();
     if inodes.is_empty() {
         return found;
@@ -287,7 +287,7 @@ pub fn owners_of(inodes: &HashSet<u64>, first: &[i32]) -> HashMap<u64, i32> {
 }
 
 /// Like [`owners_of`] but only looks at `pids` (no full `/proc` scan).
-pub fn owners_among(inodes: &HashSet<u64>, pids: &[i32]) -> HashMap<u64, i32> {
+pub(crate) fn owners_among(inodes: &HashSet<u64>, pids: &[i32]) -> HashMap<u64, i32> {
     let mut found = HashMap::new();
     for &pid in pids {
         scan_pid(pid, inodes, &mut found);
@@ -296,7 +296,7 @@ pub fn owners_among(inodes: &HashSet<u64>, pids: &[i32]) -> HashMap<u64, i32> {
 }
 
 /// The socket inodes a process holds open (`/proc/<pid>/fd`).
-pub fn socket_inodes_of(pid: i32) -> Vec<u64> {
+pub(crate) fn socket_inodes_of(pid: i32) -> Vec<u64> {
     let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
     entries.flatten().filter_map(|e| socket_inode(&fs::read_link(e.path()).ok()?)).collect()
 }
@@ -321,7 +321,7 @@ fn socket_inode(link: &Path) -> Option<u64> {
 }
 
 /// Every numeric entry of `/proc`.
-pub fn all_pids() -> Vec<i32> {
+pub(crate) fn all_pids() -> Vec<i32> {
     let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
     entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
 }

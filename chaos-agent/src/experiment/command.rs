@@ -143,7 +143,7 @@ async fn print_progress(mut rx: mpsc::UnboundedReceiver<LogEntry>, quiet: bool) 
 }
 
 /// What `--check` prints: the probes and the steps.
-pub fn describe(exp: &Experiment) -> String {
+pub(crate) fn describe(exp: &Experiment) -> String {
     let mut out = format!("{}: the file is valid\n", exp.title);
     for p in &exp.steady_state.probes {
         out.push_str(&format!("  steady state: {} ({} {})\n", p.name, p.kind.label(), p.kind.target()));

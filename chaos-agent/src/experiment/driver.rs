@@ -22,23 +22,23 @@ use crate::{
 };
 
 /// lymph's variable for the address a process advertises (and here: binds for replies).
-pub const NODE_IP_ENV: &str = "LYMPH_NODE_IP";
+pub(crate) const NODE_IP_ENV: &str = "LYMPH_NODE_IP";
 
 /// A boxed future borrowing the driver.
-pub type Fut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type Fut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// An agent with local instances of a service.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Host {
+pub(crate) struct Host {
     /// The agent's endpoint.
-    pub agent: String,
+    pub(crate) agent: String,
     /// How many instances of the service run on its host (0 for host-wide faults).
-    pub instances: usize,
+    pub(crate) instances: usize,
 }
 
 /// Errors talking to agents.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
-pub enum DriverError {
+pub(crate) enum DriverError {
     /// No agent registered or reachable.
     #[error("no lymph-chaos agent reachable: {0}")]
     NoAgent(String),
@@ -66,7 +66,7 @@ pub enum DriverError {
 }
 
 /// What the experiment engine needs from the outside world.
-pub trait Driver: Send + Sync + 'static {
+pub(crate) trait Driver: Send + Sync + 'static {
     /// Calls `Service.method(**args)` on an instance found in the registry; the reply as JSON, or why not.
     fn call<'a>(&'a self, subject: &'a str, args: &'a Json, timeout: Duration) -> Fut<'a, Result<Json, String>>;
     /// Registered instances of `service` (0 when none).
@@ -84,7 +84,7 @@ pub trait Driver: Send + Sync + 'static {
 }
 
 /// Fault kinds of `Chaos.inject`.
-pub const KINDS: &[&str] = &[
+pub(crate) const KINDS: &[&str] = &[
     "latency",
     "delay",
     "loss",
@@ -103,7 +103,7 @@ pub const KINDS: &[&str] = &[
 ];
 
 /// Kinds acting on processes: one instance over all hosts unless `count`, `percent` or `all` say otherwise.
-pub fn is_process_kind(kind: &str) -> bool {
+pub(crate) fn is_process_kind(kind: &str) -> bool {
     matches!(kind, "kill" | "terminate" | "pause")
 }
 
@@ -112,7 +112,7 @@ pub fn is_process_kind(kind: &str) -> bool {
 ///
 /// # Errors
 /// The agent's message.
-pub fn check_fault_param(kind: &str, key: &str, value: &Json) -> Result<(), String> {
+pub(crate) fn check_fault_param(kind: &str, key: &str, value: &Json) -> Result<(), String> {
     if !KINDS.contains(&kind) {
         return Err(format!("unknown fault kind `{kind}`; kinds: {}", KINDS.join(", ")));
     }
@@ -141,7 +141,7 @@ pub fn check_fault_param(kind: &str, key: &str, value: &Json) -> Result<(), Stri
 ///
 /// # Errors
 /// The agent's message.
-pub fn check_fault(step: &FaultStep) -> Result<(), String> {
+pub(crate) fn check_fault(step: &FaultStep) -> Result<(), String> {
     if !KINDS.contains(&step.kind.as_str()) {
         return Err(format!("unknown fault kind `{}`; kinds: {}", step.kind, KINDS.join(", ")));
     }
@@ -160,7 +160,13 @@ fn inject_spec(map: &Map<String, Json>) -> Result<(), String> {
 }
 
 /// The keyword arguments of `Chaos.inject` for a fault step.
-pub fn kwargs(step: &FaultStep, id: &str, seed: Option<u64>, lifetime: Duration, dry_run: bool) -> Map<String, Json> {
+pub(crate) fn kwargs(
+    step: &FaultStep,
+    id: &str,
+    seed: Option<u64>,
+    lifetime: Duration,
+    dry_run: bool,
+) -> Map<String, Json> {
     let mut map = step.params.clone();
     map.insert("kind".into(), step.kind.clone().into());
     if let Some(service) = &step.service {
@@ -180,7 +186,7 @@ pub fn kwargs(step: &FaultStep, id: &str, seed: Option<u64>, lifetime: Duration,
 }
 
 /// The real driver: lymph RPC through one client node, the registry through ZooKeeper.
-pub struct LymphDriver {
+pub(crate) struct LymphDriver {
     client: Client,
     timeout: Duration,
 }
@@ -190,7 +196,7 @@ impl LymphDriver {
     ///
     /// # Errors
     /// When the client cannot bind or ZooKeeper does not answer within `timeout`.
-    pub async fn connect(zookeeper: &str, timeout: Duration) -> Result<LymphDriver, String> {
+    pub(crate) async fn connect(zookeeper: &str, timeout: Duration) -> Result<LymphDriver, String> {
         // Replies come back to our own endpoint: loopback, unless `LYMPH_NODE_IP` (lymph's variable) names the
         // address agents and services on other hosts can reach.
         let node = match std::env::var(NODE_IP_ENV) {

@@ -19,17 +19,18 @@ use super::{
 #[derive(Clone, Debug)]
 pub struct Experiment {
     /// What the experiment shows (required).
-    pub title: String,
+    pub(crate) title: String,
     /// Longer text.
-    pub description: Option<String>,
+    #[expect(dead_code, reason = "checked as part of the file; the report shows the title only")]
+    pub(crate) description: Option<String>,
     /// Free labels.
-    pub tags: Vec<String>,
+    pub(crate) tags: Vec<String>,
     /// ZooKeeper hosts (`host:port[/chroot]`); the command line and lymph's configuration are used when absent.
     pub zookeeper: Option<String>,
     /// Seed for every random choice the agents make (which instance dies); recorded in the report.
-    pub seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Ask the agents to report what they would do, never act.
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// The hypothesis.
     pub steady_state: SteadyState,
     /// What is done.
@@ -44,27 +45,27 @@ pub struct SteadyState {
     /// Probes that must hold.
     pub probes: Vec<ProbeSpec>,
     /// How long to sample before the method (default: the longest probe window).
-    pub before: Option<Duration>,
+    pub(crate) before: Option<Duration>,
     /// How long to sample after the method (default: the longest probe window).
-    pub after: Option<Duration>,
+    pub(crate) after: Option<Duration>,
     /// Time allowed for recovery between reverting and the after-check (default 0).
-    pub recovery: Duration,
+    pub(crate) recovery: Duration,
 }
 
 /// One step of the method, with its place in the file (`method[2].repeat.steps[0]`).
 #[derive(Clone, Debug)]
 pub struct Step {
     /// Where it is in the file.
-    pub path: String,
+    pub(crate) path: String,
     /// Optional label (shown in the report and the picture).
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// What it does.
-    pub action: StepAction,
+    pub(crate) action: StepAction,
 }
 
 /// What a step does.
 #[derive(Clone, Debug)]
-pub enum StepAction {
+pub(crate) enum StepAction {
     /// Apply a fault (returns at once; the fault lasts `lifetime`, else until the method ends).
     Fault(FaultStep),
     /// Wait.
@@ -88,25 +89,25 @@ pub enum StepAction {
 
 /// A fault to apply through `Chaos.inject`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct FaultStep {
+pub(crate) struct FaultStep {
     /// `latency`, `loss`, `kill` … (every kind the agent has).
-    pub kind: String,
+    pub(crate) kind: String,
     /// Target lymph service (optional for host-wide resource faults).
-    pub service: Option<String>,
+    pub(crate) service: Option<String>,
     /// How long the fault lasts; without one it lasts until the method ends.
-    pub lifetime: Option<Duration>,
+    pub(crate) lifetime: Option<Duration>,
     /// The kind's parameters, as `Chaos.inject` takes them.
-    pub params: Map<String, Json>,
+    pub(crate) params: Map<String, Json>,
 }
 
 impl FaultStep {
     /// Whether the fault lasts (and is reverted), as opposed to a kill that is over once sent.
-    pub fn lasting(&self) -> bool {
+    pub(crate) fn lasting(&self) -> bool {
         !matches!(self.kind.as_str(), "kill" | "terminate")
     }
 
     /// A short description: `latency Payments (latency=0.2)`.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut s = self.kind.clone();
         if let Some(service) = &self.service {
             s.push(' ');
@@ -156,7 +157,7 @@ pub enum FileError {
 ///
 /// # Errors
 /// [`FileError`] naming the line and key of the first problem.
-pub fn load(path: &Path) -> Result<Experiment, FileError> {
+pub(crate) fn load(path: &Path) -> Result<Experiment, FileError> {
     let text =
         std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.display().to_string(), source })?;
     parse(&text, &path.display().to_string())
@@ -240,7 +241,7 @@ impl Step {
     }
 
     /// Every fault step in this step (itself included), in file order.
-    pub fn faults(&self) -> Vec<(&Step, &FaultStep)> {
+    pub(crate) fn faults(&self) -> Vec<(&Step, &FaultStep)> {
         match &self.action {
             StepAction::Fault(f) => vec![(self, f)],
             StepAction::Pause(_) => Vec::new(),
@@ -289,7 +290,7 @@ struct RawSteadyState {
 
 /// A duration: seconds as a number, or text with a unit (`200ms`, `5s`, `2m`).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Dur(pub Duration);
+pub(crate) struct Dur(pub Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -720,7 +721,7 @@ struct RawHttp {
 /// When a steady-state probe is judged.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Phase {
+pub(crate) enum Phase {
     /// Before the method.
     Before,
     /// While the method runs.
@@ -801,7 +802,7 @@ impl RawProbe {
                     Some(v @ yaml_serde::Value::Mapping(_)) => yaml_to_json(v)?,
                     Some(_) => return Err(format!("probe `{name}`: rpc.args is a mapping of keyword arguments")),
                 };
-                ProbeKind::Rpc { service: service.to_owned(), subject: format!("{service}.{method}"), args }
+                ProbeKind::Rpc { subject: format!("{service}.{method}"), args }
             }
             (None, Some(reg), None) => ProbeKind::Registry { service: reg.service },
             (None, None, Some(http)) => {
@@ -890,6 +891,20 @@ impl RawProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fault step takes the parameters of `Chaos.inject` except the ones the experiment decides (targeting, id,
+    /// seed, dry run) or names otherwise (`fault` for `kind`, `service` for `name`); `lifetime` is its own key.
+    #[test]
+    fn fault_step_parameters_are_those_of_chaos_inject() {
+        let decided = ["name", "instance", "pid", "port", "process", "id", "seed", "dry_run", "kind", "lifetime"];
+        let inject = chaos_api::Method::Inject.params();
+        for p in FAULT_PARAMS {
+            assert!(inject.contains(p), "fault steps take `{p}`, which Chaos.inject does not");
+        }
+        for p in inject.iter().filter(|p| !decided.contains(p)) {
+            assert!(FAULT_PARAMS.contains(p), "Chaos.inject takes `{p}`, which fault steps do not");
+        }
+    }
 
     const GOOD: &str = r#"
 title: Echo survives

@@ -7,17 +7,17 @@ use std::{fmt, time::Duration};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Bytes of the response kept (status line, headers and body).
-pub const MAX_BODY: usize = 1 << 20;
+pub(crate) const MAX_BODY: usize = 1 << 20;
 
 /// An `http://host[:port]/path` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Url {
+pub(crate) struct Url {
     /// Host name or address (IPv6 without brackets).
-    pub host: String,
+    pub(crate) host: String,
     /// Port (80 by default).
-    pub port: u16,
+    pub(crate) port: u16,
     /// Path and query, starting with `/`.
-    pub path: String,
+    pub(crate) path: String,
 }
 
 impl Url {
@@ -25,7 +25,7 @@ impl Url {
     ///
     /// # Errors
     /// A message for other schemes and malformed URLs.
-    pub fn parse(s: &str) -> Result<Url, String> {
+    pub(crate) fn parse(s: &str) -> Result<Url, String> {
         let rest = s.strip_prefix("http://").ok_or_else(|| {
             if s.starts_with("https://") {
                 format!("`{s}`: only plain http:// is supported (probe the service's plain-HTTP health port)")
@@ -63,31 +63,31 @@ impl fmt::Display for Url {
 
 /// A request.
 #[derive(Clone, Debug)]
-pub struct Request {
+pub(crate) struct Request {
     /// Where.
-    pub url: Url,
+    pub(crate) url: Url,
     /// Method.
-    pub method: String,
+    pub(crate) method: String,
     /// Extra headers.
-    pub headers: std::collections::BTreeMap<String, String>,
+    pub(crate) headers: std::collections::BTreeMap<String, String>,
     /// Body.
-    pub body: Option<String>,
+    pub(crate) body: Option<String>,
 }
 
 /// A response.
 #[derive(Clone, Debug)]
-pub struct Response {
+pub(crate) struct Response {
     /// Status code.
-    pub status: u16,
+    pub(crate) status: u16,
     /// Body (lossy UTF-8, at most [`MAX_BODY`]).
-    pub body: String,
+    pub(crate) body: String,
 }
 
 /// Sends `req` and reads the response.
 ///
 /// # Errors
 /// Connection failures, timeouts and responses that are not HTTP.
-pub async fn send(req: &Request, timeout: Duration) -> Result<Response, String> {
+pub(crate) async fn send(req: &Request, timeout: Duration) -> Result<Response, String> {
     tokio::time::timeout(timeout, send_inner(req))
         .await
         .map_err(|_| format!("Timeout after {:.3} s", timeout.as_secs_f64()))?

@@ -29,40 +29,40 @@ use super::{
 
 /// One application of a fault on one agent.
 #[derive(Clone, Debug, Serialize)]
-pub struct FaultRecord {
+pub(crate) struct FaultRecord {
     /// The step (`method[2]`).
-    pub step: String,
+    pub(crate) step: String,
     /// The step's label, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// `latency`, `kill` …
-    pub kind: String,
+    pub(crate) kind: String,
     /// Target service.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
+    pub(crate) service: Option<String>,
     /// What was asked (`loss Echo (loss=30)`).
-    pub description: String,
+    pub(crate) description: String,
     /// The fault id on the agent.
-    pub id: String,
+    pub(crate) id: String,
     /// The agent.
-    pub agent: String,
+    pub(crate) agent: String,
     /// Seconds since the start when it was sent.
-    pub applied_at: f64,
+    pub(crate) applied_at: f64,
     /// When it was meant to end (its lifetime), if it has one; lasting faults without one end with the method.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub planned_end: Option<f64>,
+    pub(crate) planned_end: Option<f64>,
     /// When it ended: reverted by us, or expired on the agent.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ended_at: Option<f64>,
+    pub(crate) ended_at: Option<f64>,
     /// `pending`, `active`, `done` (kills), `dry_run`, `failed`, `reverted`, `expired`, `refreshed` (applied again
     /// by a later round: that record continues it), `revert_failed`.
-    pub outcome: String,
+    pub(crate) outcome: String,
     /// The agent's message.
-    pub message: String,
+    pub(crate) message: String,
     /// The pids the agent acted on.
-    pub pids: Vec<i64>,
+    pub(crate) pids: Vec<i64>,
     /// Whether it lasts (and needed reverting).
-    pub lasting: bool,
+    pub(crate) lasting: bool,
 }
 
 struct Lease {
@@ -72,23 +72,23 @@ struct Lease {
 }
 
 /// Shared state of one run.
-pub struct Ctx {
+pub(crate) struct Ctx {
     /// The outside world.
-    pub driver: Arc<dyn Driver>,
+    pub(crate) driver: Arc<dyn Driver>,
     /// The start.
-    pub t0: Instant,
+    pub(crate) t0: Instant,
     /// The run's id (prefix of fault ids).
-    pub run_id: String,
+    pub(crate) run_id: String,
     /// Seed of the run.
-    pub seed: u64,
+    pub(crate) seed: u64,
     /// Dry run.
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Longest lifetime sent at once.
-    pub lease: Duration,
+    pub(crate) lease: Duration,
     /// What happened, for the report and the progress display.
-    pub log: Log,
+    pub(crate) log: Log,
     /// Every application, in order.
-    pub ledger: Mutex<Vec<FaultRecord>>,
+    pub(crate) ledger: Mutex<Vec<FaultRecord>>,
     leases: Mutex<BTreeMap<(String, String), Lease>>,
     renewals: Mutex<JoinSet<()>>,
     /// Renewal requests in flight.
@@ -100,18 +100,25 @@ pub struct Ctx {
 /// Why the method stopped early.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{step} ({what}): {error}")]
-pub struct MethodError {
+pub(crate) struct MethodError {
     /// The step.
-    pub step: String,
+    pub(crate) step: String,
     /// What it does.
-    pub what: String,
+    pub(crate) what: String,
     /// What went wrong.
-    pub error: DriverError,
+    pub(crate) error: DriverError,
 }
 
 impl Ctx {
     /// A context for `method`.
-    pub fn new(driver: Arc<dyn Driver>, method: &[Step], seed: u64, dry_run: bool, lease: Duration, log: Log) -> Ctx {
+    pub(crate) fn new(
+        driver: Arc<dyn Driver>,
+        method: &[Step],
+        seed: u64,
+        dry_run: bool,
+        lease: Duration,
+        log: Log,
+    ) -> Ctx {
         let numbers = method.iter().flat_map(Step::faults).enumerate().map(|(i, (s, _))| (s.path.clone(), i)).collect();
         Ctx {
             driver,
@@ -130,7 +137,7 @@ impl Ctx {
     }
 
     /// Seconds since the start.
-    pub fn now(&self) -> f64 {
+    pub(crate) fn now(&self) -> f64 {
         self.t0.elapsed().as_secs_f64()
     }
 
@@ -139,7 +146,7 @@ impl Ctx {
     }
 
     /// Lasting faults still active (or whose request is in flight).
-    pub fn active(&self) -> usize {
+    pub(crate) fn active(&self) -> usize {
         let now = self.now();
         self.ledger
             .lock()
@@ -152,7 +159,7 @@ impl Ctx {
 }
 
 /// Runs steps in order.
-pub fn run_steps<'a>(ctx: &'a Arc<Ctx>, steps: &'a [Step]) -> Fut<'a, Result<(), MethodError>> {
+pub(crate) fn run_steps<'a>(ctx: &'a Arc<Ctx>, steps: &'a [Step]) -> Fut<'a, Result<(), MethodError>> {
     Box::pin(async move {
         for step in steps {
             run_step(ctx, step).await?;
@@ -207,7 +214,7 @@ fn run_step<'a>(ctx: &'a Arc<Ctx>, step: &'a Step) -> Fut<'a, Result<(), MethodE
 /// Which agents get a fault: process faults hit one instance over all hosts (a host chosen by the seed, weighted
 /// by its instances) unless `count`, `percent` or `all` spread them; `count` is split over hosts; every other
 /// fault goes to every host.
-pub fn plan(fault: &FaultStep, hosts: &[Host], seed: u64) -> Vec<(String, Option<u64>)> {
+pub(crate) fn plan(fault: &FaultStep, hosts: &[Host], seed: u64) -> Vec<(String, Option<u64>)> {
     let spread = fault.params.get("all") == Some(&Json::Bool(true)) || fault.params.contains_key("percent");
     if !driver::is_process_kind(&fault.kind) || spread || hosts.len() <= 1 {
         return hosts.iter().map(|h| (h.agent.clone(), None)).collect();
@@ -389,7 +396,7 @@ fn lease(ctx: &Arc<Ctx>, agent: &str, id: &str, kwargs: Map<String, Json>, end: 
 /// Reverts every lasting fault of the run (concurrently), stops the renewals, and marks the ledger. Requests that
 /// were still in flight (an application cut short by an abort, a renewal) are reverted again once they must have
 /// reached their agent. Returns the number reverted.
-pub async fn revert_all(ctx: &Arc<Ctx>) -> usize {
+pub(crate) async fn revert_all(ctx: &Arc<Ctx>) -> usize {
     // No renewal starts once the leases are gone (they check under this lock); count those already sending.
     let renewing = {
         let mut leases = ctx.leases.lock().expect("poisoned");

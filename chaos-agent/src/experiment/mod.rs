@@ -25,13 +25,13 @@
 //! - [`run`] — the phases, here
 
 pub mod command;
-pub mod driver;
+pub(crate) mod driver;
 pub mod file;
-pub mod http;
-pub mod method;
-pub mod probe;
-pub mod report;
-pub mod svg;
+pub(crate) mod http;
+pub(crate) mod method;
+pub(crate) mod probe;
+pub(crate) mod report;
+pub(crate) mod svg;
 
 use std::{
     collections::BTreeMap,
@@ -58,23 +58,23 @@ use self::{
 };
 
 /// Longest lifetime a fault gets at once (renewed while it should last): how long faults outlive a crashed run.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
 /// How to run.
 #[derive(Clone, Debug)]
-pub struct RunOptions {
+pub(crate) struct RunOptions {
     /// The file (for the report).
-    pub file: String,
+    pub(crate) file: String,
     /// ZooKeeper used (for the report).
-    pub zookeeper: String,
+    pub(crate) zookeeper: String,
     /// Force a dry run.
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Seed (overrides the file's).
-    pub seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Lease of lasting faults.
-    pub lease: Duration,
+    pub(crate) lease: Duration,
     /// A status line every this often (0: none).
-    pub progress_every: Duration,
+    pub(crate) progress_every: Duration,
 }
 
 impl Default for RunOptions {
@@ -113,7 +113,7 @@ enum MethodEnd {
 }
 
 /// Runs an experiment: never panics, always reverts what it applied (see the module docs). `cancel` is Ctrl-C.
-pub async fn run(
+pub(crate) async fn run(
     exp: &Experiment,
     driver: Arc<dyn Driver>,
     opts: RunOptions,
@@ -158,20 +158,12 @@ pub async fn run(
     }
 }
 
-type PhasesOut = (Status, String, Phases, Vec<ProbeReport>, Option<Abort>);
-
-async fn phases(exp: &Experiment, ctx: &Arc<Ctx>, opts: &RunOptions, cancel: &CancellationToken) -> PhasesOut {
-    let mut phases = Phases::default();
+/// Preflight: every fault step routed and dry-run on an agent; nothing is applied when one fails.
+///
+/// # Errors
+/// The status and reason of a run that stops here (interrupted, or a step that cannot be applied).
+async fn preflight(exp: &Experiment, ctx: &Arc<Ctx>, cancel: &CancellationToken) -> Result<(), (Status, String)> {
     let log = &ctx.log;
-    log.info(format!(
-        "experiment \"{}\" (seed {}{}), run id {}",
-        exp.title,
-        ctx.seed,
-        if ctx.dry_run { ", dry run" } else { "" },
-        ctx.run_id
-    ));
-
-    // Preflight: every fault step routed and dry-run on an agent; nothing is applied when one fails.
     for (step, fault) in exp.method.iter().flat_map(|s| s.faults()) {
         let what = step.name.clone().unwrap_or_else(|| fault.describe());
         let checked = async {
@@ -190,19 +182,41 @@ async fn phases(exp: &Experiment, ctx: &Arc<Ctx>, opts: &RunOptions, cancel: &Ca
             r = checked => r,
             () = cancel.cancelled() => {
                 log.warn("interrupted before anything was applied");
-                return (Status::Aborted, "interrupted before anything was applied".into(), phases, Vec::new(), None);
+                return Err((Status::Aborted, "interrupted before anything was applied".into()));
             }
         };
         if let Err(err) = result {
             let reason = format!("{} ({what}) cannot be applied: {err}; nothing was applied", step.path);
             log.warn(&reason);
-            return (Status::NotRun, reason, phases, Vec::new(), None);
+            return Err((Status::NotRun, reason));
         }
     }
     log.info(format!(
         "preflight: {} fault step(s) checked on the agents (dry run)",
         exp.method.iter().flat_map(|s| s.faults()).count()
     ));
+    Ok(())
+}
+
+type PhasesOut = (Status, String, Phases, Vec<ProbeReport>, Option<Abort>);
+
+// One sequence of steps — before, method under the safeguards, after — that shares the probes, their verdicts
+// and the stop token from start to end; its parts read in order here, and the pieces that stand alone
+// (preflight, settle, revert_all, the samplers) are functions of their own.
+async fn phases(exp: &Experiment, ctx: &Arc<Ctx>, opts: &RunOptions, cancel: &CancellationToken) -> PhasesOut {
+    let mut phases = Phases::default();
+    let log = &ctx.log;
+    log.info(format!(
+        "experiment \"{}\" (seed {}{}), run id {}",
+        exp.title,
+        ctx.seed,
+        if ctx.dry_run { ", dry run" } else { "" },
+        ctx.run_id
+    ));
+
+    if let Err((status, reason)) = preflight(exp, ctx, cancel).await {
+        return (status, reason, phases, Vec::new(), None);
+    }
 
     // Probes sample from now until the end.
     let probes: Arc<Vec<ProbeState>> = Arc::new(
@@ -531,7 +545,7 @@ async fn progress(ctx: Arc<Ctx>, probes: Arc<Vec<ProbeState>>, every: Duration, 
 }
 
 /// The method's steps that are faults, flattened (for listings).
-pub fn fault_steps(exp: &Experiment) -> Vec<String> {
+pub(crate) fn fault_steps(exp: &Experiment) -> Vec<String> {
     exp.method
         .iter()
         .flat_map(|s| s.faults())

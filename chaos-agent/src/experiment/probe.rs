@@ -16,30 +16,28 @@ use super::{driver::Driver, file::Phase, http::Url};
 #[derive(Clone, Debug)]
 pub struct ProbeSpec {
     /// Unique name.
-    pub name: String,
+    pub(crate) name: String,
     /// What it measures.
-    pub kind: ProbeKind,
+    pub(crate) kind: ProbeKind,
     /// One sample starts every `every`.
-    pub every: Duration,
+    pub(crate) every: Duration,
     /// The window a verdict looks at.
-    pub window: Duration,
+    pub(crate) window: Duration,
     /// Per-sample timeout.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// What must hold.
-    pub tolerance: Tolerance,
+    pub(crate) tolerance: Tolerance,
     /// When a steady-state probe is judged (safeguards: always, during the method).
-    pub check: Vec<Phase>,
+    pub(crate) check: Vec<Phase>,
     /// Safeguards: consecutive failed judgements before aborting.
-    pub failure_threshold: u32,
+    pub(crate) failure_threshold: u32,
 }
 
 /// What a probe measures.
 #[derive(Clone, Debug)]
-pub enum ProbeKind {
+pub(crate) enum ProbeKind {
     /// `Service.method(**args)` through the registry, like any lymph client.
     Rpc {
-        /// The service.
-        service: String,
         /// `Service.method`.
         subject: String,
         /// Keyword arguments.
@@ -65,7 +63,7 @@ pub enum ProbeKind {
 
 impl ProbeKind {
     /// `rpc`, `registry` or `http`.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             ProbeKind::Rpc { .. } => "rpc",
             ProbeKind::Registry { .. } => "registry",
@@ -74,7 +72,7 @@ impl ProbeKind {
     }
 
     /// What it looks at: `Echo.upper`, `Echo instances`, `GET http://…`.
-    pub fn target(&self) -> String {
+    pub(crate) fn target(&self) -> String {
         match self {
             ProbeKind::Rpc { subject, .. } => subject.clone(),
             ProbeKind::Registry { service } => format!("{service} instances"),
@@ -85,28 +83,28 @@ impl ProbeKind {
 
 /// What must hold over a window.
 #[derive(Clone, Debug)]
-pub struct Tolerance {
+pub(crate) struct Tolerance {
     /// Minimum share of good samples (default 1.0).
-    pub success: f64,
+    pub(crate) success: f64,
     /// Latency limits by percentile, over every sample of the window (failures included, at the time they took).
-    pub latency: Vec<(Quantile, Duration)>,
+    pub(crate) latency: Vec<(Quantile, Duration)>,
     /// rpc: the reply must match.
-    pub reply: Option<Matcher>,
+    pub(crate) reply: Option<Matcher>,
     /// http: accepted status codes (default 200–399).
-    pub status: Option<StatusRange>,
+    pub(crate) status: Option<StatusRange>,
     /// http: the body must match.
-    pub body: Option<Matcher>,
+    pub(crate) body: Option<Matcher>,
     /// registry: at least this many instances (default 1).
-    pub min_instances: Option<usize>,
+    pub(crate) min_instances: Option<usize>,
     /// registry: at most this many.
-    pub max_instances: Option<usize>,
+    pub(crate) max_instances: Option<usize>,
     /// A window with fewer samples is not judged (not a failure, not a pass: "no data").
-    pub min_samples: usize,
+    pub(crate) min_samples: usize,
 }
 
 /// A reply or body check.
 #[derive(Clone, Debug)]
-pub enum Matcher {
+pub(crate) enum Matcher {
     /// Equal to this value (a reply) or text (a body).
     Equals(Json),
     /// Contains this text (the reply rendered as JSON unless it is text).
@@ -117,7 +115,7 @@ pub enum Matcher {
 
 impl Matcher {
     /// Whether `value` matches.
-    pub fn matches(&self, value: &Json) -> bool {
+    pub(crate) fn matches(&self, value: &Json) -> bool {
         let text = || match value {
             Json::String(s) => s.clone(),
             other => other.to_string(),
@@ -140,14 +138,14 @@ impl Matcher {
 
 /// Accepted HTTP status codes: inclusive ranges.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StatusRange(pub Vec<(u16, u16)>);
+pub(crate) struct StatusRange(pub Vec<(u16, u16)>);
 
 impl StatusRange {
     /// `200`, `[200, 204]`, `"2xx"`, `"200-299"`.
     ///
     /// # Errors
     /// A message saying what is accepted.
-    pub fn parse(v: &yaml_serde::Value) -> Result<StatusRange, String> {
+    pub(crate) fn parse(v: &yaml_serde::Value) -> Result<StatusRange, String> {
         fn one(v: &yaml_serde::Value) -> Result<(u16, u16), String> {
             if let Some(n) = v.as_u64() {
                 let n = u16::try_from(n).ok().filter(|n| (100..600).contains(n)).ok_or("not a status code")?;
@@ -179,7 +177,7 @@ impl StatusRange {
 
 /// A latency percentile.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Quantile {
+pub(crate) enum Quantile {
     /// `p50`, `p99.9` …
     P(f64),
     /// The largest.
@@ -188,7 +186,7 @@ pub enum Quantile {
 
 impl Quantile {
     /// `p50`, `p99`, `p99.9`, `max`.
-    pub fn parse(s: &str) -> Option<Quantile> {
+    pub(crate) fn parse(s: &str) -> Option<Quantile> {
         if s == "max" {
             return Some(Quantile::Max);
         }
@@ -197,7 +195,7 @@ impl Quantile {
     }
 
     /// Its name.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             Quantile::Max => "max".into(),
             Quantile::P(p) => format!("p{p}"),
@@ -205,7 +203,7 @@ impl Quantile {
     }
 
     /// The value over sorted latencies (nearest rank).
-    pub fn of(&self, sorted: &[Duration]) -> Option<Duration> {
+    pub(crate) fn of(&self, sorted: &[Duration]) -> Option<Duration> {
         if sorted.is_empty() {
             return None;
         }
@@ -219,31 +217,31 @@ impl Quantile {
 
 /// One measurement.
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// When it started, seconds since the experiment started.
-    pub t: f64,
+    pub(crate) t: f64,
     /// Whether it met the per-sample checks (answered, matching reply/status/body, instance count).
-    pub ok: bool,
+    pub(crate) ok: bool,
     /// How long it took (a timeout counts as the timeout), seconds; registry samples have none.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub latency: Option<f64>,
+    pub(crate) latency: Option<f64>,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
     /// The measured value where there is one (instance count, HTTP status).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub value: Option<Json>,
+    pub(crate) value: Option<Json>,
 }
 
 impl Sample {
     /// When it completed.
-    pub fn done(&self) -> f64 {
+    pub(crate) fn done(&self) -> f64 {
         self.t + self.latency.unwrap_or(0.0)
     }
 }
 
 /// Takes one sample (at `t`, seconds since the start).
-pub async fn sample(driver: &dyn Driver, spec: &ProbeSpec, t: f64) -> Sample {
+pub(crate) async fn sample(driver: &dyn Driver, spec: &ProbeSpec, t: f64) -> Sample {
     let started = tokio::time::Instant::now();
     let mut s = Sample { t, ok: false, latency: None, error: None, value: None };
     let tol = &spec.tolerance;
@@ -312,34 +310,34 @@ fn truncate(s: &str) -> String {
 
 /// The judgement of one window.
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     /// `before`, `during`, `after` or `safeguard`.
-    pub phase: String,
+    pub(crate) phase: String,
     /// Window start and end, seconds since the experiment started.
-    pub from: f64,
+    pub(crate) from: f64,
     /// End.
-    pub to: f64,
+    pub(crate) to: f64,
     /// `held`, `deviated`, or `no_data` (fewer samples than `min_samples`: counts as deviated for the hypothesis).
-    pub result: String,
+    pub(crate) result: String,
     /// Samples judged.
-    pub samples: usize,
+    pub(crate) samples: usize,
     /// Share of good samples.
-    pub success: f64,
+    pub(crate) success: f64,
     /// Measured latency percentiles (seconds), for the percentiles the tolerance names.
-    pub latency: BTreeMap<String, f64>,
+    pub(crate) latency: BTreeMap<String, f64>,
     /// What did not hold.
-    pub failures: Vec<String>,
+    pub(crate) failures: Vec<String>,
 }
 
 impl Verdict {
     /// Whether it held.
-    pub fn held(&self) -> bool {
+    pub(crate) fn held(&self) -> bool {
         self.result == "held"
     }
 }
 
 /// Judges the samples that *started* in `[from, to)` against `tol`.
-pub fn judge(tol: &Tolerance, samples: &[Sample], phase: &str, from: f64, to: f64) -> Verdict {
+pub(crate) fn judge(tol: &Tolerance, samples: &[Sample], phase: &str, from: f64, to: f64) -> Verdict {
     let window: Vec<&Sample> = samples.iter().filter(|s| s.t >= from && s.t < to).collect();
     let good = window.iter().filter(|s| s.ok).count();
     let success = if window.is_empty() { 0.0 } else { good as f64 / window.len() as f64 };
@@ -393,7 +391,7 @@ pub fn judge(tol: &Tolerance, samples: &[Sample], phase: &str, from: f64, to: f6
 
 /// Splits `[from, to)` into windows of `window` for the during-phase judgement; a remainder shorter than half a
 /// window joins the last one.
-pub fn windows(from: f64, to: f64, window: f64) -> Vec<(f64, f64)> {
+pub(crate) fn windows(from: f64, to: f64, window: f64) -> Vec<(f64, f64)> {
     if to <= from {
         return Vec::new();
     }

@@ -17,7 +17,7 @@ use super::{
 /// How a run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Status {
+pub(crate) enum Status {
     /// The hypothesis held before, during and after the method.
     Held,
     /// It did not hold during or after the method.
@@ -30,7 +30,7 @@ pub enum Status {
 
 impl Status {
     /// The exit code of `lymph-chaos run`.
-    pub fn exit_code(self) -> i32 {
+    pub(crate) fn exit_code(self) -> i32 {
         match self {
             Status::Held => EXIT_HELD,
             Status::Deviated => EXIT_DEVIATED,
@@ -40,7 +40,7 @@ impl Status {
     }
 
     /// Words for people.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Status::Held => "HYPOTHESIS HELD",
             Status::Deviated => "HYPOTHESIS DEVIATED",
@@ -51,28 +51,28 @@ impl Status {
 }
 
 /// `lymph-chaos run` exit code: the hypothesis held.
-pub const EXIT_HELD: i32 = 0;
+pub(crate) const EXIT_HELD: i32 = 0;
 /// Exit code: it deviated (faults reverted).
-pub const EXIT_DEVIATED: i32 = 1;
+pub(crate) const EXIT_DEVIATED: i32 = 1;
 /// Exit code: could not run (bad file, no agent, not steady before; nothing applied).
-pub const EXIT_NOT_RUN: i32 = 2;
+pub(crate) const EXIT_NOT_RUN: i32 = 2;
 /// Exit code: aborted (safeguard, failed fault, interrupted; everything reverted).
-pub const EXIT_ABORTED: i32 = 3;
+pub(crate) const EXIT_ABORTED: i32 = 3;
 
 /// A line of the run's log.
 #[derive(Clone, Debug, Serialize)]
-pub struct LogEntry {
+pub(crate) struct LogEntry {
     /// Seconds since the start.
-    pub t: f64,
+    pub(crate) t: f64,
     /// `info` or `warn`.
-    pub level: &'static str,
+    pub(crate) level: &'static str,
     /// What happened.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 /// The run's log: kept for the report, and sent to the progress display as it happens.
 #[derive(Clone)]
-pub struct Log {
+pub(crate) struct Log {
     t0: Instant,
     entries: Arc<Mutex<Vec<LogEntry>>>,
     tx: Option<mpsc::UnboundedSender<LogEntry>>,
@@ -80,12 +80,12 @@ pub struct Log {
 
 impl Log {
     /// A log starting now; entries also go to `tx`.
-    pub fn new(tx: Option<mpsc::UnboundedSender<LogEntry>>) -> Log {
+    pub(crate) fn new(tx: Option<mpsc::UnboundedSender<LogEntry>>) -> Log {
         Log { t0: Instant::now(), entries: Arc::default(), tx }
     }
 
     /// The start.
-    pub fn t0(&self) -> Instant {
+    pub(crate) fn t0(&self) -> Instant {
         self.t0
     }
 
@@ -98,118 +98,118 @@ impl Log {
     }
 
     /// Records something that happened.
-    pub fn info(&self, message: impl Into<String>) {
+    pub(crate) fn info(&self, message: impl Into<String>) {
         self.push("info", message.into());
     }
 
     /// Records a problem.
-    pub fn warn(&self, message: impl Into<String>) {
+    pub(crate) fn warn(&self, message: impl Into<String>) {
         self.push("warn", message.into());
     }
 
     /// Everything so far.
-    pub fn entries(&self) -> Vec<LogEntry> {
+    pub(crate) fn entries(&self) -> Vec<LogEntry> {
         self.entries.lock().expect("poisoned").clone()
     }
 }
 
 /// A phase's span, seconds since the start.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
-pub struct Span {
+pub(crate) struct Span {
     /// Start.
-    pub from: f64,
+    pub(crate) from: f64,
     /// End.
-    pub to: f64,
+    pub(crate) to: f64,
 }
 
 /// The phases that ran.
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct Phases {
+pub(crate) struct Phases {
     /// Steady state before.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub before: Option<Span>,
+    pub(crate) before: Option<Span>,
     /// The method (until every fault was reverted).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<Span>,
+    pub(crate) method: Option<Span>,
     /// Steady state after.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub after: Option<Span>,
+    pub(crate) after: Option<Span>,
 }
 
 /// A probe's record.
 #[derive(Clone, Debug, Serialize)]
-pub struct ProbeReport {
+pub(crate) struct ProbeReport {
     /// Its name.
-    pub name: String,
+    pub(crate) name: String,
     /// `steady_state` or `safeguard`.
-    pub role: &'static str,
+    pub(crate) role: &'static str,
     /// `rpc`, `registry`, `http`.
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// What it looks at.
-    pub target: String,
+    pub(crate) target: String,
     /// Latency limits of its tolerance (percentile, seconds).
-    pub limits: Vec<(String, f64)>,
+    pub(crate) limits: Vec<(String, f64)>,
     /// Judgements.
-    pub verdicts: Vec<Verdict>,
+    pub(crate) verdicts: Vec<Verdict>,
     /// Every sample.
-    pub samples: Vec<Sample>,
+    pub(crate) samples: Vec<Sample>,
 }
 
 /// Why and how a run was aborted.
 #[derive(Clone, Debug, Serialize)]
-pub struct Abort {
+pub(crate) struct Abort {
     /// What happened.
-    pub reason: String,
+    pub(crate) reason: String,
     /// The safeguard that failed, if one did.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub probe: Option<String>,
+    pub(crate) probe: Option<String>,
     /// When the trigger happened (the failing sample completed, Ctrl-C arrived …), seconds since the start.
-    pub at: f64,
+    pub(crate) at: f64,
     /// When every fault was reverted.
-    pub reverted_at: f64,
+    pub(crate) reverted_at: f64,
 }
 
 /// The report.
 #[derive(Clone, Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// The experiment's title.
-    pub title: String,
+    pub(crate) title: String,
     /// Its tags.
-    pub tags: Vec<String>,
+    pub(crate) tags: Vec<String>,
     /// The file.
-    pub file: String,
+    pub(crate) file: String,
     /// How it ended.
-    pub status: Status,
+    pub(crate) status: Status,
     /// `lymph-chaos run`'s exit code.
-    pub exit_code: i32,
+    pub(crate) exit_code: i32,
     /// One sentence: why.
-    pub reason: String,
+    pub(crate) reason: String,
     /// Seed used (replays the agents' random choices).
-    pub seed: u64,
+    pub(crate) seed: u64,
     /// Whether faults were only reported, never applied.
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// ZooKeeper used.
-    pub zookeeper: String,
+    pub(crate) zookeeper: String,
     /// Wall-clock start, Unix seconds (every other time is seconds since this).
-    pub started_at: f64,
+    pub(crate) started_at: f64,
     /// Total seconds.
-    pub duration: f64,
+    pub(crate) duration: f64,
     /// Phases.
-    pub phases: Phases,
+    pub(crate) phases: Phases,
     /// Probes with their samples and verdicts.
-    pub probes: Vec<ProbeReport>,
+    pub(crate) probes: Vec<ProbeReport>,
     /// Every fault application.
-    pub faults: Vec<FaultRecord>,
+    pub(crate) faults: Vec<FaultRecord>,
     /// Set when aborted.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub abort: Option<Abort>,
+    pub(crate) abort: Option<Abort>,
     /// The run's log.
-    pub log: Vec<LogEntry>,
+    pub(crate) log: Vec<LogEntry>,
 }
 
 impl Report {
     /// The summary for people.
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let mut out = format!("{}: {}\n", self.status.label(), self.title);
         out.push_str(&format!("  {}\n", self.reason));
         out.push_str(&format!(
@@ -280,7 +280,7 @@ impl Report {
     ///
     /// # Errors
     /// When a file cannot be written.
-    pub fn write(&self, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    pub(crate) fn write(&self, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         std::fs::create_dir_all(dir)?;
         let json = dir.join("report.json");
         std::fs::write(&json, serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;

@@ -33,7 +33,9 @@ fn clip(s: &str, n: usize) -> String {
 }
 
 /// Renders the report's timeline.
-pub fn render(report: &Report) -> String {
+// Long on purpose: a flat writer of SVG elements, top of the picture to the bottom; the layout constants it
+// computes first are shared by every part, and the probe panels are a function of their own.
+pub(crate) fn render(report: &Report) -> String {
     let duration = report.duration.max(1.0);
     let plot_w = WIDTH - LEFT - RIGHT;
     let x = |t: f64| LEFT + (t.clamp(0.0, duration) / duration) * plot_w;
@@ -247,6 +249,9 @@ pub fn render(report: &Report) -> String {
     s
 }
 
+/// One probe's panel: title, frame, y axis, threshold, samples (failures marked) and the verdict bar.
+// Long on purpose: a flat writer of SVG elements in drawing order; each part is a few lines that read the same
+// scale, so splitting it would only pass that scale around.
 fn panel(s: &mut String, p: &ProbeReport, y0: f64, x: &dyn Fn(f64) -> f64, aborted_by: &dyn Fn(&ProbeReport) -> bool) {
     let plot_w = WIDTH - LEFT - RIGHT;
     let role = if p.role == "safeguard" { "safeguard" } else { "steady state" };

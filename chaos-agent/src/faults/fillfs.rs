@@ -43,7 +43,7 @@ fn open_dir_at(dir: Option<&OwnedFd>, name: &OsStr) -> io::Result<OwnedFd> {
 ///
 /// # Errors
 /// A relative path, `..`, a symlink or a missing directory on the way.
-pub fn open_dir_nofollow(path: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn open_dir_nofollow(path: &Path) -> io::Result<OwnedFd> {
     if !path.is_absolute() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not absolute", path.display())));
     }
@@ -61,7 +61,7 @@ pub fn open_dir_nofollow(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// Whether the directory is on tmpfs or ramfs.
-pub fn is_memory_backed(dir: &OwnedFd) -> io::Result<bool> {
+pub(crate) fn is_memory_backed(dir: &OwnedFd) -> io::Result<bool> {
     // SAFETY: fstatfs into a zeroed struct we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd and out pointer.
@@ -73,7 +73,7 @@ pub fn is_memory_backed(dir: &OwnedFd) -> io::Result<bool> {
 }
 
 /// Free and total bytes of the filesystem holding `dir` (for unprivileged users, as `df` shows).
-pub fn space(dir: &OwnedFd) -> io::Result<(u64, u64)> {
+pub(crate) fn space(dir: &OwnedFd) -> io::Result<(u64, u64)> {
     // SAFETY: fstatvfs into a zeroed struct we own.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd and out pointer.
@@ -85,7 +85,7 @@ pub fn space(dir: &OwnedFd) -> io::Result<(u64, u64)> {
 }
 
 /// Creates `name` in `dir`: a new file (never an existing one, never through a symlink), owned by root, mode 0600.
-pub fn create_file(dir: &OwnedFd, name: &str) -> io::Result<std::fs::File> {
+pub(crate) fn create_file(dir: &OwnedFd, name: &str) -> io::Result<std::fs::File> {
     let c = cstr(OsStr::new(name))?;
     // SAFETY: valid dir fd, NUL-terminated name, mode as the third argument.
     let fd = unsafe {
@@ -124,7 +124,7 @@ fn stat_at(dir: &OwnedFd, name: &str) -> io::Result<libc::stat> {
 
 /// Removes our fill file `name` from `dir`: only a root-owned regular file whose name is a fill file's (and, when
 /// given, with the device and inode the agent created). Returns whether something was removed.
-pub fn remove_file(dir: &OwnedFd, name: &str, expect: Option<(u64, u64)>) -> io::Result<bool> {
+pub(crate) fn remove_file(dir: &OwnedFd, name: &str, expect: Option<(u64, u64)>) -> io::Result<bool> {
     if !name.starts_with(FILL_FILE_PREFIX) || name.contains('/') {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{name} is not a fill file")));
     }
@@ -153,7 +153,7 @@ pub fn remove_file(dir: &OwnedFd, name: &str, expect: Option<(u64, u64)>) -> io:
 }
 
 /// `(dev, ino)` of an open file.
-pub fn identity(file: &std::fs::File) -> io::Result<(u64, u64)> {
+pub(crate) fn identity(file: &std::fs::File) -> io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let m = file.metadata()?;
     Ok((m.dev(), m.ino()))
@@ -161,7 +161,7 @@ pub fn identity(file: &std::fs::File) -> io::Result<(u64, u64)> {
 
 /// Removes a fill file named by its absolute path (journal leftovers: after a restart, or by the guardian), opening
 /// every directory on the way without following symlinks.
-pub fn remove_path(path: &Path) -> io::Result<bool> {
+pub(crate) fn remove_path(path: &Path) -> io::Result<bool> {
     let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(OsStr::to_str)) else {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a fill file", path.display())));
     };

@@ -10,26 +10,26 @@
 //! - [`request`] — the API's typed requests as fault specs
 //! - [`resource`] — CPU burn, memory pressure, disk fill workers
 
-pub mod fillfs;
-pub mod manager;
+pub(crate) mod fillfs;
+pub(crate) mod manager;
 pub mod network;
 pub mod process;
-pub mod request;
+pub(crate) mod request;
 pub mod resource;
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::manager::{FaultError, FaultManager, Refusal};
+pub(crate) use self::manager::{FaultError, FaultManager};
 use self::network::{Direction, FaultCounters, Impairment, Protocol};
 
-pub use chaos_api::fault::{Peer, Selection, Target};
+pub(crate) use chaos_api::fault::{Peer, Selection, Target};
 
 /// What to do.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum FaultAction {
+pub(crate) enum FaultAction {
     /// Send a signal (SIGKILL by default).
     Kill {
         /// Signal number.
@@ -63,7 +63,7 @@ pub enum FaultAction {
 
 impl FaultAction {
     /// The kind name used in events and reports.
-    pub fn kind(&self) -> String {
+    pub(crate) fn kind(&self) -> String {
         match self {
             FaultAction::Kill { .. } => "kill".into(),
             FaultAction::Terminate => "terminate".into(),
@@ -76,45 +76,46 @@ impl FaultAction {
     }
 
     /// Whether the action acts on processes (and so needs pids).
-    pub fn needs_pids(&self) -> bool {
+    pub(crate) fn needs_pids(&self) -> bool {
         matches!(self, FaultAction::Kill { .. } | FaultAction::Terminate | FaultAction::Pause)
     }
 
     /// Default selection when a request names none: one random instance for process faults (Chaos Monkey's
     /// choice), every instance for network faults ("make every call to the service slower").
-    pub fn default_selection(&self) -> Selection {
+    pub(crate) fn default_selection(&self) -> Selection {
         if self.needs_pids() { Selection::One } else { Selection::All }
     }
 }
 
 /// A complete fault request.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct FaultSpec {
+pub(crate) struct FaultSpec {
     /// Client-chosen id: applying the same id again refreshes the fault instead of adding one.
-    pub id: Option<String>,
+    pub(crate) id: Option<String>,
     /// What to aim at.
-    pub target: Target,
+    pub(crate) target: Target,
     /// What to do.
-    pub action: FaultAction,
+    pub(crate) action: FaultAction,
     /// How many targets (default per action kind).
-    pub select: Option<Selection>,
+    pub(crate) select: Option<Selection>,
     /// Lifetime (default from the configuration; capped at its maximum).
     #[serde(with = "opt_secs", default)]
-    pub lifetime: Option<Duration>,
+    pub(crate) lifetime: Option<Duration>,
     /// Only report what would be done.
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Seed for random choices (random and recorded when absent).
-    pub seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// For kills: also delete the instance's ZooKeeper registration (clients stop routing to it at once instead
     /// of after its session times out, which is what a real crash looks like).
-    pub deregister: bool,
+    pub(crate) deregister: bool,
     /// Who asked (`rpc`, `unleash`, `cli`).
-    pub origin: String,
+    pub(crate) origin: String,
 }
 
 impl FaultSpec {
     /// A spec with defaults for everything but target and action.
-    pub fn new(target: Target, action: FaultAction) -> FaultSpec {
+    #[cfg(test)]
+    pub(crate) fn new(target: Target, action: FaultAction) -> FaultSpec {
         FaultSpec {
             id: None,
             target,
@@ -134,14 +135,14 @@ mod opt_secs {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.serialize_some(&d.as_secs_f64()),
             None => s.serialize_none(),
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         Option::<f64>::deserialize(d)?
             .map(|s| Duration::try_from_secs_f64(s).map_err(serde::de::Error::custom))
             .transpose()
@@ -151,7 +152,7 @@ mod opt_secs {
 /// Lifecycle state.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum State {
+pub(crate) enum State {
     /// Being applied.
     Pending,
     /// In effect.
@@ -166,52 +167,52 @@ pub enum State {
 
 /// What a fault did or would do; the answer to every fault request and an entry of `Chaos.faults`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
-pub struct FaultReport {
+pub(crate) struct FaultReport {
     /// Fault id.
-    pub id: String,
+    pub(crate) id: String,
     /// Kind (`kill`, `latency`, …).
-    pub kind: String,
+    pub(crate) kind: String,
     /// State.
-    pub state: Option<State>,
+    pub(crate) state: Option<State>,
     /// Target as requested.
-    pub target: Option<Target>,
+    pub(crate) target: Option<Target>,
     /// Service name, when the target resolved to one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
+    pub(crate) service: Option<String>,
     /// Instances hit.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
-    pub instances: Vec<String>,
+    pub(crate) instances: Vec<String>,
     /// Pids hit.
     #[serde(default)]
-    pub pids: Vec<i32>,
+    pub(crate) pids: Vec<i32>,
     /// Ports hit.
     #[serde(default)]
-    pub ports: Vec<u16>,
+    pub(crate) ports: Vec<u16>,
     /// Interfaces the network rules apply on.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
-    pub interfaces: Vec<String>,
+    pub(crate) interfaces: Vec<String>,
     /// Nothing was done (dry run).
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Lifetime in seconds.
-    pub lifetime: f64,
+    pub(crate) lifetime: f64,
     /// Unix time it was applied.
-    pub created: f64,
+    pub(crate) created: f64,
     /// Unix time it ends.
-    pub expires: f64,
+    pub(crate) expires: f64,
     /// Seed of the random choices.
-    pub seed: u64,
+    pub(crate) seed: u64,
     /// Human-readable summary.
-    pub message: String,
+    pub(crate) message: String,
     /// Live counters of network faults.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub counters: Option<FaultCounters>,
+    pub(crate) counters: Option<FaultCounters>,
     /// Parameters of the action.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub action: Option<FaultAction>,
+    pub(crate) action: Option<FaultAction>,
     /// What resource faults consume now.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<serde_json::Value>,
+    pub(crate) usage: Option<serde_json::Value>,
     /// The measured effect of a network fault (added delay, loss, verdict), beside its counters.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub observed: Option<chaos_api::reply::Observation>,
+    pub(crate) observed: Option<chaos_api::reply::Observation>,
 }

@@ -15,7 +15,7 @@ pub use crate::procinfo::{ProcInfo, proc_info, still_running};
 
 /// A pattern matching a process: a substring of its command line or comm, or `/regex/`.
 #[derive(Clone, Debug)]
-pub enum Pattern {
+pub(crate) enum Pattern {
     /// Substring.
     Text(String),
     /// Regular expression.
@@ -27,7 +27,7 @@ impl Pattern {
     ///
     /// # Errors
     /// An empty pattern or an invalid regular expression.
-    pub fn parse(s: &str) -> Result<Pattern, PatternError> {
+    pub(crate) fn parse(s: &str) -> Result<Pattern, PatternError> {
         if s.len() >= 2 && s.starts_with('/') && s.ends_with('/') {
             regex::Regex::new(&s[1..s.len() - 1])
                 .map(Pattern::Regex)
@@ -40,7 +40,7 @@ impl Pattern {
     }
 
     /// Whether it matches a process.
-    pub fn matches(&self, p: &ProcInfo) -> bool {
+    pub(crate) fn matches(&self, p: &ProcInfo) -> bool {
         match self {
             Pattern::Text(t) => p.cmdline.contains(t.as_str()) || p.comm == *t,
             Pattern::Regex(r) => r.is_match(&p.cmdline) || r.is_match(&p.comm),
@@ -50,7 +50,7 @@ impl Pattern {
 
 /// A process pattern that does not parse.
 #[derive(Debug, thiserror::Error)]
-pub enum PatternError {
+pub(crate) enum PatternError {
     /// Nothing to match.
     #[error("empty process pattern")]
     Empty,
@@ -67,7 +67,7 @@ pub enum PatternError {
 
 /// Every process matching a pattern, except kernel threads and lymph-chaos's own processes (the CLI asking for a
 /// pattern has that pattern in its own command line).
-pub fn find(pattern: &Pattern) -> Vec<ProcInfo> {
+pub(crate) fn find(pattern: &Pattern) -> Vec<ProcInfo> {
     crate::discovery::sockets::all_pids()
         .into_iter()
         .filter_map(proc_info)
@@ -78,18 +78,18 @@ pub fn find(pattern: &Pattern) -> Vec<ProcInfo> {
 /// A process the guards refuse, and which rule protects it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("pid {pid} ({comm}) is protected: {reason}")]
-pub struct Protected {
+pub(crate) struct Protected {
     /// The pid.
-    pub pid: i32,
+    pub(crate) pid: i32,
     /// Its comm.
-    pub comm: String,
+    pub(crate) comm: String,
     /// The rule.
-    pub reason: Protection,
+    pub(crate) reason: Protection,
 }
 
 /// The rule that protects a process from faults.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Protection {
+pub(crate) enum Protection {
     /// Pid 1 (or below).
     #[error("pid 1 (init) is never a target")]
     Init,
@@ -130,7 +130,7 @@ pub enum Protection {
 
 /// How a process was selected (guards are stricter for arbitrary processes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Origin {
+pub(crate) enum Origin {
     /// A lymph service instance resolved through discovery.
     LymphInstance,
     /// Named directly (pid, port, process pattern).
@@ -139,19 +139,19 @@ pub enum Origin {
 
 /// The safety rules for process targets.
 #[derive(Clone, Debug)]
-pub struct Guards {
+pub(crate) struct Guards {
     /// The agent's pid.
-    pub agent_pid: i32,
+    pub(crate) agent_pid: i32,
     /// The agent's parent.
-    pub agent_ppid: i32,
+    pub(crate) agent_ppid: i32,
     /// Pids that are never targets (e.g. the ZooKeeper the agent talks to, found by its port).
-    pub protected_pids: Vec<i32>,
+    pub(crate) protected_pids: Vec<i32>,
     /// Never targeted.
-    pub protected: Vec<Pattern>,
+    pub(crate) protected: Vec<Pattern>,
     /// Direct targets must match one of these, unless they are lymph instances.
-    pub allowed: Vec<Pattern>,
+    pub(crate) allowed: Vec<Pattern>,
     /// Pids of lymph instances in the registry (informational: a registry entry never makes a process a target).
-    pub lymph_pids: Vec<i32>,
+    pub(crate) lymph_pids: Vec<i32>,
 }
 
 impl Guards {
@@ -159,7 +159,7 @@ impl Guards {
     ///
     /// # Errors
     /// An invalid pattern.
-    pub fn new(protected: &[String], allowed: &[String]) -> Result<Guards, PatternError> {
+    pub(crate) fn new(protected: &[String], allowed: &[String]) -> Result<Guards, PatternError> {
         Ok(Guards {
             agent_pid: std::process::id() as i32,
             agent_ppid: nix::unistd::getppid().as_raw(),
@@ -174,7 +174,7 @@ impl Guards {
     ///
     /// # Errors
     /// [`Protected`] saying which rule protects it.
-    pub fn check(&self, p: &ProcInfo, origin: Origin) -> Result<(), Protected> {
+    pub(crate) fn check(&self, p: &ProcInfo, origin: Origin) -> Result<(), Protected> {
         let refuse = |reason: Protection| Err(Protected { pid: p.pid, comm: p.comm.clone(), reason });
         if p.pid <= 1 {
             return refuse(Protection::Init);
@@ -213,7 +213,7 @@ impl Guards {
 /// Whether the process itself says it is a lymph instance: the title `lymph instance` sets
 /// (`lymph-instance (identity: …, endpoint: …, config: …)`), or, before the title is set, the command line lymph
 /// starts it with (`…/lymph instance …`, also under a Python interpreter).
-pub fn is_lymph_instance(p: &ProcInfo) -> bool {
+pub(crate) fn is_lymph_instance(p: &ProcInfo) -> bool {
     if crate::discovery::local::parse_title(&p.cmdline).is_some() {
         return true;
     }
@@ -222,7 +222,7 @@ pub fn is_lymph_instance(p: &ProcInfo) -> bool {
 }
 
 /// Whether a process is one of ours (agent, guardian, worker, or the CLI that may be asking right now).
-pub fn is_lymph_chaos(p: &ProcInfo) -> bool {
+pub(crate) fn is_lymph_chaos(p: &ProcInfo) -> bool {
     p.comm.starts_with("lymph-chaos")
         || p.cmdline.starts_with("lymph-chaos")
         || p.cmdline.split(' ').next().is_some_and(|a| a.ends_with("/lymph-chaos"))
@@ -235,10 +235,8 @@ fn show(p: &Pattern) -> String {
     }
 }
 
-pub use chaos_api::units::parse_signal;
-
 /// The conventional name of a signal number.
-pub fn signal_name(sig: i32) -> String {
+pub(crate) fn signal_name(sig: i32) -> String {
     match sig {
         libc::SIGKILL => "SIGKILL".into(),
         libc::SIGTERM => "SIGTERM".into(),
@@ -257,7 +255,7 @@ pub fn signal_name(sig: i32) -> String {
 
 /// Why a signal was not delivered.
 #[derive(Debug, thiserror::Error)]
-pub enum SignalError {
+pub(crate) enum SignalError {
     /// The process is gone or is another process now.
     #[error("pid {0} is no longer the process that was targeted")]
     Gone(i32),
@@ -272,10 +270,10 @@ pub enum SignalError {
 }
 
 /// A handle on one process that cannot be confused with a later process reusing its pid.
-pub struct PidFd {
+pub(crate) struct PidFd {
     fd: OwnedFd,
     /// The process.
-    pub info: ProcInfo,
+    pub(crate) info: ProcInfo,
 }
 
 impl PidFd {
@@ -283,7 +281,7 @@ impl PidFd {
     ///
     /// # Errors
     /// [`SignalError::Gone`] when the process exited or the pid was reused.
-    pub fn open(info: &ProcInfo) -> Result<PidFd, SignalError> {
+    pub(crate) fn open(info: &ProcInfo) -> Result<PidFd, SignalError> {
         // SAFETY: pidfd_open(pid, 0) has no memory arguments.
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, info.pid, 0) };
         if raw < 0 {
@@ -302,7 +300,7 @@ impl PidFd {
     ///
     /// # Errors
     /// [`SignalError::Gone`] if it already exited, or the kernel's error.
-    pub fn signal(&self, sig: i32) -> Result<(), SignalError> {
+    pub(crate) fn signal(&self, sig: i32) -> Result<(), SignalError> {
         // SAFETY: pidfd_send_signal(fd, sig, NULL, 0).
         let rc = unsafe {
             libc::syscall(libc::SYS_pidfd_send_signal, self.fd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0)
@@ -318,7 +316,7 @@ impl PidFd {
     }
 
     /// Waits until the process has exited (the pidfd becomes readable), up to `timeout`.
-    pub fn wait_exit(&self, timeout: Duration) -> bool {
+    pub(crate) fn wait_exit(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -338,6 +336,8 @@ impl PidFd {
 
 #[cfg(test)]
 mod tests {
+    use chaos_api::units::parse_signal;
+
     use super::*;
 
     fn info(pid: i32, comm: &str, cmdline: &str) -> ProcInfo {

@@ -25,15 +25,15 @@ use super::{FaultAction, process::ProcInfo};
 /// Environment variable that turns the agent's executable into a worker (`cpu:<duty>` or `memory:<mib>`).
 pub const WORKER_ENV: &str = "LYMPH_CHAOS_WORKER";
 /// Free memory that a memory fault always leaves (MiB), on top of the request.
-pub const MEMORY_MARGIN_MIB: u64 = 256;
+pub(crate) const MEMORY_MARGIN_MIB: u64 = 256;
 /// Free space a disk fault always leaves (percent of the filesystem), unless the request asks for more.
-pub const DISK_FLOOR_PERCENT: f64 = 5.0;
+pub(crate) const DISK_FLOOR_PERCENT: f64 = 5.0;
 
-pub use chaos_api::fault::{CpuSpec, DiskSpec, MemorySpec};
+pub(crate) use chaos_api::fault::{CpuSpec, DiskSpec, MemorySpec};
 
 /// Errors of resource faults.
 #[derive(Debug, thiserror::Error)]
-pub enum ResourceError {
+pub(crate) enum ResourceError {
     /// The request would pass a safety limit.
     #[error("{0}")]
     Refused(String),
@@ -56,7 +56,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ResourceError {
 }
 
 /// A checked plan, ready to start.
-pub enum Prepared {
+pub(crate) enum Prepared {
     /// CPU workers.
     Cpu {
         /// How many.
@@ -92,123 +92,130 @@ pub enum Prepared {
 ///
 /// # Errors
 /// [`ResourceError::Refused`] beyond a safety limit, [`ResourceError::Invalid`] for bad parameters.
-pub fn prepare(
+pub(crate) fn prepare(
     action: &FaultAction,
     fault_id: &str,
     target_pid: Option<i32>,
     disk: Option<&DiskLimits>,
 ) -> Result<Prepared, ResourceError> {
     match action {
-        FaultAction::Cpu(spec) => {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-            let workers = match (spec.workers, spec.percent_cores) {
-                (Some(_), Some(_)) => {
-                    return Err(ResourceError::Invalid("give workers or percent_cores, not both".into()));
-                }
-                (Some(0), _) => return Err(ResourceError::Invalid("workers must be at least 1".into())),
-                (Some(w), None) => w,
-                (None, Some(p)) if p > 0.0 && p <= 100.0 => ((f64::from(cores) * p / 100.0).ceil() as u32).max(1),
-                (None, Some(p)) => {
-                    return Err(ResourceError::Invalid(format!("percent_cores must be in (0, 100], got {p}")));
-                }
-                (None, None) => 1,
-            };
-            if workers > cores * 4 {
-                return Err(ResourceError::Refused(format!(
-                    "{workers} CPU workers on {cores} cores is more than 4 per core"
-                )));
-            }
-            let load = spec.load.unwrap_or(100.0);
-            if !(load > 0.0 && load <= 100.0) {
-                return Err(ResourceError::Invalid(format!("load must be in (0, 100], got {load}")));
-            }
-            let cgroup = spec.in_target_cgroup.then(|| target_cgroup(target_pid)).transpose()?;
-            Ok(Prepared::Cpu { workers, load, cgroup })
-        }
-        FaultAction::Memory(spec) => {
-            let available =
-                meminfo("MemAvailable:").ok_or_else(|| ResourceError::Invalid("cannot read /proc/meminfo".into()))?;
-            let mib = match (spec.mib, spec.percent_available) {
-                (Some(_), Some(_)) => {
-                    return Err(ResourceError::Invalid("give mib or percent_available, not both".into()));
-                }
-                (Some(0), _) => return Err(ResourceError::Invalid("mib must be at least 1".into())),
-                (Some(m), None) => m,
-                (None, Some(p)) if p > 0.0 && p <= 100.0 => ((available as f64 * p / 100.0) as u64).max(1),
-                (None, Some(p)) => {
-                    return Err(ResourceError::Invalid(format!("percent_available must be in (0, 100], got {p}")));
-                }
-                (None, None) => {
-                    return Err(ResourceError::Invalid("a memory fault needs mib or percent_available".into()));
-                }
-            };
-            if mib.saturating_add(MEMORY_MARGIN_MIB) > available {
-                return Err(ResourceError::Refused(format!(
-                    "{mib} MiB would leave less than the {MEMORY_MARGIN_MIB} MiB safety margin: only {available} MiB are available"
-                )));
-            }
-            let cgroup = spec.in_target_cgroup.then(|| target_cgroup(target_pid)).transpose()?;
-            Ok(Prepared::Memory { mib, cgroup })
-        }
-        FaultAction::Disk(spec) => {
-            let limits = disk.ok_or_else(|| ResourceError::Invalid("disk faults are not configured".into()))?;
-            let root = limits
-                .roots
-                .first()
-                .ok_or_else(|| ResourceError::Refused("disk faults are off: faults.disk_paths is empty".into()))?;
-            let dir_path = spec.path.clone().unwrap_or_else(|| root.clone());
-            let (dir, shown) = open_fill_dir(&dir_path, &limits.roots)?;
-            if !limits.allow_memory_filesystems
-                && super::fillfs::is_memory_backed(&dir).map_err(io(format!("statfs {shown}")))?
-            {
-                return Err(ResourceError::Refused(format!(
-                    "{shown} is on a memory-backed filesystem (tmpfs/ramfs): filling it takes memory, not disk \
-                     (set faults.allow_memory_filesystems to allow it)"
-                )));
-            }
-            let (free, total) = super::fillfs::space(&dir).map_err(io(format!("statvfs {shown}")))?;
-            let floor_pct = spec.floor_percent.unwrap_or(DISK_FLOOR_PERCENT).max(DISK_FLOOR_PERCENT);
-            if floor_pct >= 100.0 {
-                return Err(ResourceError::Invalid("floor_percent must be below 100".into()));
-            }
-            let floor = (total as f64 * floor_pct / 100.0) as u64;
-            let room = free.saturating_sub(floor);
-            let bytes = match (spec.mib, spec.percent_free) {
-                (Some(_), Some(_)) => return Err(ResourceError::Invalid("give mib or percent_free, not both".into())),
-                (Some(0), _) => return Err(ResourceError::Invalid("mib must be at least 1".into())),
-                // An explicit size that would pass the floor is refused: the caller asked for exactly that much.
-                (Some(m), None) if m.checked_shl(20).is_none_or(|b| b >> 20 != m || b > room) => {
-                    return Err(ResourceError::Refused(format!(
-                        "filling {m} MiB of {shown} would leave {} MiB free, below the floor of {floor_pct} % ({} MiB)",
-                        free.saturating_sub(m.saturating_mul(1 << 20)) >> 20,
-                        floor >> 20
-                    )));
-                }
-                (Some(m), None) => m << 20,
-                // A share of the free space stops at the floor ("fill the disk" = as full as allowed).
-                (None, Some(p)) if p > 0.0 && p <= 100.0 => ((free as f64 * p / 100.0) as u64).min(room),
-                (None, Some(p)) => {
-                    return Err(ResourceError::Invalid(format!("percent_free must be in (0, 100], got {p}")));
-                }
-                (None, None) => return Err(ResourceError::Invalid("a disk fault needs mib or percent_free".into())),
-            };
-            if bytes == 0 {
-                return Err(ResourceError::Refused(format!(
-                    "{shown} has no room above the floor of {floor_pct} % ({} MiB free)",
-                    free >> 20
-                )));
-            }
-            let name = format!("{}-{fault_id}", crate::paths::FILL_FILE_PREFIX);
-            let file = dir_path.join(&name);
-            Ok(Prepared::Disk { dir: Arc::new(dir), name, file, bytes, floor })
-        }
+        FaultAction::Cpu(spec) => prepare_cpu(spec, target_pid),
+        FaultAction::Memory(spec) => prepare_memory(spec, target_pid),
+        FaultAction::Disk(spec) => prepare_disk(spec, fault_id, disk),
         _ => Err(ResourceError::Invalid("not a resource fault".into())),
     }
 }
 
+/// A CPU fault: how many workers at what load, refused beyond four workers per core.
+fn prepare_cpu(spec: &CpuSpec, target_pid: Option<i32>) -> Result<Prepared, ResourceError> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let workers = match (spec.workers, spec.percent_cores) {
+        (Some(_), Some(_)) => {
+            return Err(ResourceError::Invalid("give workers or percent_cores, not both".into()));
+        }
+        (Some(0), _) => return Err(ResourceError::Invalid("workers must be at least 1".into())),
+        (Some(w), None) => w,
+        (None, Some(p)) if p > 0.0 && p <= 100.0 => ((f64::from(cores) * p / 100.0).ceil() as u32).max(1),
+        (None, Some(p)) => {
+            return Err(ResourceError::Invalid(format!("percent_cores must be in (0, 100], got {p}")));
+        }
+        (None, None) => 1,
+    };
+    if workers > cores * 4 {
+        return Err(ResourceError::Refused(format!("{workers} CPU workers on {cores} cores is more than 4 per core")));
+    }
+    let load = spec.load.unwrap_or(100.0);
+    if !(load > 0.0 && load <= 100.0) {
+        return Err(ResourceError::Invalid(format!("load must be in (0, 100], got {load}")));
+    }
+    let cgroup = spec.in_target_cgroup.then(|| target_cgroup(target_pid)).transpose()?;
+    Ok(Prepared::Cpu { workers, load, cgroup })
+}
+
+/// A memory fault: how many MiB, refused when it would eat into the safety margin.
+fn prepare_memory(spec: &MemorySpec, target_pid: Option<i32>) -> Result<Prepared, ResourceError> {
+    let available =
+        meminfo("MemAvailable:").ok_or_else(|| ResourceError::Invalid("cannot read /proc/meminfo".into()))?;
+    let mib = match (spec.mib, spec.percent_available) {
+        (Some(_), Some(_)) => {
+            return Err(ResourceError::Invalid("give mib or percent_available, not both".into()));
+        }
+        (Some(0), _) => return Err(ResourceError::Invalid("mib must be at least 1".into())),
+        (Some(m), None) => m,
+        (None, Some(p)) if p > 0.0 && p <= 100.0 => ((available as f64 * p / 100.0) as u64).max(1),
+        (None, Some(p)) => {
+            return Err(ResourceError::Invalid(format!("percent_available must be in (0, 100], got {p}")));
+        }
+        (None, None) => {
+            return Err(ResourceError::Invalid("a memory fault needs mib or percent_available".into()));
+        }
+    };
+    if mib.saturating_add(MEMORY_MARGIN_MIB) > available {
+        return Err(ResourceError::Refused(format!(
+            "{mib} MiB would leave less than the {MEMORY_MARGIN_MIB} MiB safety margin: only {available} MiB are available"
+        )));
+    }
+    let cgroup = spec.in_target_cgroup.then(|| target_cgroup(target_pid)).transpose()?;
+    Ok(Prepared::Memory { mib, cgroup })
+}
+
+/// A disk fault: which directory (inside the configured roots) and how many bytes, refused below the floor.
+fn prepare_disk(spec: &DiskSpec, fault_id: &str, disk: Option<&DiskLimits>) -> Result<Prepared, ResourceError> {
+    let limits = disk.ok_or_else(|| ResourceError::Invalid("disk faults are not configured".into()))?;
+    let root = limits
+        .roots
+        .first()
+        .ok_or_else(|| ResourceError::Refused("disk faults are off: faults.disk_paths is empty".into()))?;
+    let dir_path = spec.path.clone().unwrap_or_else(|| root.clone());
+    let (dir, shown) = open_fill_dir(&dir_path, &limits.roots)?;
+    if !limits.allow_memory_filesystems
+        && super::fillfs::is_memory_backed(&dir).map_err(io(format!("statfs {shown}")))?
+    {
+        return Err(ResourceError::Refused(format!(
+            "{shown} is on a memory-backed filesystem (tmpfs/ramfs): filling it takes memory, not disk \
+                 (set faults.allow_memory_filesystems to allow it)"
+        )));
+    }
+    let (free, total) = super::fillfs::space(&dir).map_err(io(format!("statvfs {shown}")))?;
+    let floor_pct = spec.floor_percent.unwrap_or(DISK_FLOOR_PERCENT).max(DISK_FLOOR_PERCENT);
+    if floor_pct >= 100.0 {
+        return Err(ResourceError::Invalid("floor_percent must be below 100".into()));
+    }
+    let floor = (total as f64 * floor_pct / 100.0) as u64;
+    let room = free.saturating_sub(floor);
+    let bytes = match (spec.mib, spec.percent_free) {
+        (Some(_), Some(_)) => return Err(ResourceError::Invalid("give mib or percent_free, not both".into())),
+        (Some(0), _) => return Err(ResourceError::Invalid("mib must be at least 1".into())),
+        // An explicit size that would pass the floor is refused: the caller asked for exactly that much.
+        (Some(m), None) if m.checked_shl(20).is_none_or(|b| b >> 20 != m || b > room) => {
+            return Err(ResourceError::Refused(format!(
+                "filling {m} MiB of {shown} would leave {} MiB free, below the floor of {floor_pct} % ({} MiB)",
+                free.saturating_sub(m.saturating_mul(1 << 20)) >> 20,
+                floor >> 20
+            )));
+        }
+        (Some(m), None) => m << 20,
+        // A share of the free space stops at the floor ("fill the disk" = as full as allowed).
+        (None, Some(p)) if p > 0.0 && p <= 100.0 => ((free as f64 * p / 100.0) as u64).min(room),
+        (None, Some(p)) => {
+            return Err(ResourceError::Invalid(format!("percent_free must be in (0, 100], got {p}")));
+        }
+        (None, None) => return Err(ResourceError::Invalid("a disk fault needs mib or percent_free".into())),
+    };
+    if bytes == 0 {
+        return Err(ResourceError::Refused(format!(
+            "{shown} has no room above the floor of {floor_pct} % ({} MiB free)",
+            free >> 20
+        )));
+    }
+    let name = format!("{}-{fault_id}", crate::paths::FILL_FILE_PREFIX);
+    let file = dir_path.join(&name);
+    Ok(Prepared::Disk { dir: Arc::new(dir), name, file, bytes, floor })
+}
+
 impl Prepared {
     /// Files this plan will create (for the journal, before anything exists).
-    pub fn files(&self) -> Vec<PathBuf> {
+    pub(crate) fn files(&self) -> Vec<PathBuf> {
         match self {
             Prepared::Disk { file, .. } => vec![file.clone()],
             _ => Vec::new(),
@@ -219,7 +226,7 @@ impl Prepared {
     ///
     /// # Errors
     /// When workers cannot be spawned or the file cannot be created (nothing is left behind then).
-    pub async fn start(self, lifetime: Duration) -> Result<ResourceFault, ResourceError> {
+    pub(crate) async fn start(self, lifetime: Duration) -> Result<ResourceFault, ResourceError> {
         let _ = lifetime;
         match self {
             Prepared::Cpu { workers, load, cgroup } => {
@@ -262,7 +269,7 @@ impl Prepared {
 }
 
 /// A running resource fault.
-pub enum ResourceFault {
+pub(crate) enum ResourceFault {
     /// Worker processes.
     Workers {
         /// cpu / memory.
@@ -289,7 +296,7 @@ pub enum ResourceFault {
 
 impl ResourceFault {
     /// Worker processes (for the journal).
-    pub fn workers(&self) -> Vec<ProcInfo> {
+    pub(crate) fn workers(&self) -> Vec<ProcInfo> {
         match self {
             ResourceFault::Workers { children, .. } => {
                 children.iter().filter_map(|c| c.id()).filter_map(|pid| super::process::proc_info(pid as i32)).collect()
@@ -299,7 +306,7 @@ impl ResourceFault {
     }
 
     /// Files (for the journal).
-    pub fn files(&self) -> Vec<PathBuf> {
+    pub(crate) fn files(&self) -> Vec<PathBuf> {
         match self {
             ResourceFault::Fill { file, .. } => vec![file.clone()],
             ResourceFault::Workers { .. } => Vec::new(),
@@ -307,7 +314,7 @@ impl ResourceFault {
     }
 
     /// A one-line description.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             ResourceFault::Workers { kind, children, detail } => {
                 let pids: Vec<u32> = children.iter().filter_map(Child::id).collect();
@@ -320,7 +327,7 @@ impl ResourceFault {
     }
 
     /// What it consumes now: worker RSS and CPU time, or the file's size.
-    pub fn usage(&self) -> serde_json::Value {
+    pub(crate) fn usage(&self) -> serde_json::Value {
         match self {
             ResourceFault::Workers { children, detail, .. } => {
                 let workers: Vec<serde_json::Value> = children
@@ -344,7 +351,7 @@ impl ResourceFault {
     ///
     /// # Errors
     /// When the file cannot be deleted.
-    pub async fn stop(self) -> Result<(), ResourceError> {
+    pub(crate) async fn stop(self) -> Result<(), ResourceError> {
         match self {
             ResourceFault::Workers { mut children, .. } => {
                 kill_all(&mut children).await;
@@ -440,13 +447,8 @@ fn target_cgroup(pid: Option<i32>) -> Result<Vec<PathBuf>, ResourceError> {
 }
 
 /// The machine's memory (MiB).
-pub fn mem_total_mib() -> Option<u64> {
+pub(crate) fn mem_total_mib() -> Option<u64> {
     meminfo("MemTotal:")
-}
-
-/// Available memory now (MiB).
-pub fn available_mib() -> Option<u64> {
-    meminfo("MemAvailable:")
 }
 
 fn meminfo(key: &str) -> Option<u64> {
@@ -457,7 +459,7 @@ fn meminfo(key: &str) -> Option<u64> {
 }
 
 /// RSS (bytes) and CPU time (seconds) of a process.
-pub fn proc_usage(pid: i32) -> (u64, f64) {
+pub(crate) fn proc_usage(pid: i32) -> (u64, f64) {
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -517,11 +519,11 @@ fn fill(
 
 /// Where disk faults may create files.
 #[derive(Clone, Debug)]
-pub struct DiskLimits {
+pub(crate) struct DiskLimits {
     /// Directories under which fills may be created (the first is the default).
-    pub roots: Vec<PathBuf>,
+    pub(crate) roots: Vec<PathBuf>,
     /// Allow tmpfs/ramfs.
-    pub allow_memory_filesystems: bool,
+    pub(crate) allow_memory_filesystems: bool,
 }
 
 /// Opens the directory to fill: it must be one of `roots` or lie below one; every component is opened without

@@ -62,9 +62,9 @@ use tracing::{debug, info, warn};
 use crate::config::{RpcConfig, parse_cidr};
 
 /// Where libzmq sends ZAP requests (fixed by RFC 27).
-pub const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
+pub(crate) const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
 /// The ZAP domain set on protected sockets; requests for other domains are rejected.
-pub const ZAP_DOMAIN: &str = "lymph-chaos";
+pub(crate) const ZAP_DOMAIN: &str = "lymph-chaos";
 /// The only ZAP version there is.
 const ZAP_VERSION: &[u8] = b"1.0";
 /// How often the handler thread checks whether it should stop.
@@ -80,7 +80,7 @@ const Z85_KEY_LEN: usize = 40;
 
 /// Why access control could not be set up.
 #[derive(Debug, thiserror::Error)]
-pub enum AccessError {
+pub(crate) enum AccessError {
     /// An `rpc.allowed_clients` entry is not an address or CIDR.
     #[error("rpc.allowed_clients: `{entry}` is not an address or CIDR network")]
     InvalidNetwork {
@@ -145,14 +145,14 @@ fn zmq_err(op: &'static str) -> impl FnOnce(zmq::Error) -> AccessError {
 
 /// An IP network (`10.0.0.0/8`, `::1/128`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Network {
+pub(crate) struct Network {
     addr: IpAddr,
     prefix: u8,
 }
 
 impl Network {
     /// Parses `a.b.c.d[/n]` or an IPv6 address with an optional prefix length.
-    pub fn parse(s: &str) -> Option<Network> {
+    pub(crate) fn parse(s: &str) -> Option<Network> {
         let (addr, prefix) = parse_cidr(s.trim())?;
         // `::ffff:a.b.c.d/n` is the IPv4 network `a.b.c.d/(n-96)`: peers are compared as IPv4 addresses.
         match addr {
@@ -165,13 +165,13 @@ impl Network {
     }
 
     /// A single host.
-    pub fn host(addr: IpAddr) -> Network {
+    pub(crate) fn host(addr: IpAddr) -> Network {
         let addr = addr.to_canonical();
         Network { addr, prefix: if addr.is_ipv4() { 32 } else { 128 } }
     }
 
     /// Whether `ip` is in this network (IPv4-mapped IPv6 addresses count as IPv4).
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             // A prefix above the family's width never matches anything wider than the host (no wrap, no panic);
             // prefix 0 is the only way to match everything.
@@ -206,7 +206,7 @@ struct Curve {
 
 /// What is allowed: networks, and with CURVE the client keys. Built from `rpc.*` by [`Policy::from_config`].
 #[derive(Clone)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// Empty = any address.
     networks: Vec<Network>,
     /// The agent's own addresses (always allowed when `networks` is not empty).
@@ -227,7 +227,7 @@ impl std::fmt::Debug for Policy {
 
 /// Why a connection was rejected.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Denied {
+pub(crate) enum Denied {
     /// The request was for another ZAP domain.
     Domain(String),
     /// The peer address is not in `rpc.allowed_clients`.
@@ -267,17 +267,17 @@ impl std::fmt::Display for Denied {
 
 /// One ZAP request (RFC 27 frames after the REQ envelope).
 #[derive(Debug, PartialEq, Eq)]
-pub struct ZapRequest {
+pub(crate) struct ZapRequest {
     /// Echoed in the reply.
-    pub request_id: Vec<u8>,
+    pub(crate) request_id: Vec<u8>,
     /// The socket's `ZMQ_ZAP_DOMAIN`.
-    pub domain: String,
+    pub(crate) domain: String,
     /// The peer's IP address as libzmq reports it (no port).
-    pub address: String,
+    pub(crate) address: String,
     /// `NULL`, `PLAIN` or `CURVE`.
-    pub mechanism: String,
+    pub(crate) mechanism: String,
     /// Mechanism credentials (CURVE: the client's 32-byte public key).
-    pub credentials: Vec<Vec<u8>>,
+    pub(crate) credentials: Vec<Vec<u8>>,
 }
 
 impl ZapRequest {
@@ -285,7 +285,7 @@ impl ZapRequest {
     ///
     /// # Errors
     /// [`Denied::Malformed`] (with the request id when there is one, for the reply).
-    pub fn parse(frames: &[Vec<u8>]) -> Result<ZapRequest, (Vec<u8>, Denied)> {
+    pub(crate) fn parse(frames: &[Vec<u8>]) -> Result<ZapRequest, (Vec<u8>, Denied)> {
         let id = frames.get(1).cloned().unwrap_or_default();
         if frames.len() < 6 {
             return Err((id, Denied::Malformed("fewer than 6 frames")));
@@ -322,7 +322,7 @@ fn decode_key(text: &str, what: impl Fn() -> String) -> Result<[u8; KEY_LEN], Ac
 ///
 /// # Errors
 /// [`AccessError::KeyFile`], [`AccessError::KeyFilePermissions`], [`AccessError::InvalidKey`].
-pub fn read_secret_key(path: &Path) -> Result<[u8; KEY_LEN], AccessError> {
+pub(crate) fn read_secret_key(path: &Path) -> Result<[u8; KEY_LEN], AccessError> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|source| AccessError::KeyFile { path: path.to_owned(), source })?;
     let mode = meta.permissions().mode() & 0o777;
@@ -356,7 +356,7 @@ impl Policy {
     ///
     /// # Errors
     /// Bad networks or keys, an unreadable or too open key file, CURVE without libzmq support.
-    pub fn from_config(rpc: &RpcConfig, advertised: &str) -> Result<Option<Policy>, AccessError> {
+    pub(crate) fn from_config(rpc: &RpcConfig, advertised: &str) -> Result<Option<Policy>, AccessError> {
         let networks = rpc
             .allowed_clients
             .iter()
@@ -395,21 +395,17 @@ impl Policy {
         Ok(Some(Policy { networks, own, curve }))
     }
 
-    /// An address-only policy (tests and callers without a configuration file).
-    pub fn networks(networks: Vec<Network>) -> Policy {
+    /// An address-only policy (tests).
+    #[cfg(test)]
+    pub(crate) fn networks(networks: Vec<Network>) -> Policy {
         Policy { networks, own: Vec::new(), curve: None }
-    }
-
-    /// Whether clients must use CURVE.
-    pub fn requires_curve(&self) -> bool {
-        self.curve.is_some()
     }
 
     /// Whether the connection described by `req` may go on.
     ///
     /// # Errors
     /// The reason it may not.
-    pub fn decide(&self, req: &ZapRequest) -> Result<(), Denied> {
+    pub(crate) fn decide(&self, req: &ZapRequest) -> Result<(), Denied> {
         if req.domain != ZAP_DOMAIN {
             return Err(Denied::Domain(req.domain.clone()));
         }
@@ -438,17 +434,18 @@ impl Policy {
 
 /// Counters of the handler.
 #[derive(Debug, Default)]
-pub struct AccessStats {
+pub(crate) struct AccessStats {
     /// Connections accepted.
-    pub accepted: AtomicU64,
+    pub(crate) accepted: AtomicU64,
     /// Connections rejected.
-    pub rejected: AtomicU64,
+    pub(crate) rejected: AtomicU64,
 }
 
 /// The running ZAP handler. Stops (and unbinds `inproc://zeromq.zap.01`) when dropped: drop it only after the
 /// sockets it protects are closed.
-pub struct AccessControl {
+pub(crate) struct AccessControl {
     policy: Arc<Policy>,
+    #[cfg_attr(not(test), expect(dead_code, reason = "only the tests read the counters so far"))]
     stats: Arc<AccessStats>,
     stop: Arc<AtomicBool>,
     alive: Arc<AtomicBool>,
@@ -466,7 +463,7 @@ impl AccessControl {
     ///
     /// # Errors
     /// [`AccessError::Zmq`] (e.g. another handler is already bound in this context), [`AccessError::Thread`].
-    pub fn start(ctx: &zmq::Context, policy: Policy) -> Result<AccessControl, AccessError> {
+    pub(crate) fn start(ctx: &zmq::Context, policy: Policy) -> Result<AccessControl, AccessError> {
         let socket = ctx.socket(zmq::REP).map_err(zmq_err("socket(REP)"))?;
         socket.set_linger(0).map_err(zmq_err("set_linger"))?;
         socket.bind(ZAP_ENDPOINT).map_err(zmq_err("bind inproc://zeromq.zap.01"))?;
@@ -494,7 +491,7 @@ impl AccessControl {
 
     /// Whether the handler still runs. When it is gone libzmq would let every connection in unchecked, so the
     /// node drops every request while this is false (fail closed).
-    pub fn alive(&self) -> bool {
+    pub(crate) fn alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
     }
 
@@ -503,7 +500,7 @@ impl AccessControl {
     ///
     /// # Errors
     /// [`AccessError::Zmq`].
-    pub fn protect(&self, socket: &zmq::Socket) -> Result<(), AccessError> {
+    pub(crate) fn protect(&self, socket: &zmq::Socket) -> Result<(), AccessError> {
         socket.set_zap_domain(ZAP_DOMAIN).map_err(zmq_err("set_zap_domain"))?;
         if let Some(curve) = &self.policy.curve {
             socket.set_curve_server(true).map_err(zmq_err("set_curve_server"))?;
@@ -512,13 +509,9 @@ impl AccessControl {
         Ok(())
     }
 
-    /// The policy in force.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
     /// Accepted and rejected connections so far.
-    pub fn stats(&self) -> &AccessStats {
+    #[cfg(test)]
+    pub(crate) fn stats(&self) -> &AccessStats {
         &self.stats
     }
 }
@@ -630,23 +623,6 @@ impl Handler {
             warn!(peer = %address, reason = %denied, "RPC connection rejected (logged once a minute per address)");
         }
     }
-}
-
-/// Convenience for the RPC node: the policy of `rpc`, its handler on `ctx`, and `recv` protected — `None` when
-/// `rpc` asks for nothing. Call before `recv.bind`, and keep the result for as long as `recv` lives.
-///
-/// # Errors
-/// As [`Policy::from_config`], [`AccessControl::start`] and [`AccessControl::protect`].
-pub fn enforce(
-    ctx: &zmq::Context,
-    recv: &zmq::Socket,
-    rpc: &RpcConfig,
-    advertised: &str,
-) -> Result<Option<AccessControl>, AccessError> {
-    let Some(policy) = Policy::from_config(rpc, advertised)? else { return Ok(None) };
-    let control = AccessControl::start(ctx, policy)?;
-    control.protect(recv)?;
-    Ok(Some(control))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 //! errors a person should read (bad arguments, refused targets, missing kernel features) → ERROR with a type name
 //! and a message, which lymph clients raise as `RemoteError.<type>`.
 
-pub mod access;
+pub(crate) mod access;
 pub mod server;
 
 use std::{future::Future, pin::Pin, sync::Arc};
@@ -20,10 +20,10 @@ use std::{future::Future, pin::Pin, sync::Arc};
 pub use chaos_api::{ClientError, Kwargs, MethodInfo, RpcError, client, node, to_value, value, value::Value, wire};
 
 /// A boxed, sendable future.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// A lymph interface served by this node (e.g. `Chaos`).
-pub trait Interface: Send + Sync + 'static {
+pub(crate) trait Interface: Send + Sync + 'static {
     /// Interface (service) name.
     fn name(&self) -> &'static str;
     /// Methods, for `lymph.inspect` and dispatch.

@@ -22,14 +22,14 @@ use super::{
 };
 
 /// How long a shutdown waits for the requests in flight (a kill waits a second for its process to exit).
-pub const DRAIN: Duration = Duration::from_secs(5);
+pub(crate) const DRAIN: Duration = Duration::from_secs(5);
 
 /// The answer to a request that arrives while the agent shuts down.
-pub fn shutting_down() -> RpcError {
+pub(crate) fn shutting_down() -> RpcError {
     RpcError::error(chaos_api::ErrorCode::ShuttingDown, "the agent is shutting down; nothing was done")
 }
 
-pub use super::node::MAX_BODY;
+pub(crate) use super::node::MAX_BODY;
 
 /// lymph's built-in interface, served by every node.
 const BUILTINS: &[MethodInfo] = &[
@@ -58,23 +58,23 @@ pub trait LogControl: Send + Sync {
 }
 
 /// Latency buckets (seconds) for the per-method histogram.
-pub const LATENCY_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5];
+pub(crate) const LATENCY_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5];
 
 /// Counters for one method.
 #[derive(Clone, Debug, Default)]
-pub struct MethodStats {
+pub(crate) struct MethodStats {
     /// Calls.
-    pub calls: u64,
+    pub(crate) calls: u64,
     /// Calls answered with ERROR or NACK.
-    pub errors: u64,
+    pub(crate) errors: u64,
     /// Sum of handling time.
-    pub seconds_sum: f64,
+    pub(crate) seconds_sum: f64,
     /// Cumulative counts per [`LATENCY_BUCKETS`] bound.
-    pub buckets: [u64; LATENCY_BUCKETS.len()],
+    pub(crate) buckets: [u64; LATENCY_BUCKETS.len()],
 }
 
 /// Dispatches requests to interfaces.
-pub struct Server {
+pub(crate) struct Server {
     node: RpcNode,
     interfaces: BTreeMap<&'static str, Arc<dyn Interface>>,
     log: Option<Arc<dyn LogControl>>,
@@ -83,7 +83,11 @@ pub struct Server {
 
 impl Server {
     /// A server answering on `node` with the given interfaces.
-    pub fn new(node: RpcNode, interfaces: Vec<Arc<dyn Interface>>, log: Option<Arc<dyn LogControl>>) -> Arc<Server> {
+    pub(crate) fn new(
+        node: RpcNode,
+        interfaces: Vec<Arc<dyn Interface>>,
+        log: Option<Arc<dyn LogControl>>,
+    ) -> Arc<Server> {
         Arc::new(Server {
             node,
             interfaces: interfaces.into_iter().map(|i| (i.name(), i)).collect(),
@@ -93,12 +97,12 @@ impl Server {
     }
 
     /// The node this server answers on.
-    pub fn node(&self) -> &RpcNode {
+    pub(crate) fn node(&self) -> &RpcNode {
         &self.node
     }
 
     /// Per-method counters (`Interface.method` → stats).
-    pub fn method_stats(&self) -> BTreeMap<String, MethodStats> {
+    pub(crate) fn method_stats(&self) -> BTreeMap<String, MethodStats> {
         self.stats.lock().expect("poisoned").clone()
     }
 
@@ -106,7 +110,7 @@ impl Server {
     /// should before its state goes away): it stops taking requests (the node answers new ones
     /// `ShuttingDown`), answers the queued ones the same, and waits for the ones in flight, at most
     /// [`DRAIN`]. When this returns, no handler runs any more.
-    pub async fn serve(self: Arc<Self>, mut requests: mpsc::Receiver<Request>, stop: CancellationToken) {
+    pub(crate) async fn serve(self: Arc<Self>, mut requests: mpsc::Receiver<Request>, stop: CancellationToken) {
         let mut running = JoinSet::new();
         loop {
             tokio::select! {

@@ -9,7 +9,7 @@ use super::super::{
 
 /// Why a fault was not applied.
 #[derive(Debug, thiserror::Error)]
-pub enum FaultError {
+pub(crate) enum FaultError {
     /// The service is not known to discovery.
     #[error("unknown service `{name}`; known services: {known}")]
     UnknownService {
@@ -66,7 +66,7 @@ impl From<Refusal> for FaultError {
 
 impl FaultError {
     /// The error type name lymph clients see.
-    pub fn type_name(&self) -> &'static str {
+    pub(crate) fn type_name(&self) -> &'static str {
         match self {
             FaultError::UnknownService { .. } => "UnknownService",
             FaultError::NotOnThisHost { .. } => "NotOnThisHost",
@@ -91,7 +91,7 @@ impl FaultError {
 
 /// Why a guard, a cap or a budget refused a fault.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The target process is protected (init, the agent, ZooKeeper, sshd, a protected pattern, not a lymph
     /// instance and not allowed by the configuration …).
     #[error(transparent)]
@@ -186,7 +186,7 @@ impl Refusal {
 ///
 /// # Errors
 /// [`FaultError::Invalid`] for anything else.
-pub fn validate_id(id: &str) -> Result<(), FaultError> {
+pub(crate) fn validate_id(id: &str) -> Result<(), FaultError> {
     let ok = (1..=64).contains(&id.len())
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         && id != "."

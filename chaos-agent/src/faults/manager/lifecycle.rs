@@ -57,7 +57,7 @@ impl FaultManager {
     ///
     /// # Errors
     /// [`FaultError::UnknownFault`] when it is not active.
-    pub async fn revert(&self, id: &str) -> Result<FaultReport, FaultError> {
+    pub(crate) async fn revert(&self, id: &str) -> Result<FaultReport, FaultError> {
         if let Some(report) = self.finish(id, State::Reverted).await {
             return Ok(report);
         }
@@ -76,7 +76,7 @@ impl FaultManager {
     }
 
     /// Reverts every active fault; returns their reports.
-    pub async fn clear(&self) -> Vec<FaultReport> {
+    pub(crate) async fn clear(&self) -> Vec<FaultReport> {
         let ids: Vec<String> = self.table.lock().await.active.keys().cloned().collect();
         let mut out = Vec::new();
         for id in ids {
@@ -86,7 +86,7 @@ impl FaultManager {
     }
 
     /// Active faults with live counters (and recently finished ones when `all`).
-    pub async fn list(&self, all: bool) -> Vec<FaultReport> {
+    pub(crate) async fn list(&self, all: bool) -> Vec<FaultReport> {
         let table = self.table.lock().await;
         let mut out = Vec::new();
         for fault in table.active.values() {
@@ -107,12 +107,12 @@ impl FaultManager {
     }
 
     /// Number of active faults.
-    pub async fn active_count(&self) -> usize {
+    pub(crate) async fn active_count(&self) -> usize {
         self.table.lock().await.active.len()
     }
 
     /// Active faults per service (for the unleashed mode's cap).
-    pub async fn active_per_service(&self, origin: &str) -> BTreeMap<String, usize> {
+    pub(crate) async fn active_per_service(&self, origin: &str) -> BTreeMap<String, usize> {
         let table = self.table.lock().await;
         let mut out = BTreeMap::new();
         for fault in table.active.values().filter(|f| f.spec.origin == origin) {
@@ -195,7 +195,7 @@ impl FaultManager {
     }
 
     /// Undoes what an earlier run left in the journal (paused processes, resource workers, fill files).
-    pub async fn reconcile(&self) -> Vec<String> {
+    pub(crate) async fn reconcile(&self) -> Vec<String> {
         let mut done = Vec::new();
         for entry in self.journal.leftovers() {
             for p in &entry.paused {

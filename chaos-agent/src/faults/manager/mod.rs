@@ -47,7 +47,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub use self::error::{FaultError, Refusal, validate_id};
+pub(crate) use self::error::{FaultError, Refusal, validate_id};
 use self::{
     resolve::{Candidate, Resolved, Resolver},
     table::{Fault, Table},
@@ -67,7 +67,7 @@ use crate::{
 };
 
 /// Whether network faults are possible.
-pub enum NetworkAccess {
+pub(crate) enum NetworkAccess {
     /// The engine.
     Enabled(Arc<NetworkEngine>),
     /// Why not.
@@ -75,27 +75,27 @@ pub enum NetworkAccess {
 }
 
 /// Dependencies of the manager.
-pub struct ManagerParts {
+pub(crate) struct ManagerParts {
     /// Limits and guards.
-    pub config: FaultsConfig,
+    pub(crate) config: FaultsConfig,
     /// Agent-wide dry run.
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Discovery.
-    pub discovery: Arc<Discovery>,
+    pub(crate) discovery: Arc<Discovery>,
     /// Network engine, or why there is none.
-    pub network: NetworkAccess,
+    pub(crate) network: NetworkAccess,
     /// Event log.
-    pub events: Arc<EventLog>,
+    pub(crate) events: Arc<EventLog>,
     /// Journal.
-    pub journal: Journal,
+    pub(crate) journal: Journal,
     /// Ports that network faults must never touch (the agent's, ZooKeeper's, sshd's).
-    pub protected_ports: Vec<u16>,
+    pub(crate) protected_ports: Vec<u16>,
     /// Pids never targeted (e.g. the local ZooKeeper).
-    pub protected_pids: Vec<i32>,
+    pub(crate) protected_pids: Vec<i32>,
 }
 
 /// The fault manager (see the module docs).
-pub struct FaultManager {
+pub(crate) struct FaultManager {
     config: FaultsConfig,
     dry_run: bool,
     discovery: Arc<Discovery>,
@@ -146,7 +146,7 @@ impl FaultManager {
     ///
     /// # Errors
     /// An invalid guard pattern in the configuration.
-    pub fn new(parts: ManagerParts) -> Result<Arc<FaultManager>, PatternError> {
+    pub(crate) fn new(parts: ManagerParts) -> Result<Arc<FaultManager>, PatternError> {
         let mut guards = Guards::new(&parts.config.protected_processes, &parts.config.allowed_processes)?;
         guards.protected_pids = parts.protected_pids;
         let disk = resource::DiskLimits {
@@ -182,12 +182,12 @@ impl FaultManager {
     }
 
     /// Whether the agent runs in dry-run mode.
-    pub fn agent_dry_run(&self) -> bool {
+    pub(crate) fn agent_dry_run(&self) -> bool {
         self.dry_run
     }
 
     /// The network engine, when enabled.
-    pub fn network(&self) -> Option<&Arc<NetworkEngine>> {
+    pub(crate) fn network(&self) -> Option<&Arc<NetworkEngine>> {
         match &self.network {
             NetworkAccess::Enabled(engine) => Some(engine),
             NetworkAccess::Disabled(_) => None,
@@ -196,7 +196,7 @@ impl FaultManager {
 
     /// Stops applying faults (waiting for the applies in progress), ends the expiry task, the follower and the
     /// verifier, and reverts every active fault; returns their reports. Later applies answer [`FaultError::ShuttingDown`].
-    pub async fn shutdown(&self) -> Vec<FaultReport> {
+    pub(crate) async fn shutdown(&self) -> Vec<FaultReport> {
         *self.closed.write().await = true;
         self.stop.cancel();
         let tasks: Vec<JoinHandle<()>> = self.tasks.lock().expect("poisoned").drain(..).collect();
@@ -210,7 +210,7 @@ impl FaultManager {
     ///
     /// # Errors
     /// [`FaultError`] with a sentence a person understands; a refused request changes nothing.
-    pub async fn apply(&self, mut spec: FaultSpec) -> Result<FaultReport, FaultError> {
+    pub(crate) async fn apply(&self, mut spec: FaultSpec) -> Result<FaultReport, FaultError> {
         let closed = self.closed.read().await;
         let result = if *closed { Err(FaultError::ShuttingDown) } else { self.apply_inner(&mut spec).await };
         drop(closed);

@@ -19,18 +19,18 @@ use crate::{
 /// One resolved target.
 #[derive(Clone, Debug)]
 pub(super) struct Candidate {
-    pub process: Option<ProcInfo>,
-    pub ports: Vec<u16>,
-    pub instance: Option<Instance>,
-    pub origin: Origin,
+    pub(crate) process: Option<ProcInfo>,
+    pub(crate) ports: Vec<u16>,
+    pub(crate) instance: Option<Instance>,
+    pub(crate) origin: Origin,
 }
 
 /// What a target resolved to.
 pub(super) struct Resolved {
-    pub candidates: Vec<Candidate>,
-    pub service: Option<String>,
+    pub(crate) candidates: Vec<Candidate>,
+    pub(crate) service: Option<String>,
     /// All instances of the service (every host), for the share cap.
-    pub total_instances: usize,
+    pub(crate) total_instances: usize,
 }
 
 impl Resolved {
@@ -50,18 +50,23 @@ impl Resolved {
 /// Resolves targets; remembers who listened on a port last time.
 pub(super) struct Resolver {
     /// `faults.allow_unbound_ports`.
-    pub allow_unbound_ports: bool,
+    pub(crate) allow_unbound_ports: bool,
     /// Port → the pid that listened there last time (a hint for the next lookup).
     port_owners: Mutex<BTreeMap<u16, i32>>,
 }
 
 impl Resolver {
-    pub fn new(allow_unbound_ports: bool) -> Resolver {
+    pub(crate) fn new(allow_unbound_ports: bool) -> Resolver {
         Resolver { allow_unbound_ports, port_owners: Mutex::new(BTreeMap::new()) }
     }
 
     /// The candidates of `target` for `action` in `snap`.
-    pub fn resolve(&self, target: &Target, action: &FaultAction, snap: &Snapshot) -> Result<Resolved, FaultError> {
+    pub(crate) fn resolve(
+        &self,
+        target: &Target,
+        action: &FaultAction,
+        snap: &Snapshot,
+    ) -> Result<Resolved, FaultError> {
         // Resource faults act on the host; a target only matters for cgroup placement.
         if matches!(action, FaultAction::Cpu(_) | FaultAction::Memory(_) | FaultAction::Disk(_))
             && *target == Target::AllServices

@@ -13,18 +13,18 @@ const HISTORY: usize = 200;
 
 /// An active fault.
 pub(super) struct Fault {
-    pub report: FaultReport,
-    pub spec: FaultSpec,
+    pub(crate) report: FaultReport,
+    pub(crate) spec: FaultSpec,
     /// What ends it.
-    pub undo: Undo,
+    pub(crate) undo: Undo,
     /// When it expires.
-    pub deadline: Instant,
+    pub(crate) deadline: Instant,
 }
 
 /// Active faults by id, their deadlines earliest first, and the history.
 #[derive(Default)]
 pub(super) struct Table {
-    pub active: BTreeMap<String, Fault>,
+    pub(crate) active: BTreeMap<String, Fault>,
     /// `(deadline, id)` of every active fault: what the expiry task waits for.
     deadlines: BTreeSet<(Instant, String)>,
     history: VecDeque<FaultReport>,
@@ -32,7 +32,7 @@ pub(super) struct Table {
 
 impl Table {
     /// Adds an active fault; returns whether it now expires first (the expiry task must wake up).
-    pub fn insert(&mut self, fault: Fault) -> bool {
+    pub(crate) fn insert(&mut self, fault: Fault) -> bool {
         let id = fault.report.id.clone();
         if let Some(old) = self.active.remove(&id) {
             self.deadlines.remove(&(old.deadline, id.clone()));
@@ -44,7 +44,7 @@ impl Table {
     }
 
     /// Moves a fault's deadline; returns whether the earliest deadline changed.
-    pub fn set_deadline(&mut self, id: &str, deadline: Instant) -> bool {
+    pub(crate) fn set_deadline(&mut self, id: &str, deadline: Instant) -> bool {
         let Some(fault) = self.active.get_mut(id) else { return false };
         let before = self.deadlines.first().map(|(t, _)| *t);
         self.deadlines.remove(&(fault.deadline, id.to_owned()));
@@ -54,19 +54,19 @@ impl Table {
     }
 
     /// Takes a fault out of the table.
-    pub fn remove(&mut self, id: &str) -> Option<Fault> {
+    pub(crate) fn remove(&mut self, id: &str) -> Option<Fault> {
         let fault = self.active.remove(id)?;
         self.deadlines.remove(&(fault.deadline, id.to_owned()));
         Some(fault)
     }
 
     /// The earliest deadline.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.deadlines.first().map(|(t, _)| *t)
     }
 
     /// Takes out every fault whose deadline is at or before `now`, earliest first.
-    pub fn take_due(&mut self, now: Instant) -> Vec<Fault> {
+    pub(crate) fn take_due(&mut self, now: Instant) -> Vec<Fault> {
         let mut due = Vec::new();
         while let Some((when, id)) = self.deadlines.first().cloned()
             && when <= now
@@ -77,7 +77,7 @@ impl Table {
     }
 
     /// Remembers an ended fault (the oldest are forgotten).
-    pub fn push_history(&mut self, report: FaultReport) {
+    pub(crate) fn push_history(&mut self, report: FaultReport) {
         self.history.push_back(report);
         while self.history.len() > HISTORY {
             self.history.pop_front();
@@ -85,12 +85,12 @@ impl Table {
     }
 
     /// The last report of an ended fault.
-    pub fn ended(&self, id: &str) -> Option<&FaultReport> {
+    pub(crate) fn ended(&self, id: &str) -> Option<&FaultReport> {
         self.history.iter().rev().find(|r| r.id == id)
     }
 
     /// Ended faults, oldest first.
-    pub fn history(&self) -> impl Iterator<Item = &FaultReport> {
+    pub(crate) fn history(&self) -> impl Iterator<Item = &FaultReport> {
         self.history.iter()
     }
 }

@@ -1666,9 +1666,9 @@ mod tests {
 
         use super::super::{RTA_HDRLEN, TCA_OPTIONS, push_attr};
 
-        pub const RTM_NEWQDISC: u16 = 36;
-        pub const RTM_NEWTCLASS: u16 = 40;
-        pub const RTM_NEWTFILTER: u16 = 44;
+        pub(super) const RTM_NEWQDISC: u16 = 36;
+        pub(super) const RTM_NEWTCLASS: u16 = 40;
+        pub(super) const RTM_NEWTFILTER: u16 = 44;
         const NLMSG_ERROR: u16 = 2;
         const NLM_F_REQUEST: u16 = 0x1;
         const NLM_F_ACK: u16 = 0x4;
@@ -1679,20 +1679,20 @@ mod tests {
         const RECV_BUF: usize = 64 * 1024;
 
         /// Where an object goes: `struct tcmsg` minus the family.
-        pub struct Target {
-            pub ifindex: i32,
-            pub handle: u32,
-            pub parent: u32,
-            pub info: u32,
+        pub(super) struct Target {
+            pub(super) ifindex: i32,
+            pub(super) handle: u32,
+            pub(super) parent: u32,
+            pub(super) info: u32,
         }
 
-        pub struct Rtnl {
+        pub(super) struct Rtnl {
             fd: OwnedFd,
             seq: u32,
         }
 
         impl Rtnl {
-            pub fn open() -> nix::Result<Self> {
+            pub(super) fn open() -> nix::Result<Self> {
                 let fd =
                     socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute)?;
                 bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
@@ -1700,7 +1700,7 @@ mod tests {
             }
 
             /// Send one create request and wait for its ack; `Err` carries the kernel's errno.
-            pub fn create(
+            pub(super) fn create(
                 &mut self,
                 msg_type: u16,
                 target: &Target,

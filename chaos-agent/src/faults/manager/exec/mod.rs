@@ -37,19 +37,19 @@ pub(super) enum Undo {
 #[derive(Default)]
 pub(super) struct Undone {
     /// Pids resumed.
-    pub resumed: Vec<i32>,
+    pub(crate) resumed: Vec<i32>,
     /// What went wrong (the rest was still undone).
-    pub errors: Vec<String>,
+    pub(crate) errors: Vec<String>,
 }
 
 impl Undo {
     /// Whether the fault stays active until undone.
-    pub fn lasts(&self) -> bool {
+    pub(crate) fn lasts(&self) -> bool {
         !matches!(self, Undo::Nothing)
     }
 
     /// Undoes the fault; the report gets its final counters or usage.
-    pub async fn run(self, network: Option<&NetworkEngine>, report: &mut FaultReport) -> Undone {
+    pub(crate) async fn run(self, network: Option<&NetworkEngine>, report: &mut FaultReport) -> Undone {
         let mut done = Undone::default();
         match self {
             Undo::Nothing => {}
@@ -83,8 +83,8 @@ impl Undo {
 
 /// An applied fault: the summary for the caller and how to end it.
 pub(super) struct Executed {
-    pub message: String,
-    pub undo: Undo,
+    pub(crate) message: String,
+    pub(crate) undo: Undo,
 }
 
 impl FaultManager {
