@@ -11,11 +11,11 @@
 //!    ZooKeeper writer would (binaries `hostile_*`; registry attacks need ZooKeeper and live in the zk tier as
 //!    `zk_hostile_*`);
 //! 4. `zk` — a private ZooKeeper started here on 127.0.0.1 and real lymph 0.15 peers in a venv (binaries `zk_*`);
-//! 4b. `cluster` — root, the same ZooKeeper and venv: three hosts (network namespaces on a bridge, ZooKeeper reached
+//! 5. `cluster` — root, the same ZooKeeper and venv: three hosts (network namespaces on a bridge, ZooKeeper reached
 //!    through the bridge) with real lymph services and one agent each, for cluster-wide Scenario semantics
 //!    (binaries `cluster_*`, support in `tests/src/cluster.rs`);
-//! 5. `vm` — qemu guests booting the pinned Debian kernel (binaries `vm*`);
-//! 6. `systemd` — the .deb (lintian) and the agent as a systemd service in a Debian 12 guest booted with systemd as
+//! 6. `vm` — qemu guests booting the pinned Debian kernel (binaries `vm*`);
+//! 7. `systemd` — the .deb (lintian) and the agent as a systemd service in a Debian 12 guest booted with systemd as
 //!    PID 1 under qemu (binaries `systemd*`): builds the guest image (`systemd_guest`, cached under `target/`) and
 //!    the package from the debug agent, and passes them in `CHAOS_SYSTEMD_*`.
 //!
