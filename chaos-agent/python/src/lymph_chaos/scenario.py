@@ -513,9 +513,7 @@ class Scenario:
         if failures:
             # The only agent asked failed: its own error; else which hosts failed, next to what the others did.
             only: ChaosError = (
-                errors[0]
-                if not unanswered and len(errors) == 1 and not reports
-                else PartialFailure(failures, reports)
+                errors[0] if not unanswered and len(errors) == 1 and not reports else PartialFailure(failures, reports)
             )
             if strict:
                 raise only
