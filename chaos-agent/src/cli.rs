@@ -148,17 +148,26 @@ pub enum Command {
     Clear,
     /// Show recorded events.
     ///
+    /// With --cluster (and --via-zookeeper), every agent registered there is asked and their events are printed
+    /// as one log ordered by time, each with its host; exit code 3 when an agent did not answer (the others'
+    /// events are printed all the same).
+    ///
     /// Example: lymph-chaos events --since 120 --limit 20
+    ///
+    /// Example: lymph-chaos --via-zookeeper 10.0.0.1:2181 events --cluster --limit 100
     Events {
-        /// Only events with a sequence number above this.
+        /// Only events with a sequence number above this (per agent: each agent numbers its own events).
         #[arg(long, default_value_t = 0)]
         since: u64,
-        /// At most this many (the newest).
+        /// At most this many (the newest; with --cluster, of the merged log).
         #[arg(long, default_value_t = 50)]
         limit: u64,
         /// Keep printing new events.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "cluster")]
         follow: bool,
+        /// Every agent in ZooKeeper (needs --via-zookeeper), merged into one log by time, each event with its host.
+        #[arg(long)]
+        cluster: bool,
     },
     /// The agent's status.
     ///
@@ -643,6 +652,13 @@ pub async fn run_client(cli: &Cli) -> i32 {
             return EXIT_UNREACHABLE;
         }
     };
+    if let Command::Events { cluster: true, since, limit, .. } = &cli.command {
+        let Some(hosts) = &cli.via_zookeeper else {
+            eprintln!("lymph-chaos: events --cluster needs --via-zookeeper <hosts> (where the agents register)");
+            return EXIT_USAGE;
+        };
+        return cluster_events(cli, client, hosts, *since, *limit, timeout).await;
+    }
     let (client, endpoint) = match &cli.via_zookeeper {
         None => (client, cli.agent.clone()),
         Some(hosts) => match find_agent(client, hosts, timeout).await {
@@ -701,6 +717,57 @@ pub async fn run_client(cli: &Cli) -> i32 {
             }
         }
     }
+}
+
+/// `events --cluster`: every agent registered in ZooKeeper `hosts`, merged into one log by time (each event with
+/// its `agent` and `host`, [`chaos_api::scenario::merge_events`], as the Scenario clients show it).
+async fn cluster_events(cli: &Cli, client: Client, hosts: &str, since: u64, limit: u64, timeout: Duration) -> i32 {
+    let client = match client.connect_zookeeper(hosts, timeout).await {
+        Ok(c) => c,
+        Err(err) => {
+            eprintln!("lymph-chaos: {err}");
+            return EXIT_LOOKUP;
+        }
+    };
+    let agents = match client.lookup(crate::paths::SERVICE_NAME).await {
+        Ok(a) if !a.is_empty() => a,
+        Ok(_) => {
+            eprintln!("lymph-chaos: no agent registered in ZooKeeper at {hosts}");
+            return EXIT_LOOKUP;
+        }
+        Err(err) => {
+            eprintln!("lymph-chaos: {err}");
+            return EXIT_LOOKUP;
+        }
+    };
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let request: Request = request::Events { since, limit }.into();
+    let mut per_agent = Vec::new();
+    let mut failed = 0;
+    for agent in &agents {
+        match client.chaos(&agent.endpoint, &request, timeout).await {
+            Ok(events) => {
+                per_agent.push((agent.endpoint.clone(), events.to_json().as_array().cloned().unwrap_or_default()))
+            }
+            Err(err) => {
+                failed += 1;
+                let host = chaos_api::scenario::agent_host(&agent.endpoint);
+                eprintln!("lymph-chaos: the agent of host {host} ({}) did not answer: {err}", agent.endpoint);
+            }
+        }
+    }
+    let mut merged = chaos_api::scenario::merge_events(per_agent);
+    let newest = merged.len().saturating_sub(limit);
+    merged.drain(..newest);
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&Json::Array(merged)).unwrap_or_default());
+    } else {
+        for event in &merged {
+            let line = human("events", &json!([event]));
+            print!("{:<16} {line}", event["host"].as_str().unwrap_or("-"));
+        }
+    }
+    if failed == 0 { 0 } else { EXIT_UNREACHABLE }
 }
 
 async fn find_agent(client: Client, hosts: &str, timeout: Duration) -> Result<(Client, String), (i32, String)> {

@@ -4,7 +4,8 @@ Started by the Rust test support (tests/src/lymph.rs) as
 
     PYTHONPATH=tests/lymph lymph instance --interface echo:Echo --config <dir>/.lymph.yml
 
-so it registers in ZooKeeper as service `Echo` (the class name). Replies, by method:
+so it registers in ZooKeeper as service `Echo` (the class name); `--interface echo:Bystander` runs the same methods
+as service `Bystander`. Replies, by method:
 
 | method                | reply                                                              |
 |-----------------------|--------------------------------------------------------------------|
@@ -46,3 +47,8 @@ class Echo(lymph.Interface):
         """Sleeps `seconds` (without blocking other requests), then returns `seconds`."""
         gevent.sleep(seconds)
         return seconds
+
+
+class Bystander(Echo):
+    """`Echo`'s methods under another service name (the class name): a service that a fault on `Echo` must leave
+    alone (the cluster tier runs it next to faulted `Echo` instances)."""

@@ -9,8 +9,10 @@
 //! - [`hostile`] — attackers for the hostile tier: an unprivileged local user created per test
 //! - [`raw_peer`] — hand-driven ZeroMQ ROUTER peers (sends retried until the peer is routable)
 //! - [`lymph`] — real lymph 0.15 peers (`CHAOS_LYMPH_VENV`): configs, `Echo` instances, a restart loop, the CLI
+//! - [`cluster`] — hosts (namespaces on a bridge) with ZooKeeper, lymph services and one agent each
 
 pub mod agent;
+pub mod cluster;
 pub mod hostile;
 pub mod lymph;
 pub mod measure;

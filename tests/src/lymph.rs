@@ -75,6 +75,8 @@ const INHERITED_LYMPH_VARS: &[&str] = &[
     "LYMPH_SHARED_SOCKET_FDS",
     "LYMPH_SERVICE_NAME",
 ];
+/// lymph's `container.ip` unless a host address is given: bind and register on loopback.
+const LOOPBACK_IP: &str = "127.0.0.1";
 /// setuptools < 81 warns on every `import pkg_resources` (lymph's CLI does it).
 const PYTHON_WARNINGS: &str = "ignore:pkg_resources is deprecated";
 
@@ -116,6 +118,8 @@ pub struct LymphConfig {
     zk_addr: String,
     chroot: String,
     session_timeout: Duration,
+    /// The network namespace every process started with this config runs in (`None`: the caller's).
+    netns: Option<String>,
 }
 
 impl LymphConfig {
@@ -144,11 +148,25 @@ impl LymphConfig {
     /// # Errors
     /// The temp dir or the file cannot be written.
     pub fn with_session_timeout(zk_addr: &str, chroot: &str, session_timeout: Duration) -> Result<Self> {
+        Self::render(zk_addr, chroot, session_timeout, LOOPBACK_IP, None)
+    }
+
+    /// A config for one host of a multi-host test: every process started with it (instances, the CLI, scripts)
+    /// runs in the network namespace `netns` and binds and registers `ip`, the host's address (lymph's
+    /// `container.ip`), so peers on other hosts reach it.
+    ///
+    /// # Errors
+    /// The temp dir or the file cannot be written.
+    pub fn on_host(zk_addr: &str, chroot: &str, ip: &str, netns: &str) -> Result<Self> {
+        Self::render(zk_addr, chroot, DEFAULT_SESSION_TIMEOUT, ip, Some(netns))
+    }
+
+    fn render(zk_addr: &str, chroot: &str, session_timeout: Duration, ip: &str, netns: Option<&str>) -> Result<Self> {
         let label: String = chroot.trim_start_matches('/').chars().take(60).collect();
         let dir =
             tempfile::Builder::new().prefix(&format!("lymph-{label}-")).tempdir().context("creating a temp dir")?;
         let path = dir.path().join(".lymph.yml");
-        let yaml = render_config(&zk::hosts_with_chroot(zk_addr, chroot), session_timeout);
+        let yaml = render_config(&zk::hosts_with_chroot(zk_addr, chroot), session_timeout, ip);
         fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
         Ok(LymphConfig {
             dir,
@@ -156,6 +174,7 @@ impl LymphConfig {
             zk_addr: zk_addr.to_owned(),
             chroot: format!("/{}", chroot.trim_start_matches('/')),
             session_timeout,
+            netns: netns.map(str::to_owned),
         })
     }
 
@@ -189,16 +208,31 @@ impl LymphConfig {
         self.session_timeout
     }
 
+    /// The network namespace its processes run in (`None`: the caller's).
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
     /// `lymph` with this config and a clean environment.
     fn lymph_command(&self) -> Command {
-        lymph_command(&lymph_bin(), self.dir(), &self.path)
+        lymph_command(&lymph_bin(), self.dir(), &self.path, self.netns())
+    }
+
+    /// `program` (e.g. the venv's `python`) with the environment of a lymph process started with this config
+    /// (`LYMPH_CONFIG`, `PYTHONPATH` = [`services_dir`], no inherited `LYMPH_*`), in its namespace.
+    pub fn command(&self, program: &Path) -> Command {
+        lymph_command(program, self.dir(), &self.path, self.netns())
     }
 }
 
 /// `lymph` run in `config_dir` with `LYMPH_CONFIG=config_path`, `PYTHONPATH` = [`services_dir`], no inherited
-/// `LYMPH_*`/`PYTHONHOME`, unbuffered output, no bytecode files and without the `pkg_resources` deprecation warning.
-fn lymph_command(lymph: &Path, config_dir: &Path, config_path: &Path) -> Command {
+/// `LYMPH_*`/`PYTHONHOME`, unbuffered output, no bytecode files and without the `pkg_resources` deprecation warning;
+/// inside the network namespace `netns` when given.
+fn lymph_command(lymph: &Path, config_dir: &Path, config_path: &Path, netns: Option<&str>) -> Command {
     let mut cmd = Command::new(lymph);
+    if let Some(name) = netns {
+        crate::netns::enter_on_exec(&mut cmd, name);
+    }
     for var in INHERITED_LYMPH_VARS {
         cmd.env_remove(var);
     }
@@ -214,8 +248,9 @@ fn lymph_command(lymph: &Path, config_dir: &Path, config_path: &Path) -> Command
     cmd
 }
 
-fn render_config(zk_hosts: &str, session_timeout: Duration) -> String {
+fn render_config(zk_hosts: &str, session_timeout: Duration, ip: &str) -> String {
     CONFIG_TEMPLATE
+        .replace("@IP@", ip)
         .replace("@ZK_HOSTS@", zk_hosts)
         .replace("@ZK_SESSION_TIMEOUT@", &format!("{:.1}", session_timeout.as_secs_f64()))
 }
@@ -250,7 +285,7 @@ pub fn lymph_cli_with_timeout(config: &LymphConfig, args: &[&str], timeout: Dura
 /// # Errors
 /// As [`lymph_cli`].
 pub fn lymph_cli_in(venv: &Path, config: &LymphConfig, args: &[&str]) -> Result<Output> {
-    let mut cmd = lymph_command(&venv.join("bin").join("lymph"), config.dir(), &config.path);
+    let mut cmd = lymph_command(&venv.join("bin").join("lymph"), config.dir(), &config.path, config.netns());
     cmd.args(args);
     output_with_timeout(cmd, CLI_TIMEOUT).with_context(|| format!("{}/bin/lymph {}", venv.display(), args.join(" ")))
 }
@@ -261,7 +296,7 @@ pub fn lymph_cli_in(venv: &Path, config: &LymphConfig, args: &[&str]) -> Result<
 /// # Errors
 /// Python cannot start, or does not finish within `timeout`.
 pub fn python_script(config: &LymphConfig, script: &str, args: &[&str], timeout: Duration) -> Result<Output> {
-    let mut cmd = lymph_command(&venv().join("bin").join("python"), config.dir(), &config.path);
+    let mut cmd = config.command(&venv().join("bin").join("python"));
     cmd.arg(services_dir().join(script)).arg(&config.path).args(args);
     output_with_timeout(cmd, timeout).with_context(|| format!("python {script} {}", args.join(" ")))
 }
@@ -710,6 +745,7 @@ struct Launcher {
     lymph: PathBuf,
     config_dir: PathBuf,
     config_path: PathBuf,
+    netns: Option<String>,
     options: InstanceOptions,
 }
 
@@ -719,6 +755,7 @@ impl Launcher {
             lymph: options.venv.as_ref().map_or_else(lymph_bin, |venv| venv.join("bin").join("lymph")),
             config_dir: config.dir().to_owned(),
             config_path: config.path().to_owned(),
+            netns: config.netns.clone(),
             options: options.clone(),
         }
     }
@@ -728,7 +765,7 @@ impl Launcher {
         let log =
             self.config_dir.join(format!("{}-{}.log", self.options.service(), NEXT.fetch_add(1, Ordering::Relaxed)));
         let file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = lymph_command(&self.lymph, &self.config_dir, &self.config_path);
+        let mut cmd = lymph_command(&self.lymph, &self.config_dir, &self.config_path, self.netns.as_deref());
         cmd.arg("instance")
             .arg(format!("--interface={}", self.options.interface))
             .arg(format!("--config={}", self.config_path.display()))
@@ -790,8 +827,12 @@ impl Drop for Process {
     }
 }
 
-/// Runs `cmd` with stdout/stderr captured; kills it after `timeout`.
-fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
+/// Runs `cmd` with stdout/stderr captured (read while it runs, so a large output never blocks it); kills it after
+/// `timeout`.
+///
+/// # Errors
+/// It cannot start, or does not finish within `timeout` (its output so far is in the error).
+pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).die_with_parent();
     let mut child = cmd.spawn().with_context(|| format!("starting {}", cmd.get_program().to_string_lossy()))?;
     let readers = [child.stdout.take().map(drain), child.stderr.take().map(drain)];
@@ -835,7 +876,8 @@ mod tests {
 
     #[test]
     fn config_template_is_fully_rendered() {
-        let yaml = render_config("127.0.0.1:2181/t-x-1-0", Duration::from_secs(4));
+        let yaml = render_config("127.0.0.1:2181/t-x-1-0", Duration::from_secs(4), "10.1.2.3");
+        assert!(yaml.contains("ip: 10.1.2.3"), "{yaml}");
         assert!(yaml.contains("hosts: \"127.0.0.1:2181/t-x-1-0\""), "{yaml}");
         assert!(yaml.contains("timeout: 4.0"), "{yaml}");
         assert!(yaml.contains("lymph.events.null:NullEventSystem"), "{yaml}");

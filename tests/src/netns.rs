@@ -126,8 +126,20 @@ impl Netns {
     /// # Panics
     /// When the listening socket cannot be created.
     pub fn forward_tcp(&self, port: u16, target: std::net::SocketAddr) -> Forwarder {
+        self.forward_tcp_on(std::net::Ipv4Addr::LOCALHOST.into(), port, target)
+    }
+
+    /// Forwards `<addr>:<port>` inside this namespace (an address of one of its interfaces, e.g. a bridge that
+    /// other namespaces reach) to `target` outside it (`port` 0 picks one).
+    ///
+    /// # Panics
+    /// When the listening socket cannot be created.
+    pub fn forward_tcp_on(&self, addr: std::net::IpAddr, port: u16, target: std::net::SocketAddr) -> Forwarder {
         // The listening socket is created inside the namespace and keeps living there.
-        let listener = self.run(|| std::net::TcpListener::bind(("127.0.0.1", port)).expect("forwarder listen"));
+        let listener = self.run(|| {
+            std::net::TcpListener::bind((addr, port))
+                .unwrap_or_else(|e| panic!("forwarder listen on {addr}:{port}: {e}"))
+        });
         Forwarder::serve(listener, target)
     }
 }

@@ -48,13 +48,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run every test tier: unit, network namespaces (root), ZooKeeper + real lymph peers, qemu guests, the .deb
-    /// under systemd in a Debian 12 guest. Installs and starts what the tiers need (apt packages, bpf-linker,
+    /// Run every test tier: unit, network namespaces (root), ZooKeeper + real lymph peers, a three-host cluster of
+    /// namespaces, qemu guests, the .deb under systemd in a Debian 12 guest. Installs and starts what the tiers need (apt packages, bpf-linker,
     /// ZooKeeper, the lymph venv, qemu, the guest kernel, the guest image, lintian).
     ///
     /// Example: `cargo xtask test`, `cargo xtask test --tier unit --tier netns -- kill`
     Test {
-        /// Only these tiers (unit, netns, hostile, zk, vm, systemd); default all.
+        /// Only these tiers (unit, netns, hostile, zk, cluster, vm, systemd); default all.
         #[arg(long = "tier")]
         tiers: Vec<String>,
         /// Do not install missing packages.

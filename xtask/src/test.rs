@@ -11,8 +11,11 @@
 //!    ZooKeeper writer would (binaries `hostile_*`; registry attacks need ZooKeeper and live in the zk tier as
 //!    `zk_hostile_*`);
 //! 4. `zk` — a private ZooKeeper started here on 127.0.0.1 and real lymph 0.15 peers in a venv (binaries `zk_*`);
-//! 5. `vm` — qemu guests booting the pinned Debian kernel (binaries `vm*`);
-//! 6. `systemd` — the .deb (lintian) and the agent as a systemd service in a Debian 12 guest booted with systemd as
+//! 5. `cluster` — root, the same ZooKeeper and venv: three hosts (network namespaces on a bridge, ZooKeeper reached
+//!    through the bridge) with real lymph services and one agent each, for cluster-wide Scenario semantics
+//!    (binaries `cluster_*`, support in `tests/src/cluster.rs`);
+//! 6. `vm` — qemu guests booting the pinned Debian kernel (binaries `vm*`);
+//! 7. `systemd` — the .deb (lintian) and the agent as a systemd service in a Debian 12 guest booted with systemd as
 //!    PID 1 under qemu (binaries `systemd*`): builds the guest image (`systemd_guest`, cached under `target/`) and
 //!    the package from the debug agent, and passes them in `CHAOS_SYSTEMD_*`.
 //!
@@ -37,12 +40,14 @@ pub enum Tier {
     Netns,
     Hostile,
     Zk,
+    Cluster,
     Vm,
     Systemd,
 }
 
 impl Tier {
-    pub const ALL: [Tier; 6] = [Tier::Unit, Tier::Netns, Tier::Hostile, Tier::Zk, Tier::Vm, Tier::Systemd];
+    pub const ALL: [Tier; 7] =
+        [Tier::Unit, Tier::Netns, Tier::Hostile, Tier::Zk, Tier::Cluster, Tier::Vm, Tier::Systemd];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -50,6 +55,7 @@ impl Tier {
             Tier::Netns => "netns",
             Tier::Hostile => "hostile",
             Tier::Zk => "zk",
+            Tier::Cluster => "cluster",
             Tier::Vm => "vm",
             Tier::Systemd => "systemd",
         }
@@ -66,6 +72,7 @@ impl Tier {
             Tier::Netns => "binary(/^netns_/)",
             Tier::Hostile => "binary(/^hostile_/)",
             Tier::Zk => "binary(/^zk_/)",
+            Tier::Cluster => "binary(/^cluster_/)",
             Tier::Vm => "binary(/^vm/)",
             Tier::Systemd => "binary(/^systemd/)",
         }
@@ -90,7 +97,8 @@ pub fn run(opts: &TestOptions) -> Result<()> {
         opts.tiers
             .iter()
             .map(|s| {
-                Tier::parse(s).with_context(|| format!("unknown tier `{s}` (unit, netns, hostile, zk, vm, systemd)"))
+                Tier::parse(s)
+                    .with_context(|| format!("unknown tier `{s}` (unit, netns, hostile, zk, cluster, vm, systemd)"))
             })
             .collect::<Result<_>>()?
     };
@@ -124,14 +132,14 @@ pub fn run(opts: &TestOptions) -> Result<()> {
         }
         eprintln!("    (continuing without the BPF object: {err:#})");
     }
-    for tier in [Tier::Netns, Tier::Hostile, Tier::Zk, Tier::Vm, Tier::Systemd] {
+    for tier in [Tier::Netns, Tier::Hostile, Tier::Zk, Tier::Cluster, Tier::Vm, Tier::Systemd] {
         if wanted.contains(&tier) && !root {
             skipped.push((tier, "needs root (network namespaces, BPF, signals to other processes, apt)".into()));
         }
     }
     let runnable = |t: Tier, skipped: &[(Tier, String)]| wanted.contains(&t) && !skipped.iter().any(|(s, _)| *s == t);
 
-    for tier in [Tier::Netns, Tier::Hostile] {
+    for tier in [Tier::Netns, Tier::Hostile, Tier::Cluster] {
         if runnable(tier, &skipped)
             && let Err(reason) = netns_works()
         {
@@ -139,7 +147,9 @@ pub fn run(opts: &TestOptions) -> Result<()> {
         }
     }
     let mut zookeeper = None;
-    if runnable(Tier::Zk, &skipped) {
+    // The zk and cluster tiers share one ZooKeeper (each test under a chroot of its own) and the venv.
+    let needs_zookeeper: Vec<Tier> = [Tier::Zk, Tier::Cluster].into_iter().filter(|t| runnable(*t, &skipped)).collect();
+    if !needs_zookeeper.is_empty() {
         step("preparing: ZooKeeper and the lymph 0.15 venv");
         let prepared = (|| -> Result<(services::ZooKeeper, PathBuf)> {
             if !opts.no_install {
@@ -156,7 +166,7 @@ pub fn run(opts: &TestOptions) -> Result<()> {
                 env.push((services::LYMPH_VENV_ENV.into(), venv.display().to_string()));
                 zookeeper = Some(zk);
             }
-            Err(err) => skipped.push((Tier::Zk, format!("{err:#}"))),
+            Err(err) => skipped.extend(needs_zookeeper.iter().map(|t| (*t, format!("{err:#}")))),
         }
     }
     // The Python client's checks belong to the unit tier; their venv needs PyPI once.
@@ -331,7 +341,7 @@ fn netns_works() -> std::result::Result<(), String> {
 fn filterset(tiers: &[Tier]) -> String {
     if tiers.contains(&Tier::Unit) {
         // Everything, minus the binaries of tiers not running.
-        let excluded: Vec<String> = [Tier::Netns, Tier::Hostile, Tier::Zk, Tier::Vm, Tier::Systemd]
+        let excluded: Vec<String> = [Tier::Netns, Tier::Hostile, Tier::Zk, Tier::Cluster, Tier::Vm, Tier::Systemd]
             .into_iter()
             .filter(|t| !tiers.contains(t))
             .map(|t| format!("not {}", t.binaries()))
@@ -390,6 +400,8 @@ fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Res
                 Tier::Hostile
             } else if name.starts_with("zk_") {
                 Tier::Zk
+            } else if name.starts_with("cluster_") {
+                Tier::Cluster
             } else if name.starts_with("vm") {
                 Tier::Vm
             } else if name.starts_with("systemd") {

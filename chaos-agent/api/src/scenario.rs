@@ -22,6 +22,11 @@
 //! over instances with the scenario's seed ([`Scenario::seed`] replays a run); network faults go to every host of
 //! the service. Faults get ids derived from the scenario, so re-applying refreshes them instead of stacking new ones,
 //! and reverting reverts exactly them.
+//!
+//! An agent that does not answer does not stop the others: a round plans over the agents that answered, sends every
+//! request, and then reports each agent that failed with its host ([`ScenarioError::Partial`], [`AgentFailure`]).
+//! [`Scenario::events`] merges every agent's events into one log ordered by time, each with its `agent` and `host`
+//! ([`merge_events`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -59,6 +64,74 @@ pub enum ScenarioError {
         /// What it answered.
         source: ClientError,
     },
+    /// Some agents failed (did not answer, refused) while the others acted: the others' answers, and the failures
+    /// with their hosts.
+    #[error("{}", describe_partial(failures, answers.len()))]
+    Partial {
+        /// Each agent that failed, with its host and what went wrong.
+        failures: Vec<AgentFailure>,
+        /// The answers of the requests that succeeded (for [`Scenario::events`]: the merged events of the agents
+        /// that answered).
+        answers: Vec<Json>,
+    },
+}
+
+/// An agent that failed during a round: which one, on which host, and why.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct AgentFailure {
+    /// Its endpoint, as registered.
+    pub agent: String,
+    /// Its host: the address in its endpoint ([`agent_host`]).
+    pub host: String,
+    /// What went wrong (a timeout for an agent that is down).
+    pub error: String,
+}
+
+impl AgentFailure {
+    fn new(agent: &str, error: &impl std::fmt::Display) -> AgentFailure {
+        AgentFailure { agent: agent.to_owned(), host: agent_host(agent), error: error.to_string() }
+    }
+}
+
+fn describe_partial(failures: &[AgentFailure], answers: usize) -> String {
+    let each: Vec<String> = failures.iter().map(|f| format!("host {} ({}): {}", f.host, f.agent, f.error)).collect();
+    format!("{} agent(s) failed while the others acted ({answers} answers): {}", failures.len(), each.join("; "))
+}
+
+/// The host of an agent: the address (or name) in its endpoint, `tcp://10.0.0.2:4575` → `10.0.0.2` (the endpoint
+/// itself when it has no `tcp://host:port` form).
+pub fn agent_host(endpoint: &str) -> String {
+    crate::instance::split_endpoint(endpoint).map_or_else(|| endpoint.to_owned(), |(host, _)| host.to_owned())
+}
+
+/// One log of every agent's events: each event gets `agent` (the endpoint) and `host` ([`agent_host`]), and the
+/// whole is ordered by (`time`, `agent`, `seq`) — the order the Python client's `Scenario.events()` uses too.
+pub fn merge_events(per_agent: impl IntoIterator<Item = (String, Vec<Json>)>) -> Vec<Json> {
+    let mut all: Vec<Json> = per_agent
+        .into_iter()
+        .flat_map(|(agent, events)| {
+            let host = agent_host(&agent);
+            events.into_iter().map(move |mut e| {
+                if let Some(map) = e.as_object_mut() {
+                    map.insert("agent".into(), agent.clone().into());
+                    map.insert("host".into(), host.clone().into());
+                }
+                e
+            })
+        })
+        .collect();
+    let key = |e: &Json| {
+        (
+            e["time"].as_f64().unwrap_or(0.0),
+            e["agent"].as_str().unwrap_or("").to_owned(),
+            e["seq"].as_u64().unwrap_or(0),
+        )
+    };
+    all.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        ka.0.total_cmp(&kb.0).then_with(|| ka.1.cmp(&kb.1)).then_with(|| ka.2.cmp(&kb.2))
+    });
+    all
 }
 
 #[derive(Clone, Debug)]
@@ -225,7 +298,8 @@ impl Scenario {
     /// Applies every queued action once, lasting faults before kills; returns the agents' answers in that order.
     ///
     /// # Errors
-    /// Unknown services, unreachable agents, refusals.
+    /// Unknown services (nothing sent), no agent answering, refusals; [`ScenarioError::Partial`] when some agents
+    /// failed (each with its host) while the others acted (their answers in it).
     pub async fn apply(&self) -> Result<Vec<Json>, ScenarioError> {
         apply_all(&self.shared, &self.actions, self.dry_run, self.seed).await
     }
@@ -234,9 +308,13 @@ impl Scenario {
     /// fault the scenario created (also during a panic).
     ///
     /// # Errors
-    /// The first application's errors (later rounds log and carry on, as a monkey should).
+    /// The first application's errors, after reverting what it applied (later rounds log and carry on, as a monkey
+    /// should).
     pub async fn repeat(&self, interval: Duration) -> Result<RepeatGuard, ScenarioError> {
-        apply_all(&self.shared, &self.actions, self.dry_run, self.seed).await?;
+        if let Err(err) = apply_all(&self.shared, &self.actions, self.dry_run, self.seed).await {
+            revert_all(&self.shared).await;
+            return Err(err);
+        }
         let (shared, actions, dry_run, seed) = (self.shared.clone(), self.actions.clone(), self.dry_run, self.seed);
         let task = tokio::spawn(async move {
             loop {
@@ -254,22 +332,27 @@ impl Scenario {
         revert_all(&self.shared).await;
     }
 
-    /// Events of every agent, ordered by time.
+    /// Events of every agent in one log ordered by time, each with its `agent` and `host` ([`merge_events`]).
     ///
     /// # Errors
-    /// Unreachable agents.
+    /// [`ScenarioError::NoAgent`] when no agent answered; [`ScenarioError::Partial`] (with the others' events in
+    /// `answers`) when some did not.
     pub async fn events(&self) -> Result<Vec<Json>, ScenarioError> {
-        let mut all = Vec::new();
+        refresh_agents(&self.shared).await;
         let agents = self.shared.agents.lock().expect("poisoned").clone();
+        let mut per_agent = Vec::new();
+        let mut failures = Vec::new();
         for endpoint in agents {
-            let events = call(&self.shared, &endpoint, "events", json!({"limit": 10000})).await?;
-            all.extend(events.as_array().cloned().unwrap_or_default().into_iter().map(|mut e| {
-                e["agent"] = endpoint.clone().into();
-                e
-            }));
+            match call(&self.shared, &endpoint, "events", json!({"limit": 10000})).await {
+                Ok(events) => per_agent.push((endpoint, events.as_array().cloned().unwrap_or_default())),
+                Err(err) => failures.push(AgentFailure::new(&endpoint, &err)),
+            }
         }
-        all.sort_by(|a, b| a["time"].as_f64().partial_cmp(&b["time"].as_f64()).unwrap_or(std::cmp::Ordering::Equal));
-        Ok(all)
+        if per_agent.is_empty() && !failures.is_empty() {
+            return Err(ScenarioError::NoAgent(describe_partial(&failures, 0)));
+        }
+        let merged = merge_events(per_agent);
+        if failures.is_empty() { Ok(merged) } else { Err(ScenarioError::Partial { failures, answers: merged }) }
     }
 }
 
@@ -314,37 +397,48 @@ async fn call(shared: &Shared, endpoint: &str, method: &str, kwargs: Json) -> Re
         .map_err(|source| ScenarioError::Agent { endpoint: endpoint.to_owned(), source })
 }
 
-/// Every reachable agent's `Chaos.list_services` answer, by agent endpoint.
-async fn listings(shared: &Shared) -> Result<Map<String, Json>, ScenarioError> {
-    if let Some(hosts) = &shared.zookeeper {
-        // Agents come and go: refresh the list when a registry is known.
-        if let Ok(client) = Client::new()
-            && let Ok(client) = client.connect_zookeeper(hosts, shared.timeout).await
-        {
-            if let Ok(agents) = Scenario::lookup_agents(&client).await {
-                *shared.agents.lock().expect("poisoned") = agents;
-            }
-            client.node().shutdown();
+/// Agents come and go: refreshes the list when a registry is known (keeps the old one when it cannot be read).
+async fn refresh_agents(shared: &Shared) {
+    let Some(hosts) = &shared.zookeeper else { return };
+    if let Ok(client) = Client::new()
+        && let Ok(client) = client.connect_zookeeper(hosts, shared.timeout).await
+    {
+        if let Ok(agents) = Scenario::lookup_agents(&client).await {
+            *shared.agents.lock().expect("poisoned") = agents;
         }
+        client.node().shutdown();
     }
+}
+
+/// Every reachable agent's `Chaos.list_services` answer, by agent endpoint, and the agents that did not answer.
+async fn listings(shared: &Shared) -> Result<(Map<String, Json>, Vec<AgentFailure>), ScenarioError> {
+    refresh_agents(shared).await;
     let agents = shared.agents.lock().expect("poisoned").clone();
     if agents.is_empty() {
         return Err(ScenarioError::NoAgent("none registered".into()));
     }
     let mut view = Map::new();
+    let mut failures = Vec::new();
     let mut last_err = None;
     for endpoint in &agents {
         match call(shared, endpoint, "list_services", json!({})).await {
             Ok(listing) => {
                 view.insert(endpoint.clone(), listing);
             }
-            Err(err) => last_err = Some(err),
+            Err(err) => {
+                failures.push(AgentFailure::new(endpoint, &err));
+                last_err = Some(err);
+            }
         }
     }
     if view.is_empty() {
         return Err(last_err.unwrap_or(ScenarioError::NoAgent("no agent answered".into())));
     }
-    Ok(view)
+    for failure in &failures {
+        tracing::warn!(agent = %failure.agent, host = %failure.host, error = %failure.error,
+            "an agent did not answer: its host's instances are left out of this round");
+    }
+    Ok((view, failures))
 }
 
 /// The selection's view of agents' `Chaos.list_services` answers (agent endpoint → answer): entries that are no
@@ -450,7 +544,7 @@ pub fn plan(
 }
 
 async fn apply_all(shared: &Shared, actions: &[Action], dry_run: bool, seed: u64) -> Result<Vec<Json>, ScenarioError> {
-    let listings = listings(shared).await?;
+    let (listings, mut failures) = listings(shared).await?;
     let round = shared.rounds.fetch_add(1, Ordering::SeqCst);
     if round == 0 {
         tracing::info!(scenario = %shared.prefix, seed, "selecting instances with this seed (Scenario::seed replays it)");
@@ -463,6 +557,7 @@ async fn apply_all(shared: &Shared, actions: &[Action], dry_run: bool, seed: u64
         planned.push((action, requests));
     }
     let mut answers = Vec::new();
+    let mut failed_requests = Vec::new();
     // Lasting faults first, kills last: a kill could end an instance before its agent resolved the round's other
     // faults (a dead instance is no local target).
     let (lasting, instant): (Vec<_>, Vec<_>) = planned.into_iter().partition(|(a, _)| a.lasting);
@@ -471,7 +566,15 @@ async fn apply_all(shared: &Shared, actions: &[Action], dry_run: bool, seed: u64
             if dry_run {
                 kwargs.insert("dry_run".into(), true.into());
             }
-            let answer = call(shared, &endpoint, action.method, Json::Object(kwargs)).await?;
+            // One agent failing does not keep the others from acting: every request is sent.
+            let answer = match call(shared, &endpoint, action.method, Json::Object(kwargs)).await {
+                Ok(answer) => answer,
+                Err(err) => {
+                    failures.push(AgentFailure::new(&endpoint, &err));
+                    failed_requests.push(err);
+                    continue;
+                }
+            };
             if action.lasting
                 && !dry_run
                 && let Some(id) = answer["id"].as_str()
@@ -481,7 +584,12 @@ async fn apply_all(shared: &Shared, actions: &[Action], dry_run: bool, seed: u64
             answers.push(answer);
         }
     }
-    Ok(answers)
+    match (failures.len(), failed_requests.pop()) {
+        (0, _) => Ok(answers),
+        // A single agent, the only one asked, refused: its own error, as before any cluster was involved.
+        (1, Some(err)) if answers.is_empty() => Err(err),
+        _ => Err(ScenarioError::Partial { failures, answers }),
+    }
 }
 
 async fn revert_all(shared: &Shared) {
@@ -533,6 +641,28 @@ mod tests {
             ]
         );
         assert!(sn.actions.iter().all(|a| a.lasting && a.method == "inject"));
+    }
+
+    #[test]
+    fn an_agents_host_is_the_address_in_its_endpoint() {
+        assert_eq!(agent_host("tcp://10.77.0.2:4575"), "10.77.0.2");
+        assert_eq!(agent_host("tcp://[fd00::2]:4575"), "fd00::2");
+        assert_eq!(agent_host("tcp://node-b:1"), "node-b");
+        assert_eq!(agent_host("ipc:///run/x"), "ipc:///run/x");
+    }
+
+    #[test]
+    fn events_of_every_agent_merge_into_one_log_by_time_each_with_its_host() {
+        let ev = |seq: u64, time: f64| json!({"seq": seq, "time": time, "action": "applied"});
+        let merged = merge_events([
+            ("tcp://10.0.0.3:1".to_owned(), vec![ev(1, 5.0), ev(2, 7.0)]),
+            ("tcp://10.0.0.2:1".to_owned(), vec![ev(1, 6.0), ev(2, 7.0), ev(3, 7.0)]),
+        ]);
+        let order: Vec<(String, u64)> =
+            merged.iter().map(|e| (e["host"].as_str().unwrap().to_owned(), e["seq"].as_u64().unwrap())).collect();
+        let want = [("10.0.0.3", 1), ("10.0.0.2", 1), ("10.0.0.2", 2), ("10.0.0.2", 3), ("10.0.0.3", 2)];
+        assert_eq!(order, want.map(|(h, s)| (h.to_owned(), s)));
+        assert!(merged.iter().all(|e| e["agent"] == format!("tcp://{}:1", e["host"].as_str().unwrap())));
     }
 
     #[test]

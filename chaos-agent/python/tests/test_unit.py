@@ -281,6 +281,7 @@ def test_a_round_sends_kills_only_after_the_lasting_faults_are_answered() -> Non
     sn._actions = []
     sn._applied = {}
     sn._rounds = 0
+    sn._unanswered = []
     sn.seed = 1
     sn.dry_run = False
     sn.kill("echo")
@@ -298,6 +299,44 @@ def test_a_round_sends_kills_only_after_the_lasting_faults_are_answered() -> Non
     reports = sn._apply_round(None, strict=True)
     assert batches == [["inject_latency", "inject_latency", "inject", "inject"], ["kill"]], batches
     assert sorted(r["id"] for r in reports) == ["sn-abc-1", "sn-abc-2", "sn-abc-2", "sn-abc-3", "sn-abc-3"]
+
+
+def test_an_agent_that_fails_is_reported_with_its_host_after_the_others_acted() -> None:
+    sn = object.__new__(lymph_chaos.Scenario)
+    sn.id = "abc"
+    sn._lock = threading.RLock()
+    sn._actions = []
+    sn._applied = {}
+    sn._rounds = 0
+    sn.errors = []
+    sn.seed = 1
+    sn.dry_run = False
+    sn.inject("Echo", "blackhole")
+    down = "tcp://10.0.0.9:4575"
+
+    def services_view() -> Dict[str, Any]:
+        sn._unanswered = [{"agent": down, "host": "10.0.0.9", "error": "Timeout: no reply"}]
+        return VIEW
+
+    def fan_out(calls: Sequence[Tuple[str, str, Dict[str, Any]]]) -> List[Union[Any, errors.ChaosError]]:
+        return [{"id": kwargs["id"], "state": "active"} for _, _, kwargs in calls]
+
+    sn._services_view = services_view  # type: ignore[method-assign]
+    sn._fan_out = fan_out  # type: ignore[method-assign]
+    with pytest.raises(errors.PartialFailure) as raised:
+        sn._apply_round(None, strict=True)
+    assert raised.value.failures == [{"agent": down, "host": "10.0.0.9", "error": "Timeout: no reply"}]
+    assert sorted(r["host"] for r in raised.value.reports) == sorted(scenario.agent_host(a) for a in (A, B))
+    assert "host 10.0.0.9" in str(raised.value)
+    # Not strict (a repeat round): recorded, the reports returned.
+    assert len(sn._apply_round(None, strict=False)) == 2
+    assert [type(e) for e in sn.errors] == [errors.PartialFailure]
+
+
+def test_an_agents_host_is_the_address_in_its_endpoint() -> None:
+    assert scenario.agent_host("tcp://10.77.0.2:4575") == "10.77.0.2"
+    assert scenario.agent_host("tcp://[fd00::2]:4575") == "fd00::2"
+    assert scenario.agent_host("ipc:///run/x") == "ipc:///run/x"
 
 
 # -- the RPC peer against a fake lymph peer ------------------------------------------------------------------------

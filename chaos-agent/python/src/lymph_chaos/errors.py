@@ -8,7 +8,7 @@ Errors found on the client side (no agent, unknown service, timeouts) use the sa
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+from typing import Any, Dict, List, Optional, Type
 
 
 class ChaosError(Exception):
@@ -123,6 +123,23 @@ class ZooKeeperUnavailable(NoAgentError):
     """ZooKeeper itself cannot be reached, so no agent can be found."""
 
     default_type = "ZooKeeperUnavailable"
+
+
+class PartialFailure(ChaosError):
+    """Some agents failed (did not answer, refused) while the others acted.
+
+    Attributes:
+        failures: one dict per failed agent: ``agent`` (endpoint), ``host`` (the address in it), ``error`` (text).
+        reports: what the agents that acted answered (for :meth:`Scenario.events`: their merged events).
+    """
+
+    default_type = "Partial"
+
+    def __init__(self, failures: List[Dict[str, str]], reports: List[Dict[str, Any]]) -> None:
+        each = "; ".join(f"host {f['host']} ({f['agent']}): {f['error']}" for f in failures)
+        super().__init__(f"{len(failures)} agent(s) failed while the others acted ({len(reports)} answers): {each}")
+        self.failures: List[Dict[str, str]] = failures
+        self.reports: List[Dict[str, Any]] = reports
 
 
 #: Agent error type name → exception class.

@@ -28,6 +28,10 @@ How it works:
   reverted.
 - Faults applied by :meth:`Scenario.repeat` without an explicit ``lifetime`` get a short lease (a few intervals)
   that every round renews: if this process dies, the agents end them by themselves soon after.
+- An agent that does not answer does not stop the others: a round plans over the agents that answered, sends every
+  request, then reports each agent that failed with its host (:class:`PartialFailure`). :meth:`Scenario.events`
+  merges every agent's events into one log ordered by time, each with its ``agent`` and ``host``. Both follow the
+  Rust client (``chaos_api::scenario``: ``ScenarioError::Partial``, ``merge_events``).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from .errors import (
     InvalidArgument,
     NoAgentError,
     NoAgentForService,
+    PartialFailure,
     UnknownFault,
     UnknownService,
 )
@@ -326,6 +331,8 @@ class Scenario:
         self._applied: Dict[Tuple[str, str], Dict[str, Any]] = {}
         self._repeat: Optional[Repeat] = None
         self._rounds = 0
+        # Agents that did not answer the last listing (see _services_view).
+        self._unanswered: List[Dict[str, str]] = []
         self._closed = False
         self._registry = ZooKeeperRegistry(zookeeper, self.timeout)
 
@@ -443,7 +450,9 @@ class Scenario:
         Raises:
             UnknownService, NoAgentForService: before anything is sent, when an action cannot be routed.
             NoAgentError: no agent registered, or none answered.
-            ChaosError: the first agent error (the others are added to :attr:`errors`).
+            PartialFailure: some agents failed (each with its host in ``failures``) while the others acted (their
+                reports in ``reports``).
+            ChaosError: the only agent asked failed.
         """
         return self._apply_round(lease, strict=True)
 
@@ -482,6 +491,7 @@ class Scenario:
             return []
         view = self._services_view()
         with self._lock:
+            unanswered = list(self._unanswered)
             round_index, self._rounds = self._rounds, self._rounds + 1
         if round_index == 0:
             log.info(
@@ -511,20 +521,25 @@ class Scenario:
         results = self._send_in_phases(calls)
         reports: List[Dict[str, Any]] = []
         errors: List[ChaosError] = []
+        failures = list(unanswered)
         for (action, agent, _), result in zip(calls, results):
             if isinstance(result, ChaosError):
                 errors.append(result)
+                failures.append(_failure(agent, result))
                 continue
             report = _with_agent(result, agent)
             reports.append(report)
             if report.get("state") == "active" and not report.get("dry_run"):
                 with self._lock:
                     self._applied[(agent, str(report.get("id") or action.fault_id))] = report
-        if errors:
-            for later in errors[1:] if strict else errors:
-                self._record_error(later)
+        if failures:
+            # The only agent asked failed: its own error; else which hosts failed, next to what the others did.
+            only: ChaosError = (
+                errors[0] if not unanswered and len(errors) == 1 and not reports else PartialFailure(failures, reports)
+            )
             if strict:
-                raise errors[0]
+                raise only
+            self._record_error(only)
         return reports
 
     def _record_error(self, err: ChaosError) -> None:
@@ -574,7 +589,8 @@ class Scenario:
         return self._from_every_agent("faults", {"all": bool(all)})
 
     def events(self, since: float = 0.0, limit: Optional[int] = None, mine: bool = False) -> List[Dict[str, Any]]:
-        """Events of every agent (applied, reverted, expired, refused, warning, dry_run …) by time, oldest first.
+        """Events of every agent (applied, reverted, expired, refused, warning, dry_run …) in one log ordered by
+        time, oldest first, each with its ``agent`` (endpoint) and ``host``.
 
         A network fault's ``applied`` event carries the measured effect in ``detail["observed"]``; a ``warning``
         event follows when the effect was not seen (no packet matched, no loss or delay, nothing listening).
@@ -583,8 +599,13 @@ class Scenario:
             since: only events at or after this Unix time.
             limit: only the last ``limit`` events.
             mine: only events of this scenario's faults.
+
+        Raises:
+            NoAgentError: no agent answered.
+            PartialFailure: some agents did not answer (``failures``); the others' events, filtered, in ``reports``.
         """
-        events = self._all_events()
+        failures: List[Dict[str, str]] = []
+        events = self._all_events(failures)
         prefix = f"sn-{self.id}-"
         own = {a.fault_id for a in self.actions}
         # An action's k-th chosen instance has the fault id <action id>.<k>.
@@ -596,10 +617,14 @@ class Scenario:
             and (not mine or str(e.get("fault") or "").startswith((prefix,) + own_prefixes) or e.get("fault") in own)
         ]
         events.sort(key=lambda e: (float(e.get("time") or 0), str(e.get("agent")), int(e.get("seq") or 0)))
-        return events[-limit:] if limit else events
+        events = events[-limit:] if limit else events
+        if failures:
+            raise PartialFailure(failures, events)
+        return events
 
-    def _all_events(self) -> List[Dict[str, Any]]:
-        """Every event of every agent: pages of ``EVENTS_PAGE`` (``Chaos.events`` returns the oldest first)."""
+    def _all_events(self, unanswered: List[Dict[str, str]]) -> List[Dict[str, Any]]:
+        """Every event of every agent: pages of ``EVENTS_PAGE`` (``Chaos.events`` returns the oldest first); agents
+        that failed are added to ``unanswered``."""
         agents = self.agents()
         self._rpc_node(agents)
         since = {a.endpoint: 0 for a in agents}
@@ -612,6 +637,7 @@ class Scenario:
                 page = [] if isinstance(result, ChaosError) else list(result or [])
                 if isinstance(result, ChaosError):
                     failures.append(result)
+                    unanswered.append(_failure(endpoint, result))
                 out.extend(_with_agent(e, endpoint) for e in page)
                 last = max((int(e.get("seq") or 0) for e in page), default=0)
                 if len(page) < EVENTS_PAGE or last <= previous:
@@ -620,8 +646,6 @@ class Scenario:
                     since[endpoint] = last
         if failures and len(failures) == len(agents):
             raise NoAgentError("no Chaos agent answered Chaos.events: " + "; ".join(str(f) for f in failures))
-        for failure in failures:
-            log.warning("lymph-chaos: Chaos.events failed on one agent: %s", failure)
         return out
 
     def status(self) -> Dict[str, Any]:
@@ -700,6 +724,7 @@ class Scenario:
         return results
 
     def _services_view(self) -> ServicesView:
+        """Every answering agent's ``Chaos.list_services``; the agents that did not answer go to ``_unanswered``."""
         agents = self.agents()
         self._rpc_node(agents)
         results = self._fan_out([(a.endpoint, "list_services", {}) for a in agents])
@@ -712,13 +737,19 @@ class Scenario:
                 view[agent.endpoint] = result
             else:
                 failures.append(ChaosError(f"list_services returned {type(result).__name__}", agent=agent.endpoint))
+        with self._lock:
+            self._unanswered = [_failure(f.agent or "", f) for f in failures]
         if not view:
             raise NoAgentError(
                 f"none of the {len(agents)} Chaos agent(s) registered in ZooKeeper at {self.zookeeper_hosts} answered "
                 f"within {self.timeout:g} s: " + "; ".join(str(f) for f in failures)
             )
         for failure in failures:
-            log.warning("lymph-chaos: skipping an agent that did not answer: %s", failure)
+            log.warning(
+                "lymph-chaos: host %s did not answer, its instances are left out of this round: %s",
+                agent_host(failure.agent or ""),
+                failure,
+            )
         return view
 
     def _from_every_agent(self, method: str, kwargs: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -839,7 +870,21 @@ class Repeat:
             log.warning("lymph-chaos: reverting after %s: %s", exc_type.__name__, err)
 
 
+def agent_host(endpoint: str) -> str:
+    """The host of an agent: the address (or name) in its endpoint, ``tcp://10.0.0.2:4575`` → ``10.0.0.2`` (the
+    endpoint itself when it has no ``tcp://host:port`` form); as ``chaos_api::scenario::agent_host``."""
+    if endpoint.startswith("tcp://") and ":" in endpoint[6:]:
+        host = endpoint[6:].rsplit(":", 1)[0]
+        return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return endpoint
+
+
+def _failure(agent: str, err: ChaosError) -> Dict[str, str]:
+    return {"agent": agent, "host": agent_host(agent), "error": str(err)}
+
+
 def _with_agent(item: Any, agent: str) -> Dict[str, Any]:
     out = dict(item) if isinstance(item, dict) else {"value": item}
     out["agent"] = agent
+    out["host"] = agent_host(agent)
     return out
