@@ -202,6 +202,9 @@ pub struct FaultReport {
     /// Live counters of network faults.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub counters: Option<FaultCounters>,
+    /// What delays the packets of a latency fault: `netem` or `edt` (see `chaos_api::reply::LatencyBackend`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub backend: Option<chaos_api::reply::LatencyBackend>,
     /// Parameters of the action.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action: Option<FaultAction>,

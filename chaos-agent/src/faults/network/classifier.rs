@@ -13,12 +13,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{ProgramError, SchedClassifier},
 };
 use chaos_common::{
-    Counters, Iface, MAP_COUNTERS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_RULES, PROG_EGRESS, PROG_IFB, PROG_INGRESS,
-    PROG_STEER, Rule, RuleKey,
+    Counters, EdtClass, EdtDistTable, Iface, MAP_COUNTERS, MAP_EDT_CLASSES, MAP_EDT_DIST, MAP_IFACES, MAP_LOCAL_ADDRS,
+    MAP_RULES, PROG_EGRESS, PROG_IFB, PROG_INGRESS, PROG_STEER, Rule, RuleKey,
 };
 
 /// The classifier object built by `cargo xtask build-ebpf` (empty when it was not built).
@@ -94,6 +94,7 @@ pub struct Classifier {
     counters: PerCpuArray<MapData, Counters>,
     ifaces: BpfHashMap<MapData, u32, Iface>,
     local_addrs: BpfHashMap<MapData, [u8; 16], u8>,
+    edt_classes: Array<MapData, EdtClass>,
     slots: u32,
     pins: Vec<PathBuf>,
 }
@@ -151,6 +152,18 @@ impl Classifier {
         let counters_map = take(&mut ebpf, MAP_COUNTERS)?;
         let ifaces_map = take(&mut ebpf, MAP_IFACES)?;
         let local_map = take(&mut ebpf, MAP_LOCAL_ADDRS)?;
+        let edt_classes = Array::try_from(take(&mut ebpf, MAP_EDT_CLASSES)?)
+            .map_err(|source| ClassifierError::Map { map: MAP_EDT_CLASSES, source })?;
+        // netem's jitter tables, for EDT classes with a distribution (the same tables tc loads into netem).
+        let mut dist: Array<MapData, EdtDistTable> = Array::try_from(take(&mut ebpf, MAP_EDT_DIST)?)
+            .map_err(|source| ClassifierError::Map { map: MAP_EDT_DIST, source })?;
+        for (index, d) in super::encode::Distribution::ALL.into_iter().enumerate() {
+            let mut table: EdtDistTable = [0; chaos_common::EDT_DIST_LEN];
+            for (slot, v) in table.iter_mut().zip(d.table().iter().copied()) {
+                *slot = v;
+            }
+            dist.set(index as u32, table, 0).map_err(|source| ClassifierError::Map { map: MAP_EDT_DIST, source })?;
+        }
         let mut pins = Vec::new();
         if let Some(dir) = pin_dir {
             ensure_bpffs(dir)?;
@@ -175,7 +188,7 @@ impl Classifier {
             BpfHashMap::try_from(ifaces_map).map_err(|source| ClassifierError::Map { map: MAP_IFACES, source })?;
         let local_addrs =
             BpfHashMap::try_from(local_map).map_err(|source| ClassifierError::Map { map: MAP_LOCAL_ADDRS, source })?;
-        Ok(Classifier { ebpf, rules, counters, ifaces, local_addrs, slots, pins })
+        Ok(Classifier { ebpf, rules, counters, ifaces, local_addrs, edt_classes, slots, pins })
     }
 
     /// Counter slots (the most network faults at once on this machine).
@@ -298,6 +311,20 @@ impl Classifier {
     /// Forgets an interface.
     pub fn remove_iface(&mut self, ifindex: u32) {
         let _ = self.ifaces.remove(&ifindex);
+    }
+
+    /// Serves IFB class `minor` through the EDT backend with `class` (see [`EdtClass`]), or, with `None`, stops
+    /// (the class is then left alone by `chaos_ifb`).
+    ///
+    /// # Errors
+    /// When the kernel refuses the update.
+    pub fn set_edt_class(&mut self, minor: u32, class: Option<EdtClass>) -> Result<(), aya::maps::MapError> {
+        self.edt_classes.set(minor, class.unwrap_or_default(), 0)
+    }
+
+    /// The EDT entry of class `minor` (`enabled == 0` when the class is not served by EDT).
+    pub fn edt_class(&self, minor: u32) -> Option<EdtClass> {
+        self.edt_classes.get(&minor, 0).ok()
     }
 
     /// Paths of the pinned maps.
