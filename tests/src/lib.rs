@@ -11,6 +11,7 @@
 //! - [`lymph`] — real lymph 0.15 peers (`CHAOS_LYMPH_VENV`): configs, `Echo` instances, a restart loop, the CLI
 
 pub mod agent;
+pub mod edt;
 pub mod hostile;
 pub mod lymph;
 pub mod measure;

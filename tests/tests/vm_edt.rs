@@ -10,18 +10,11 @@
 
 use std::time::{Duration, Instant};
 
-use chaos_tests::{
-    agent::agent_bin,
-    vm::{Guest, VmAssets},
-};
+use chaos_tests::{agent::agent_bin, vm::VmAssets};
 
 /// Upper bound for the boot (below the runner's limit for `vm*` binaries, .config/nextest.toml).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(840);
 const TAIL_LINES: usize = 120;
-const GUEST_BIN: &str = "/usr/local/bin/chaos-vm-edt";
-const AGENT_BIN: &str = "/usr/local/bin/lymph-chaos";
-/// Where the netem module waits, outside `/lib/modules`, until the guest loads it for the raw netem rounds.
-const NETEM_KO: &str = "/root/later/sch_netem.ko";
 const GUEST_ARGS_ENV: &str = "CHAOS_VM_GUEST_ARGS";
 const ROWS: &[&str] = &[
     "edt-kernel",
@@ -30,6 +23,7 @@ const ROWS: &[&str] = &[
     "edt-kill9-expiry",
     "tc-order",
     "edt-reprobe",
+    "cost",
     "tc-edt-delay-10ms",
     "agent-edt-delay-10ms",
     "tc-edt-delay-100ms",
@@ -44,17 +38,7 @@ fn edt_latency_in_a_guest_without_netem() {
     let assets = VmAssets::locate().unwrap_or_else(|err| panic!("{err:#}\n(run cargo xtask vm-prepare)"));
     let agent = agent_bin();
     let extra = std::env::var(GUEST_ARGS_ENV).unwrap_or_default();
-    let guest = Guest::builder(&assets)
-        .without_module("sch_netem")
-        .binary(env!("CARGO_BIN_EXE_chaos-vm-edt"), GUEST_BIN)
-        .binary(&agent, AGENT_BIN)
-        .file(assets.modules_dir.join("kernel/net/sched/sch_netem.ko"), NETEM_KO)
-        // Nothing may load netem behind our back (the agent's probe adds a netem qdisc, which asks for the module).
-        .command(format!(
-            "echo /bin/false > /proc/sys/kernel/modprobe; {GUEST_BIN} --agent-bin {AGENT_BIN} --netem-module {NETEM_KO} \
-             {extra}"
-        ))
-        .build()
+    let guest = chaos_tests::edt::guest(&assets, env!("CARGO_BIN_EXE_chaos-vm-edt").as_ref(), &agent, &extra)
         .expect("building the guest initramfs");
     let started = Instant::now();
     let run = guest.run(BOOT_TIMEOUT).expect("starting qemu");

@@ -22,6 +22,9 @@
 //! tc-order            the same 50 ± 20 ms through raw netem: reorders (reported, not required; shows the
 //!                     difference)
 //! edt-reprobe         a restarted agent now probes netem and picks it (then stopped)
+//! cost                busy CPU time of the guest per UDP datagram through a 1 ms delay: EDT (measured before
+//!                     netem was loaded) vs the same agent's fault served by netem vs no fault (numbers for
+//!                     `cargo xtask bench accuracy`; passes when each backend served its fault)
 //! ── raw netem rounds: per case, rounds of (no fault, raw netem: an htb class with a netem leaf and a u32 filter
 //!    on A under an htb root on lo), the same probes
 //! {tc,agent}-edt-<case>  the verdict per case: the agent's added delay (median − its own no-fault median) within
@@ -68,6 +71,9 @@ const LIFETIME_S: &str = "120";
 const KILL_LIFETIME: Duration = Duration::from_secs(5);
 const EXPIRY_MARGIN: Duration = Duration::from_millis(1500);
 const ORDER_DATAGRAMS: u32 = 300;
+/// The UDP sink of the per-packet cost measurement.
+const PORT_SINK: u16 = 5005;
+const COST_DATAGRAMS: u32 = 40_000;
 
 /// One delay case: the agent's arguments and raw netem's.
 struct Case {
@@ -161,6 +167,7 @@ impl Run {
             let outcome = order_through(|| agent.fault(&args), |id| agent.revert(id));
             self.report("edt-order", outcome.map(|o| Outcome { passed: o.passed && o.values[2].1 == "0", ..o }));
         }
+        let edt_cost = self.wants("cost").then(|| cost(Some(&agent)));
         if self.wants("edt-kill9-expiry") {
             self.report("edt-kill9-expiry", kill9_expiry(&mut agent));
         }
@@ -175,6 +182,12 @@ impl Run {
         }
         if self.wants("edt-reprobe") {
             self.report("edt-reprobe", reprobe(agent_bin));
+        }
+        if let Some(edt_cost) = edt_cost {
+            // The same fault through the same agent, now served by netem: only the leaf differs.
+            let netem_cost = Agent::start(agent_bin).and_then(|agent| cost(Some(&agent)));
+            let none = cost(None);
+            self.report("cost", cost_outcome(edt_cost, netem_cost, none));
         }
         for (case, ours) in cases.iter().zip(edt) {
             let raw = measure_raw(case, rounds);
@@ -436,6 +449,67 @@ fn order_through(on: impl FnOnce() -> Result<String>, off: impl FnOnce(&str) -> 
     })
 }
 
+/// Busy CPU time of the whole guest (every CPU's user, system, irq and softirq time, `/proc/stat`) per datagram
+/// while `COST_DATAGRAMS` UDP datagrams of 64 bytes go to the sink through a 1 ms delay of `agent` (or no fault),
+/// in µs, and which backend served the fault.
+fn cost(agent: Option<&Agent>) -> Result<(f64, String)> {
+    let id = match agent {
+        Some(agent) => {
+            let args = ["inject", "latency", "--port", "5005", "latency=0.001", "protocol=udp"];
+            Some(agent.fault(&args)?)
+        }
+        None => None,
+    };
+    let backend = match (agent, &id) {
+        (Some(agent), Some(id)) => agent.backend(id).unwrap_or_else(|| "none".into()),
+        _ => "no_fault".into(),
+    };
+    thread::sleep(SETTLE);
+    let busy = || -> Result<f64> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let cpu = stat.lines().next().context("empty /proc/stat")?;
+        let v: Vec<f64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        ensure!(v.len() >= 7, "short /proc/stat line: {cpu}");
+        // user nice system idle iowait irq softirq: USER_HZ (100) ticks.
+        Ok((v[0] + v[1] + v[2] + v[5] + v[6]) * 10_000.0)
+    };
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.connect(("127.0.0.1", PORT_SINK))?;
+    let before = busy()?;
+    let payload = [0u8; 64];
+    for i in 0..COST_DATAGRAMS {
+        sock.send(&payload)?;
+        if i % 50 == 49 {
+            thread::sleep(Duration::from_micros(200));
+        }
+    }
+    thread::sleep(Duration::from_millis(100));
+    let used_us = busy()? - before;
+    if let (Some(agent), Some(id)) = (agent, id) {
+        agent.revert(&id)?;
+    }
+    Ok((used_us / f64::from(COST_DATAGRAMS), backend))
+}
+
+fn cost_outcome(
+    edt: Result<(f64, String)>,
+    netem: Result<(f64, String)>,
+    none: Result<(f64, String)>,
+) -> Result<Outcome> {
+    let ((edt, edt_backend), (netem, netem_backend), (none, _)) = (edt?, netem?, none?);
+    Ok(Outcome {
+        passed: edt_backend == "edt" && netem_backend == "netem",
+        values: vec![
+            ("edt_us_per_packet", ms(edt)),
+            ("netem_us_per_packet", ms(netem)),
+            ("no_fault_us_per_packet", ms(none)),
+            ("edt_extra_us", ms(edt - none)),
+            ("netem_extra_us", ms(netem - none)),
+            ("packets", COST_DATAGRAMS.to_string()),
+        ],
+    })
+}
+
 /// A 5 s EDT fault, the guardian SIGSTOPped, the agent SIGKILLed: still delayed right after, gone once the
 /// lifetime is over while our IFB is still in the kernel (so the classifier expired it, nobody removed it).
 fn kill9_expiry(agent: &mut Agent) -> Result<Outcome> {
@@ -505,6 +579,17 @@ fn serve(_specs: &[String]) -> ExitCode {
             }
         }
     }
+    let sink = match UdpSocket::bind(("127.0.0.1", PORT_SINK)) {
+        Ok(s) => s,
+        Err(err) => {
+            println!("ERROR udp {PORT_SINK}: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while sink.recv(&mut buf).is_ok() {}
+    });
     let udp = match UdpSocket::bind(("127.0.0.1", PORT_A)) {
         Ok(s) => s,
         Err(err) => {
