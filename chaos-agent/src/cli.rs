@@ -668,6 +668,9 @@ pub fn human(method: &str, j: &Json) -> String {
         if let Some(c) = f.get("counters").filter(|c| c.is_object()) {
             line.push_str(&format!(" [packets {} bytes {} drops {}]", c["packets"], c["bytes"], c["drops"]));
         }
+        if let Some(backend) = f["backend"].as_str() {
+            line.push_str(&format!(" [backend {backend}]"));
+        }
         line.push('\n');
         line
     };

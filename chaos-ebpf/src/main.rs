@@ -130,12 +130,12 @@ fn edt_departure(skb: *mut aya_ebpf::bindings::__sk_buff, minor: u32) -> Option<
     let mut departure = now.wrapping_add(edt_delay(class));
     let key = (u64::from(minor) << 32) | u64::from(hash);
     // SAFETY: the value is copied out at once.
-    if let Some(previous) = unsafe { EDT_FLOW.get(&key) }
+    if let Some(previous) = unsafe { EDT_FLOW.get(key) }
         && *previous > departure
     {
         departure = *previous;
     }
-    let _ = EDT_FLOW.insert(&key, &departure, 0);
+    let _ = EDT_FLOW.insert(key, departure, 0);
     Some(departure)
 }
 

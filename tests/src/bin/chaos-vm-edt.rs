@@ -71,6 +71,9 @@ const LIFETIME_S: &str = "120";
 const KILL_LIFETIME: Duration = Duration::from_secs(5);
 const EXPIRY_MARGIN: Duration = Duration::from_millis(1500);
 const ORDER_DATAGRAMS: u32 = 300;
+/// How long the agent may take to answer after its start: a debug agent under TCG on a busy host loads its BPF
+/// object slowly (a guest on a host at load 18 reached `/init` 20× later than on an idle one).
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(300);
 /// The UDP sink of the per-packet cost measurement.
 const PORT_SINK: u16 = 5005;
 const COST_DATAGRAMS: u32 = 40_000;
@@ -681,7 +684,8 @@ impl Agent {
         .stderr(log);
         println!("+ {} agent …", bin.display());
         let mut agent = Self { bin: bin.to_owned(), child: Some(cmd.spawn().context("spawning the agent")?) };
-        eventually("the agent to answer", Duration::from_secs(60), Duration::from_millis(200), || {
+        let started = Instant::now();
+        eventually("the agent to answer", AGENT_START_TIMEOUT, Duration::from_millis(500), || {
             if agent.cli_quiet(&["status"]).is_ok() {
                 return Ok(true);
             }
@@ -690,6 +694,7 @@ impl Agent {
             }
             Ok(false)
         })?;
+        println!("agent answered after {:.1} s", started.elapsed().as_secs_f64());
         Ok(agent)
     }
 
