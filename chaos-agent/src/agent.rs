@@ -221,8 +221,18 @@ async fn start_network(config: &Config, events: &EventLog) -> (Option<Arc<Networ
                     ..Event::new(Action::Reconcile).message("removed network objects left by an earlier run")
                 });
             }
-            info!("BPF program loaded: network faults available");
-            (Some(Arc::new(engine)), serde_json::json!({"enabled": true, "bpf_loaded": true}))
+            let kernel = engine.capabilities().await;
+            match kernel.latency_backend {
+                Some(backend) => info!(?backend, "BPF program loaded: network faults available"),
+                None => warn!(
+                    "BPF program loaded: network faults available except latency (this kernel has neither sch_netem \
+                     nor sch_fq)"
+                ),
+            }
+            (
+                Some(Arc::new(engine)),
+                serde_json::json!({"enabled": true, "bpf_loaded": true, "kernel": serde_json::to_value(&kernel).unwrap_or_default()}),
+            )
         }
         Err(err) => {
             error!(%err, "network faults unavailable");

@@ -825,6 +825,9 @@ pub(crate) fn human(method: &str, j: &Json) -> String {
         if let Some(o) = f.get("observed").filter(|o| o.is_object()) {
             line.push_str(&observed_text(o));
         }
+        if let Some(backend) = f["backend"].as_str() {
+            line.push_str(&format!(" [backend {backend}]"));
+        }
         line.push('\n');
         line
     };

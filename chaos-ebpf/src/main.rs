@@ -13,7 +13,9 @@
 //!   mark packets to shape in `tc_index`. Anything that is not ours returns `TC_ACT_UNSPEC` so the next filter
 //!   (ours or the operator's) still runs.
 //! - `chaos_steer` (clsact, classic mode with an `act_mirred` redirect to the agent's IFB): matches marked packets.
-//! - `chaos_ifb` (on the IFB's root HTB, direct action): turns the mark into the HTB class and clears it.
+//! - `chaos_ifb` (on the IFB's root HTB, direct action): turns the mark into the HTB class and clears it; for a
+//!   class served by the EDT backend (`CHAOS_EDT_CLASSES`) it also sets the packet's departure time, which the
+//!   class's `fq` leaf honours.
 //! - `chaos_connect4` / `chaos_connect6` / `chaos_sendmsg4` / `chaos_sendmsg6` (cgroup/connect4, connect6,
 //!   sendmsg4, sendmsg6 on the cgroup v2 root): record which process connected each socket (or sent an
 //!   unconnected UDP datagram on it), for peer rules whose sender is a local process (see `chaos_common::peer`).
@@ -26,14 +28,17 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
     macros::{cgroup_sock_addr, classifier, map},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key as LpmKey},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key as LpmKey},
     programs::{SockAddrContext, TcContext},
 };
 use chaos_common::{
-    ANY_LOCAL_ADDR, Counters, Iface, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULE_KEYS, MAX_RULES, PeerAddrKey, PeerProcKey,
-    Rule, RuleKey, action,
+    ANY_LOCAL_ADDR, Counters, EDT_CLASSES, EDT_DIST_LEN, EDT_DIST_SHIFT, EDT_DIST_TABLES, EDT_FLOWS, EdtClass,
+    EdtDistTable, Iface, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULE_KEYS, MAX_RULES, PeerAddrKey, PeerProcKey, Rule,
+    RuleKey, action, edt_dist,
     peer::{ADDR_KEY_FIXED_BITS, MAX_PEER_ADDR_RULES, MAX_PEER_PROC_RULES, MAX_SOCK_OWNERS},
     proto,
     scope::{self, HOOK_EGRESS, HOOK_INGRESS, HOOK_LOCAL, HOOK_NONE},
@@ -64,6 +69,15 @@ static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_IFACES, 0);
 
 #[map(name = "CHAOS_LOCAL_ADDRS")]
 static LOCAL_ADDRS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+#[map(name = "CHAOS_EDT_CLASSES")]
+static EDT_CLASS: Array<EdtClass> = Array::with_max_entries(EDT_CLASSES, 0);
+
+#[map(name = "CHAOS_EDT_FLOWS")]
+static EDT_FLOW: LruHashMap<u64, u64> = LruHashMap::with_max_entries(EDT_FLOWS, 0);
+
+#[map(name = "CHAOS_EDT_DIST")]
+static EDT_DIST: Array<EdtDistTable> = Array::with_max_entries(EDT_DIST_TABLES, 0);
 
 #[classifier]
 pub fn chaos_ingress(ctx: TcContext) -> i32 {
@@ -101,12 +115,62 @@ pub fn chaos_ifb(ctx: TcContext) -> i32 {
         let skb = ctx.skb.skb;
         let tc_index = (*skb).tc_index as u16;
         if tc_index & SHAPE_MARK != 0 {
-            (*skb).tc_classid = u32::from(tc_index & MINOR_MASK);
+            let minor = u32::from(tc_index & MINOR_MASK);
+            if let Some(departure) = edt_departure(skb, minor) {
+                (*skb).tstamp = departure;
+            }
+            (*skb).tc_classid = minor;
             let back = if tc_index & EGRESS_ORIGIN != 0 { RETURN_MARK } else { 0 };
             (*skb).tc_index = u32::from(back | (tc_index & JUDGED));
         }
     }
     TC_ACT_OK
+}
+
+/// Departure time (CLOCK_MONOTONIC ns) for a packet of IFB class `minor` when the class is served by the EDT
+/// backend (`chaos_common::EdtClass`), else `None`: now + a delay drawn as netem draws it, raised to the departure
+/// of the flow's previous packet so that `fq` (which sorts a flow's packets by departure time) never reorders it.
+#[inline(always)]
+fn edt_departure(skb: *mut aya_ebpf::bindings::__sk_buff, minor: u32) -> Option<u64> {
+    let class = EDT_CLASS.get(minor)?;
+    if class.enabled == 0 {
+        return None;
+    }
+    // SAFETY: helpers without pointer arguments, and `skb` is the context pointer.
+    let (now, hash) = unsafe { (bpf_ktime_get_ns(), bpf_get_hash_recalc(skb)) };
+    let mut departure = now.wrapping_add(edt_delay(class));
+    let key = (u64::from(minor) << 32) | u64::from(hash);
+    // SAFETY: the value is copied out at once.
+    if let Some(previous) = unsafe { EDT_FLOW.get(key) }
+        && *previous > departure
+    {
+        departure = *previous;
+    }
+    let _ = EDT_FLOW.insert(key, departure, 0);
+    Some(departure)
+}
+
+/// One delay (ns) of an EDT class: `delay ± jitter`, uniform or from netem's table, never below zero.
+#[inline(always)]
+fn edt_delay(class: &EdtClass) -> u64 {
+    let (mu, sigma) = (class.delay_ns, class.jitter_ns);
+    if sigma == 0 {
+        return mu;
+    }
+    // SAFETY: helpers without arguments.
+    let rnd = unsafe { (u64::from(bpf_get_prandom_u32()) << 32) | u64::from(bpf_get_prandom_u32()) };
+    // No arithmetic here may panic (a panic path is code the verifier refuses): wrapping operations, a checked
+    // remainder and a checked index. The agent bounds delay and jitter to 60 s (6 × 10^10 ns), far from overflow.
+    if class.dist == edt_dist::UNIFORM {
+        // netem: `(rnd % (2σ)) + μ − σ`.
+        let offset = rnd.checked_rem(sigma.wrapping_mul(2)).unwrap_or(0);
+        return mu.wrapping_add(offset).saturating_sub(sigma);
+    }
+    let Some(table) = EDT_DIST.get(class.dist.wrapping_sub(1)) else { return mu };
+    let t = table.get((rnd as usize) & (EDT_DIST_LEN - 1)).copied().unwrap_or(0);
+    // netem: μ + σ·t / 8192, in unsigned arithmetic (BPF before ISA v4 has no signed division).
+    let step = sigma.wrapping_mul(u64::from(t.unsigned_abs())) >> EDT_DIST_SHIFT;
+    if t < 0 { mu.saturating_sub(step) } else { mu.wrapping_add(step) }
 }
 
 #[inline(always)]

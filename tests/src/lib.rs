@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod edt;
 pub mod hostile;
 pub mod lymph;
 pub mod measure;

@@ -305,6 +305,13 @@ impl GuestBuilder {
         self
     }
 
+    /// Leaves one of [`DEFAULT_MODULES`] out: a guest whose kernel lacks it (its file is not in the image either,
+    /// unless added with [`GuestBuilder::file`] elsewhere than the module tree).
+    pub fn without_module(mut self, name: &str) -> Self {
+        self.modules.retain(|m| m != name);
+        self
+    }
+
     /// Adds a kernel module by name (`sch_netem`, `crc32c-generic` ≡ `crc32c_generic`); its dependencies come
     /// along from `modules.dep`. `/init` loads modules in the order added, dependencies first.
     pub fn module(mut self, name: impl Into<String>) -> Self {

@@ -16,7 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chaos_agent::faults::network::{Direction, Impairment, NetConfig, NetError, NetworkEngine, PortMatch, Protocol};
+use chaos_agent::faults::network::{
+    Direction, Impairment, LatencyBackend, NetConfig, NetError, NetworkEngine, PortMatch, Protocol,
+};
 use chaos_tests::{
     agent::{AgentOptions, AgentProcess, EchoProcess},
     measure::EchoServer,
@@ -426,37 +428,128 @@ fn serial_ten_thousand_rule_changes_never_disturb_another_port() {
     }
 }
 
+/// Whether the kernel has a qdisc (`sch_netem` …), asked through `tc` (iproute2, not our netlink code) on the
+/// loopback device of a namespace of its own, which is deleted afterwards.
+fn kernel_has(module: &str) -> bool {
+    let kind = module.trim_start_matches("sch_");
+    let ns = Netns::new("qdisc");
+    let mut args = vec!["qdisc", "add", "dev", "lo", "root", "handle", "1:", kind];
+    if kind == "tbf" {
+        args.extend_from_slice(&["rate", "1mbit", "burst", "10k", "latency", "50ms"]);
+    }
+    ns.exec("tc", &args).status.success()
+}
+
 #[test]
 #[ignore = "needs root: run by cargo xtask test"]
 fn latency_without_netem_fails_clearly_and_leaves_nothing_half_applied() {
     let ns = Netns::new("netem");
     let tmp = tempfile::tempdir().unwrap();
-    let has_netem = std::path::Path::new("/sys/module/sch_netem").exists()
-        || std::process::Command::new("modprobe").args(["-n", "sch_netem"]).status().is_ok_and(|s| s.success());
+    let (has_netem, has_fq) = (kernel_has("sch_netem"), kernel_has("sch_fq"));
     ns.block_on(|| async {
         let (engine, _) = NetworkEngine::start(net_config(tmp.path()), true).await.unwrap();
         let imp = Impairment { delay: Duration::from_millis(100), ..Default::default() };
         let result = engine.apply("lat", &[to(7801)], &imp, Duration::from_secs(30)).await;
         match result {
             Err(NetError::NetemMissing) => {
-                assert!(!has_netem, "netem is available but the engine said it is missing");
+                assert!(!has_netem && !has_fq, "a latency backend is available but the engine said none is");
                 let msg = NetError::NetemMissing.to_string();
-                assert!(msg.contains("sch_netem") && msg.contains("blackhole, loss and rate faults work"), "{msg}");
+                assert!(
+                    msg.contains("sch_netem") && msg.contains("sch_fq") && msg.contains("blackhole, loss and rate"),
+                    "{msg}"
+                );
                 assert_eq!(engine.rule_count().await, 0, "a rule was left behind");
                 let classes = ns.tc(&["class", "show", "dev", "lchaos0"]);
                 assert!(classes.trim().is_empty(), "a class was left behind: {classes}");
-                // Faults that need no netem still work on the same engine.
+                // Jitter alone is a delay too: the same error, nothing left.
+                let jitter = Impairment { jitter: Duration::from_millis(5), ..Default::default() };
+                let err = engine.apply("jit", &[to(7802)], &jitter, Duration::from_secs(30)).await.unwrap_err();
+                assert!(matches!(err, NetError::NetemMissing), "{err}");
+                // Faults that need no latency backend still work on the same engine.
                 let bh = Impairment { blackhole: true, ..Default::default() };
                 engine.apply("bh", &[to(7801)], &bh, Duration::from_secs(30)).await.expect("blackhole without netem");
+                let rate = Impairment { rate_bytes_per_sec: Some(125_000), ..Default::default() };
+                engine.apply("rate", &[to(7803)], &rate, Duration::from_secs(30)).await.expect("rate without netem");
             }
-            Ok(_) => {
-                assert!(has_netem, "latency applied on a kernel without sch_netem?");
-                eprintln!("this kernel has sch_netem: latency applied (proven in detail by the VM tier)");
+            Ok(handle) => {
+                assert!(has_netem || has_fq, "latency applied on a kernel with neither sch_netem nor sch_fq?");
+                let want = if has_netem { LatencyBackend::Netem } else { LatencyBackend::Edt };
+                assert_eq!(handle.backend, Some(want));
+                eprintln!("this kernel has a latency backend ({want:?}): applied (proven in detail by the VM tier)");
             }
             Err(other) => panic!("unexpected error: {other}"),
         }
         engine.cleanup().await.unwrap();
     });
+}
+
+/// Through the agent: `status` and the `agent_start` event carry the probe's report, and a latency request on a
+/// kernel with neither backend is a `KernelFeatureMissing` error naming both modules while loss still applies.
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn the_agent_reports_its_latency_backend_and_refuses_latency_without_one() {
+    let ns = Netns::new("backend");
+    let _server = EchoProcess::start(&ns, 7811);
+    let config = format!("faults: {{allowed_processes: [\"{}\"]}}\n", EchoProcess::MARKER);
+    let agent = AgentProcess::start(Some(&ns), AgentOptions { config_yaml: config, ..Default::default() }).unwrap();
+    let status = agent.ok("status", json!({}));
+    let kernel = &status["network"]["kernel"];
+    assert_eq!(kernel["qdiscs"]["netem"], kernel_has("sch_netem"), "{kernel}");
+    assert_eq!(kernel["qdiscs"]["fq"], kernel_has("sch_fq"), "{kernel}");
+    assert_eq!(kernel["qdiscs"]["htb"], true, "{kernel}");
+    let start = agent.events().into_iter().find(|e| e["action"] == "agent_start").expect("an agent_start event");
+    assert_eq!(&start["detail"]["network"]["kernel"], kernel, "agent_start and status disagree");
+    if kernel_has("sch_netem") || kernel_has("sch_fq") {
+        eprintln!(
+            "this kernel has a latency backend ({}): the refusal is not testable here",
+            kernel["latency_backend"]
+        );
+        return;
+    }
+    assert!(kernel["latency_backend"].is_null(), "{kernel}");
+    match agent.call("inject_latency", json!({"port": 7811, "latency": 0.05, "lifetime": 10})) {
+        Err(chaos_agent::rpc::ClientError::Remote { type_name, message }) => {
+            assert_eq!(type_name, "KernelFeatureMissing");
+            assert!(message.contains("sch_netem") && message.contains("sch_fq"), "{message}");
+        }
+        other => panic!("latency without a backend was not refused: {other:?}"),
+    }
+    assert!(agent.ok("faults", json!({})).as_array().unwrap().is_empty(), "the refused fault is active");
+    let loss = agent.ok("inject", json!({"kind": "loss", "port": 7811, "loss": 30, "lifetime": 10}));
+    assert_eq!(loss["state"], "active", "{loss}");
+    assert!(loss.get("backend").is_none(), "a loss fault has no latency backend: {loss}");
+}
+
+#[test]
+#[ignore = "needs root: run by cargo xtask test"]
+fn the_kernel_probe_reports_what_the_kernel_has_and_leaves_nothing_behind() {
+    let ns = Netns::new("probe");
+    let tmp = tempfile::tempdir().unwrap();
+    let links = || String::from_utf8_lossy(&ns.ip(&["-o", "link", "show"]).unwrap().stdout).into_owned();
+    let before = (links(), ns.tc(&["qdisc", "show"]));
+    ns.block_on(|| async {
+        let (engine, _) = NetworkEngine::start(net_config(tmp.path()), false).await.unwrap();
+        let caps = engine.capabilities().await;
+        eprintln!("probed: {caps:?}");
+        assert!(caps.ifb, "this kernel has ifb (vm-testing notes): {caps:?}");
+        assert_eq!(caps.qdiscs.netem, kernel_has("sch_netem"), "{caps:?}");
+        assert_eq!(caps.qdiscs.fq, kernel_has("sch_fq"), "{caps:?}");
+        assert_eq!(caps.qdiscs.htb, kernel_has("sch_htb"), "{caps:?}");
+        assert_eq!(caps.qdiscs.tbf, kernel_has("sch_tbf"), "{caps:?}");
+        assert!(caps.qdiscs.clsact && caps.attach.clsact, "{caps:?}");
+        assert!(caps.helpers.ktime_get_ns && caps.helpers.get_prandom_u32 && caps.helpers.get_hash_recalc, "{caps:?}");
+        // This kernel (6.18) has both: they are part of every kernel since 5.18 and 6.6.
+        assert!(caps.helpers.skb_set_tstamp && caps.attach.tcx, "{caps:?}");
+        let expected = match (caps.qdiscs.netem, caps.qdiscs.fq) {
+            (true, _) => Some(LatencyBackend::Netem),
+            (false, true) => Some(LatencyBackend::Edt),
+            (false, false) => None,
+        };
+        assert_eq!(caps.latency_backend, expected);
+        assert!(caps.notes.is_empty(), "{:?}", caps.notes);
+    });
+    let after = (links(), ns.tc(&["qdisc", "show"]));
+    assert_eq!(before, after, "the probe left something behind");
 }
 
 #[test]

@@ -81,6 +81,8 @@ pub fn run(which: &str) -> Result<()> {
         "chaos-bench",
         "--bin",
         "chaos-vm-guest",
+        "--bin",
+        "chaos-vm-edt",
     ]))?;
     let release = util::target_dir().join("release");
     let mut cmd = Command::new(release.join("chaos-bench"));

@@ -1,5 +1,7 @@
 //! Structured replies of `Chaos` methods: `events` ([`Event`]), `unleash` and `leash` ([`UnleashState`]), the
-//! measured effect of a network fault ([`Observation`], in its report and its `applied` event).
+//! measured effect of a network fault ([`Observation`], in its report and its `applied` event), the
+//! kernel capabilities `status` and the `agent_start` event report ([`KernelCapabilities`]) and the backend of a
+//! latency fault ([`LatencyBackend`]).
 //! `list_services` answers a map of service name to [`crate::instance::Instance`]s.
 //!
 //! Fault reports (the answer of `kill`, `inject`, `faults`, …) and `status` are not typed here yet: they carry the
@@ -187,4 +189,88 @@ pub struct PortObservation {
     /// Median handshake time of the baseline, milliseconds.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub baseline_median_ms: Option<f64>,
+}
+
+/// Which kernel mechanism delays the packets of a latency fault (in `faults`, per fault, as `backend`).
+///
+/// - `netem`: an `sch_netem` leaf on the agent's IFB. Every netem feature (correlation, duplicate, corrupt,
+///   reorder); with jitter, netem reorders packets of one flow (a packet drawn a shorter delay overtakes).
+/// - `edt`: earliest departure time: the classifier stamps each packet with `now + delay ± jitter` and an `sch_fq`
+///   leaf holds it until then. For kernels without `sch_netem` (RHEL/Fedora ship it in kernel-modules-extra,
+///   Ubuntu in linux-modules-extra) that have `sch_fq` (base modules). Delay, jitter (uniform, normal, pareto,
+///   paretonormal, as netem draws them) and rate; never reorders a flow (a packet leaves no earlier than the
+///   flow's previous one, so with jitter the delays of a busy flow lean towards the larger ones); no correlation,
+///   duplicate, corrupt or reorder. The same bounds as netem (delay and jitter up to 60 s each), so the longest
+///   hold is 60 s + 4 × 60 s = [`EDT_MAX_HOLD_SECS`].
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum LatencyBackend {
+    /// `sch_netem`.
+    Netem,
+    /// `sch_fq` with departure times set by the classifier.
+    Edt,
+}
+
+/// The longest the EDT backend holds a packet, in seconds: delay + 4 × jitter (netem's tables reach ±4 σ; uniform
+/// jitter reaches ±1 σ) with both at their 60 s bound. Each fault's `fq` horizon is its own longest hold plus 1 s,
+/// set to cap (`horizon_cap`): no departure time the classifier sets is beyond it, and if one were, the packet
+/// would leave at the horizon rather than be dropped.
+pub const EDT_MAX_HOLD_SECS: u64 = 300;
+
+/// What the running kernel offers network faults, probed once at agent start (on a temporary device the agent
+/// creates and deletes; nothing is left behind). Reported by `status` (`network.kernel`) and the `agent_start`
+/// event.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KernelCapabilities {
+    /// Queueing disciplines the kernel accepted.
+    pub qdiscs: QdiscSupport,
+    /// The `ifb` device driver (shaping faults redirect into an IFB).
+    pub ifb: bool,
+    /// BPF helpers the classifier may use, as the verifier answered for a tc program.
+    pub helpers: HelperSupport,
+    /// Where a tc BPF program can be attached.
+    pub attach: AttachSupport,
+    /// What serves a latency fault here: `netem` when the kernel has it, else `edt` with `sch_fq` (and htb, ifb),
+    /// else none (latency faults fail with an error naming both modules).
+    pub latency_backend: Option<LatencyBackend>,
+    /// Why something could not be probed (empty when everything was).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// Queueing disciplines (`sch_*` modules) the kernel has.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QdiscSupport {
+    /// `sch_netem`: delay, jitter, duplicate, corrupt, reorder.
+    pub netem: bool,
+    /// `sch_fq`: the EDT latency backend.
+    pub fq: bool,
+    /// `sch_htb`: classes on the agent's IFB (every shaping fault).
+    pub htb: bool,
+    /// `sch_tbf`.
+    pub tbf: bool,
+    /// `sch_ingress`'s clsact: where the classifier is attached.
+    pub clsact: bool,
+}
+
+/// BPF helpers available to tc programs.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HelperSupport {
+    /// `bpf_ktime_get_ns` (expiry, departure times).
+    pub ktime_get_ns: bool,
+    /// `bpf_get_prandom_u32` (loss, jitter).
+    pub get_prandom_u32: bool,
+    /// `bpf_get_hash_recalc` (the EDT flow key).
+    pub get_hash_recalc: bool,
+    /// `bpf_skb_set_tstamp` (Linux ≥ 5.18; not needed: the classifier writes `skb->tstamp` on egress).
+    pub skb_set_tstamp: bool,
+}
+
+/// Attach points for tc BPF programs.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AttachSupport {
+    /// clsact ingress/egress through netlink (what the agent uses).
+    pub clsact: bool,
+    /// TCX links (Linux ≥ 6.6; not used by the agent).
+    pub tcx: bool,
 }

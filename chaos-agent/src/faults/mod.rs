@@ -206,6 +206,9 @@ pub(crate) struct FaultReport {
     /// Live counters of network faults.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) counters: Option<FaultCounters>,
+    /// What delays the packets of a latency fault: `netem` or `edt` (see `chaos_api::reply::LatencyBackend`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) backend: Option<chaos_api::reply::LatencyBackend>,
     /// Parameters of the action.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) action: Option<FaultAction>,

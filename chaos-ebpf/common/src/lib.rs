@@ -10,8 +10,10 @@
 //!   device clsact (ingress/egress)                    agent-owned IFB (root HTB)
 //!   ┌──────────────────────────────┐  mirred redirect ┌───────────────────────────┐
 //!   │ prio A: chaos_ingress/egress │ ───────────────▶ │ chaos_ifb: class = tc_idx │
-//!   │   (direct action)            │  (prio B filter) │  HTB class ─▶ netem/fifo  │
-//!   │   RULES: address + port      │                  └───────────────────────────┘
+//!   │   (direct action)            │  (prio B filter) │  (EDT class: skb->tstamp) │
+//!   │   RULES: address + port      │                  │  HTB class ─▶ netem/fifo  │
+//!   │                              │                  │            or fq (EDT)    │
+//!   │                              │                  └───────────────────────────┘
 //!   │   drop / loss / mark shape   │
 //!   │ prio B: chaos_steer          │
 //!   │   (classic, + act_mirred)    │
@@ -25,6 +27,15 @@
 //! its `mirred egress redirect` action hands them to the IFB (mirred rather than `bpf_redirect`, because the IFB
 //! driver only accepts redirected packets from `bpf_redirect` since Linux 6.4, and never locally generated egress
 //! ones). On the IFB, `chaos_ifb` turns `tc_index` back into the HTB class and clears it.
+//!
+//! ## Latency without netem: earliest departure time (EDT)
+//! Where the kernel has no `sch_netem` but has `sch_fq`, a latency fault's class gets an `fq` leaf instead of
+//! netem, and the class is listed in [`MAP_EDT_CLASSES`]. `chaos_ifb` then stamps each of its packets with a
+//! departure time (`skb->tstamp` = now + delay ± jitter, CLOCK_MONOTONIC — the clock `fq` compares with, Linux ≥
+//! 4.20), kept non-decreasing per flow through [`MAP_EDT_FLOWS`], and `fq` holds the packet until then. The stamp
+//! is written on the IFB (egress, after `act_mirred`), not at the clsact hook: `act_mirred` clears the timestamp
+//! of packets it takes from an ingress hook (`skb_set_redirected`), and a plain write needs no helper newer than
+//! the rest of the classifier (`bpf_skb_set_tstamp` is Linux ≥ 5.18).
 #![no_std]
 
 /// Hash map [`RuleKey`] → [`Rule`]: the fault rules.
@@ -37,6 +48,15 @@ pub const MAP_IFACES: &str = "CHAOS_IFACES";
 /// namespace the agent runs in). A rule keyed on [`ANY_LOCAL_ADDR`] matches only packets whose address on the
 /// rule's side is in this map, so traffic the host forwards to other machines is never touched.
 pub const MAP_LOCAL_ADDRS: &str = "CHAOS_LOCAL_ADDRS";
+
+/// Array indexed by IFB class minor → [`EdtClass`]: the delay of classes served by the EDT backend (an `fq` leaf
+/// instead of netem). See [`EdtClass`].
+pub const MAP_EDT_CLASSES: &str = "CHAOS_EDT_CLASSES";
+/// LRU hash `(class minor << 32) | skb hash` → departure time (ns) of the flow's latest packet: keeps the departure
+/// times of one flow non-decreasing, so EDT jitter never reorders a flow.
+pub const MAP_EDT_FLOWS: &str = "CHAOS_EDT_FLOWS";
+/// Array of [`EDT_DIST_TABLES`] jitter tables ([`EdtDistTable`]), netem's `normal`, `pareto` and `paretonormal`.
+pub const MAP_EDT_DIST: &str = "CHAOS_EDT_DIST";
 
 /// Direct-action program for clsact ingress.
 pub const PROG_INGRESS: &str = "chaos_ingress";
@@ -65,6 +85,18 @@ pub const ANY_LOCAL_ADDR: [u8; 16] = [0; 16];
 /// `min(MAX_RULES, COUNTER_BUDGET_BYTES / (24 × possible CPUs))` slots at load time (16,384 slots up to 42
 /// possible CPUs; 10,922 at 64 CPUs, 2,730 at 256 — 16 MiB in every case).
 pub const COUNTER_BUDGET_BYTES: u64 = 16 << 20;
+
+/// Entries of [`MAP_EDT_CLASSES`]: every class minor.
+pub const EDT_CLASSES: u32 = MAX_CLASS_MINOR + 1;
+/// Flows remembered per host in [`MAP_EDT_FLOWS`] (least recently used ones are forgotten first; a forgotten
+/// flow only loses its ordering clamp for its next packet).
+pub const EDT_FLOWS: u32 = 16_384;
+/// Entries of a jitter table (netem's `NETEM_DIST_MAX` tables from iproute2 have 4096).
+pub const EDT_DIST_LEN: usize = 4096;
+/// Number of jitter tables in [`MAP_EDT_DIST`].
+pub const EDT_DIST_TABLES: u32 = 3;
+/// Table values are multiples of σ / 2^[`EDT_DIST_SHIFT`] (netem's `NETEM_DIST_SCALE` = 8192).
+pub const EDT_DIST_SHIFT: u32 = 13;
 
 /// Counter slots for a machine with `possible_cpus` CPUs (see [`COUNTER_BUDGET_BYTES`]).
 pub const fn counter_slots(possible_cpus: u32) -> u32 {
@@ -164,6 +196,40 @@ pub struct Counters {
     pub drops: u64,
 }
 
+/// Jitter distribution of an [`EdtClass`].
+pub mod edt_dist {
+    /// Uniform in `[delay − jitter, delay + jitter)` (netem's default without a table).
+    pub const UNIFORM: u32 = 0;
+    /// netem's `normal` table (index 0 of [`super::MAP_EDT_DIST`]).
+    pub const NORMAL: u32 = 1;
+    /// netem's `pareto` table (index 1).
+    pub const PARETO: u32 = 2;
+    /// netem's `paretonormal` table (index 2).
+    pub const PARETO_NORMAL: u32 = 3;
+}
+
+/// Value of [`MAP_EDT_CLASSES`]: how long packets of one IFB class wait (the earliest-departure-time backend).
+///
+/// `chaos_ifb` gives each packet of an EDT class the departure time `now + d` (`skb->tstamp`, CLOCK_MONOTONIC),
+/// where `d` is drawn like netem draws it (`delay` ± `jitter` from the class's distribution, below 0 taken as 0),
+/// raised to the departure time of the flow's previous packet (see [`MAP_EDT_FLOWS`]); the class's `fq` leaf
+/// holds every packet until then. `enabled == 0` (every class of netem or rate faults) leaves packets alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EdtClass {
+    /// Mean delay in ns.
+    pub delay_ns: u64,
+    /// Jitter in ns (σ for tables, half the width for uniform).
+    pub jitter_ns: u64,
+    /// One of [`edt_dist`].
+    pub dist: u32,
+    /// 1 = the class is served by EDT.
+    pub enabled: u32,
+}
+
+/// Value of [`MAP_EDT_DIST`]: netem's table format (values in units of σ / 8192).
+pub type EdtDistTable = [i16; EDT_DIST_LEN];
+
 /// Value of [`MAP_IFACES`]: how to classify packets on one interface.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -261,7 +327,7 @@ pub struct PeerProcKey {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all four are `#[repr(C)]`, `Copy`, contain only integers and have no implicit padding.
+    // SAFETY: all five are `#[repr(C)]`, `Copy`, contain only integers and have no implicit padding.
     unsafe impl aya::Pod for super::RuleKey {}
     unsafe impl aya::Pod for super::Rule {}
     unsafe impl aya::Pod for super::Counters {}
@@ -269,6 +335,7 @@ mod user {
     // SAFETY: as above (`#[repr(C)]`, integers only, no implicit padding).
     unsafe impl aya::Pod for super::PeerAddrKey {}
     unsafe impl aya::Pod for super::PeerProcKey {}
+    unsafe impl aya::Pod for super::EdtClass {}
 }
 
 /// Bits of `skb->tc_index` (16 bits). The kernel leaves `tc_index` alone along the whole path of a packet
@@ -315,6 +382,8 @@ mod tests {
         assert_eq!(size_of::<PeerAddrKey>(), 36);
         assert_eq!(size_of::<PeerProcKey>(), 24);
         assert_eq!(size_of::<PeerAddrKey>() as u32 * 8, peer::ADDR_KEY_FIXED_BITS + 128);
+        assert_eq!(size_of::<EdtClass>(), 24);
+        assert_eq!(size_of::<EdtDistTable>(), 8192);
     }
 
     #[test]

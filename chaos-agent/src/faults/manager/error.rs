@@ -74,6 +74,7 @@ impl FaultError {
             FaultError::Refused(_) => "Refused",
             FaultError::Invalid(_) | FaultError::Pattern(_) => "ValueError",
             FaultError::Network(NetError::NetemMissing) => "KernelFeatureMissing",
+            FaultError::Network(NetError::NeedsNetem { .. }) => "KernelFeatureMissing",
             FaultError::Network(NetError::ShapingUnavailable { .. }) => "KernelFeatureMissing",
             FaultError::Network(NetError::Classifier(_)) => "KernelFeatureMissing",
             FaultError::Network(NetError::Invalid(_)) => "ValueError",

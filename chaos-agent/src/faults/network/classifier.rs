@@ -14,14 +14,14 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues,
+        Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier},
 };
 use chaos_common::{
-    Counters, Iface, MAP_COUNTERS, MAP_IFACES, MAP_LOCAL_ADDRS, MAP_RULES, PROG_EGRESS, PROG_IFB, PROG_INGRESS,
-    PROG_STEER, PeerAddrKey, PeerProcKey, Rule, RuleKey,
+    Counters, EdtClass, EdtDistTable, Iface, MAP_COUNTERS, MAP_EDT_CLASSES, MAP_EDT_DIST, MAP_IFACES, MAP_LOCAL_ADDRS,
+    MAP_RULES, PROG_EGRESS, PROG_IFB, PROG_INGRESS, PROG_STEER, PeerAddrKey, PeerProcKey, Rule, RuleKey,
     peer::{MAP_PEER_ADDR_RULES, MAP_PEER_PROC_RULES, MAP_SOCK_OWNERS, SOCK_OWNER_PROGRAMS},
 };
 
@@ -98,6 +98,7 @@ pub struct Classifier {
     counters: PerCpuArray<MapData, Counters>,
     ifaces: BpfHashMap<MapData, u32, Iface>,
     local_addrs: BpfHashMap<MapData, [u8; 16], u8>,
+    edt_classes: Array<MapData, EdtClass>,
     slots: u32,
     pins: Vec<PathBuf>,
     /// Peer-scoped rules (absent in builds of the classifier that predate them).
@@ -168,6 +169,18 @@ impl Classifier {
         let counters_map = take(&mut ebpf, MAP_COUNTERS)?;
         let ifaces_map = take(&mut ebpf, MAP_IFACES)?;
         let local_map = take(&mut ebpf, MAP_LOCAL_ADDRS)?;
+        let edt_classes = Array::try_from(take(&mut ebpf, MAP_EDT_CLASSES)?)
+            .map_err(|source| ClassifierError::Map { map: MAP_EDT_CLASSES, source })?;
+        // netem's jitter tables, for EDT classes with a distribution (the same tables tc loads into netem).
+        let mut dist: Array<MapData, EdtDistTable> = Array::try_from(take(&mut ebpf, MAP_EDT_DIST)?)
+            .map_err(|source| ClassifierError::Map { map: MAP_EDT_DIST, source })?;
+        for (index, d) in super::encode::Distribution::ALL.into_iter().enumerate() {
+            let mut table: EdtDistTable = [0; chaos_common::EDT_DIST_LEN];
+            for (slot, v) in table.iter_mut().zip(d.table().iter().copied()) {
+                *slot = v;
+            }
+            dist.set(index as u32, table, 0).map_err(|source| ClassifierError::Map { map: MAP_EDT_DIST, source })?;
+        }
         let mut pins = Vec::new();
         if let Some(dir) = pin_dir {
             ensure_bpffs(dir)?;
@@ -193,7 +206,7 @@ impl Classifier {
         let local_addrs =
             BpfHashMap::try_from(local_map).map_err(|source| ClassifierError::Map { map: MAP_LOCAL_ADDRS, source })?;
         let peer = load_peer(&mut ebpf, pin_dir, &mut pins)?;
-        Ok(Classifier { ebpf, rules, counters, ifaces, local_addrs, slots, pins, peer })
+        Ok(Classifier { ebpf, rules, counters, ifaces, local_addrs, edt_classes, slots, pins, peer })
     }
 
     /// Whether peer rules whose sender is a process of this host work: `Err` says why not.
@@ -401,6 +414,20 @@ impl Classifier {
     /// Forgets an interface.
     pub fn remove_iface(&mut self, ifindex: u32) {
         let _ = self.ifaces.remove(&ifindex);
+    }
+
+    /// Serves IFB class `minor` through the EDT backend with `class` (see [`EdtClass`]), or, with `None`, stops
+    /// (the class is then left alone by `chaos_ifb`).
+    ///
+    /// # Errors
+    /// When the kernel refuses the update.
+    pub fn set_edt_class(&mut self, minor: u32, class: Option<EdtClass>) -> Result<(), aya::maps::MapError> {
+        self.edt_classes.set(minor, class.unwrap_or_default(), 0)
+    }
+
+    /// The EDT entry of class `minor` (`enabled == 0` when the class is not served by EDT).
+    pub fn edt_class(&self, minor: u32) -> Option<EdtClass> {
+        self.edt_classes.get(&minor, 0).ok()
     }
 
     /// Paths of the pinned maps.

@@ -5,7 +5,8 @@
 //! - [`classifier`] — the embedded BPF object, its programs and maps
 //! - [`netlink`] — links, qdiscs, classes, filters over rtnetlink
 //! - [`effect`] — probes that measure what a fault does to a caller's handshake
-//! - [`encode`] — `TCA_OPTIONS` payloads (netem, htb, fifo, tbf, cls_bpf + mirred), byte-tested against `tc`
+//! - [`encode`] — `TCA_OPTIONS` payloads (netem, fq, htb, fifo, tbf, cls_bpf + mirred), byte-tested against `tc`
+//! - [`probe`] — what the running kernel offers (qdiscs, helpers, attach points), asked once at start
 //!
 //! ```text
 //!  lo / eth0 / veth…             clsact (created if absent; the root qdisc is never touched)
@@ -13,8 +14,29 @@
 //!    └─ prio 3147  bpf     chaos_steer + mirred egress redirect dev lchaos0   (marked packets only)
 //!  lchaos0 (ifb, ours)           root htb c4a0: (unclassified → direct)
 //!    ├─ filter bpf da chaos_ifb (tc_index → class)
-//!    └─ class c4a0:<n> (rate) ── leaf netem (delay, jitter, dup, corrupt, reorder) or pfifo
+//!    └─ class c4a0:<n> (rate) ── leaf netem (delay, jitter, dup, corrupt, reorder), fq (EDT delay) or pfifo
 //! ```
+//!
+//! ## Two latency backends
+//! A latency fault is served by netem when the kernel has `sch_netem`, else by **EDT** (earliest departure time)
+//! when it has `sch_fq`; which one the [`probe`] at start decides, and `faults` reports per fault
+//! ([`NetHandle::backend`]). With EDT the class's leaf is `fq` (no pacing, `limit` = `flow_limit` sized like
+//! netem's queue, horizon = the fault's longest hold + 1 s, `horizon_cap`), and `chaos_ifb` stamps each packet of
+//! the class with its departure time from `CHAOS_EDT_CLASSES` (delay, jitter, distribution — netem's tables).
+//! What differs from netem, by design:
+//! - **Per-flow order**: a packet never leaves before the previous packet of its flow (the classifier raises its
+//!   departure time to the flow's last one), so EDT jitter never reorders a TCP stream; netem's jitter does. With
+//!   jitter, the delays a busy flow sees therefore lean towards the larger draws.
+//! - **Distributions**: uniform (default), normal, pareto, paretonormal, drawn as netem draws them (the same
+//!   tables); no correlation, duplicate, corrupt or reorder ([`NetError::NeedsNetem`]).
+//! - **Largest delay**: the same bounds as netem (60 s delay, 60 s jitter); fq's horizon is sized per fault to
+//!   cover every draw (delay + 4 × jitter), so no packet is dropped for being beyond it.
+//! - **Ingress and egress alike**: the stamp is written on the IFB after `act_mirred`, which clears timestamps of
+//!   packets taken at an ingress hook (`skb_set_redirected`). A delayed packet received by a local socket carries
+//!   its departure time (CLOCK_MONOTONIC) as its receive timestamp (`SO_TIMESTAMP`); loopback traffic is not
+//!   affected (`loopback_xmit` clears it).
+//! - **TCP senders on this host** keep their packets charged to the socket while fq holds them (netem orphans
+//!   them), so one TCP flow through an EDT delay moves at most about `tcp_limit_output_bytes` per delay.
 //!
 //! Each packet is judged once per direction per host however many of our hooks it crosses (a bridge and its port,
 //! a VLAN and its parent …: judged bits in `tc_index`, see `chaos_common::tc_index`), and only packets to or from
@@ -49,6 +71,7 @@ pub mod classifier;
 pub mod effect;
 pub mod encode;
 pub mod netlink;
+pub mod probe;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -63,6 +86,7 @@ use chaos_common::{
     proto,
     scope::{self, HOOK_EGRESS, HOOK_INGRESS, HOOK_LOCAL, HOOK_NONE, SIDE_DST, SIDE_SRC},
 };
+use chaos_common::{EdtClass, edt_dist};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
@@ -118,7 +142,10 @@ impl Default for NetConfig {
     }
 }
 
-pub use chaos_api::fault::{Direction, JitterDistribution, Protocol};
+pub use chaos_api::{
+    fault::{Direction, JitterDistribution, Protocol},
+    reply::{KernelCapabilities, LatencyBackend},
+};
 
 /// A port of the target and which of its packets to match.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -501,12 +528,23 @@ pub enum NetError {
     /// A netlink operation failed.
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
-    /// The kernel has no netem.
+    /// The kernel has neither netem nor fq: no latency backend.
     #[error(
-        "this kernel has no sch_netem (the netem qdisc): delay, jitter, duplicate, corrupt and reorder faults need it \
-         (modprobe sch_netem, or a kernel with CONFIG_NET_SCH_NETEM); blackhole, loss and rate faults work without it"
+        "this kernel has neither sch_netem nor sch_fq: delay and jitter need one of them — modprobe sch_netem \
+         (CONFIG_NET_SCH_NETEM; RHEL/Fedora ship it in kernel-modules-extra, Ubuntu in linux-modules-extra) or \
+         modprobe sch_fq (CONFIG_NET_SCH_FQ, for the earliest-departure-time backend), then restart the agent; \
+         blackhole, loss and rate faults work without them"
     )]
     NetemMissing,
+    /// A netem-only feature on a kernel without netem (the EDT backend serves delay and jitter only).
+    #[error(
+        "{what} needs sch_netem, which this kernel lacks (modprobe sch_netem; RHEL/Fedora: kernel-modules-extra, \
+         Ubuntu: linux-modules-extra); the earliest-departure-time backend (sch_fq) serves delay and jitter only"
+    )]
+    NeedsNetem {
+        /// The feature.
+        what: &'static str,
+    },
     /// The kernel has no IFB or HTB.
     #[error(
         "this kernel lacks {what}, which shaping faults (delay, rate …) need; blackhole and loss faults work without it"
@@ -554,6 +592,9 @@ pub struct NetHandle {
     /// Peer rule keys it owns (peer faults).
     #[serde(default)]
     pub peer_keys: Vec<PeerRuleKey>,
+    /// What delays the packets of a latency fault (`None`: no delay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<LatencyBackend>,
 }
 
 /// A rule key in reports: port, protocol, scope, address (`::ffff:a.b.c.d` for IPv4, `::` = any of this host).
@@ -616,6 +657,8 @@ struct Inner {
     /// Why shaping is unavailable, once found out.
     shaping_error: Option<&'static str>,
     netem_missing: bool,
+    /// What the kernel offers, probed at start.
+    caps: KernelCapabilities,
     owners: HashMap<RuleKey, String>,
     peer_owners: HashMap<PeerRuleKey, String>,
     free_slots: Vec<u32>,
@@ -659,6 +702,7 @@ impl NetworkEngine {
                 ifb: None,
                 shaping_error: None,
                 netem_missing: false,
+                caps: KernelCapabilities::default(),
                 owners: HashMap::new(),
                 peer_owners: HashMap::new(),
                 free_slots: Vec::new(),
@@ -668,12 +712,22 @@ impl NetworkEngine {
             config,
         };
         let report = engine.cleanup().await?;
+        {
+            let mut inner = engine.inner.lock().await;
+            inner.caps = probe::probe(&inner.netlink).await;
+            info!(caps = ?inner.caps, "kernel capabilities probed");
+        }
         engine.follow_links()?;
         if load_now {
             let mut inner = engine.inner.lock().await;
             engine.ensure_classifier(&mut inner)?;
         }
         Ok((engine, report))
+    }
+
+    /// What the kernel offers network faults (probed at start).
+    pub async fn capabilities(&self) -> KernelCapabilities {
+        self.inner.lock().await.caps.clone()
     }
 
     /// Whether the classifier is loaded.
@@ -788,7 +842,12 @@ impl NetworkEngine {
         }
         self.ensure_classifier(&mut inner)?;
         let interfaces = self.attach_all(&mut inner).await?;
-        let class_minor = if imp.needs_shaping() { Some(self.add_class(&mut inner, imp).await?) } else { None };
+        let (class_minor, backend) = if imp.needs_shaping() {
+            let (minor, backend) = self.add_class(&mut inner, imp).await?;
+            (Some(minor), backend)
+        } else {
+            (None, None)
+        };
         let Some(slot) = inner.free_slots.pop() else {
             if let Some(minor) = class_minor {
                 self.del_class(&mut inner, minor).await;
@@ -863,6 +922,7 @@ impl NetworkEngine {
             expires_at_ns,
             interfaces,
             peer_keys,
+            backend,
         })
     }
 
@@ -1170,16 +1230,35 @@ impl NetworkEngine {
         true
     }
 
-    async fn add_class(&self, inner: &mut Inner, imp: &Impairment) -> Result<u32, NetError> {
-        if imp.needs_netem() && inner.netem_missing {
-            return Err(NetError::NetemMissing);
+    /// The backend for a delay fault on this kernel, or why there is none.
+    fn latency_backend(inner: &Inner, imp: &Impairment) -> Result<LatencyBackend, NetError> {
+        let mut caps = inner.caps.clone();
+        if inner.netem_missing {
+            caps.qdiscs.netem = false;
         }
+        let backend = probe::choose_backend(&caps).ok_or(NetError::NetemMissing)?;
+        if backend == LatencyBackend::Edt {
+            let netem_only = [
+                (imp.delay_correlation > 0.0, "delay correlation"),
+                (imp.duplicate_percent > 0.0, "duplicate"),
+                (imp.corrupt_percent > 0.0, "corrupt"),
+                (imp.reorder_percent > 0.0, "reorder"),
+            ];
+            if let Some((_, what)) = netem_only.iter().find(|(asked, _)| *asked) {
+                return Err(NetError::NeedsNetem { what });
+            }
+        }
+        Ok(backend)
+    }
+
+    async fn add_class(&self, inner: &mut Inner, imp: &Impairment) -> Result<(u32, Option<LatencyBackend>), NetError> {
         let Some(ifb) = inner.ifb else {
             return Err(NetError::ShapingUnavailable { what: inner.shaping_error.unwrap_or("the ifb driver") });
         };
         if let Some(what) = inner.shaping_error {
             return Err(NetError::ShapingUnavailable { what });
         }
+        let backend = if imp.needs_netem() { Some(Self::latency_backend(inner, imp)?) } else { None };
         let minor = inner.free_classes.pop().ok_or(NetError::Full("IFB classes"))?;
         let classid = (IFB_MAJOR << 16) | minor;
         let rate = imp.rate_bytes_per_sec.unwrap_or(UNLIMITED_RATE);
@@ -1196,22 +1275,42 @@ impl NetworkEngine {
             return Err(err.into());
         }
         let leaf_handle = (LEAF_MAJOR_BASE + minor) << 16;
-        let leaf = if imp.needs_netem() {
-            let pps = imp.rate_bytes_per_sec.map_or(self.config.max_packets_per_sec, |r| (r / 64).max(1));
-            ("netem", encode::netem_options(&netem_params(imp, encode::netem_limit_for(pps, imp.delay, imp.jitter))))
-        } else {
-            ("pfifo", encode::fifo_options(FIFO_LIMIT))
+        let pps = imp.rate_bytes_per_sec.map_or(self.config.max_packets_per_sec, |r| (r / 64).max(1));
+        let leaf = match backend {
+            Some(LatencyBackend::Netem) => (
+                "netem",
+                encode::netem_options(&netem_params(imp, encode::netem_limit_for(pps, imp.delay, imp.jitter))),
+            ),
+            Some(LatencyBackend::Edt) => {
+                let (class, hold) = edt_class(imp);
+                let params = encode::FqParams {
+                    limit: encode::netem_limit_for(pps, imp.delay, hold.saturating_sub(imp.delay)),
+                    horizon: hold + EDT_HORIZON_MARGIN,
+                    horizon_drop: false,
+                };
+                if let Err(err) = self.ensure_classifier(inner)?.set_edt_class(minor, Some(class)) {
+                    let _ = inner.netlink.del_class(ifb, classid).await;
+                    inner.free_classes.push(minor);
+                    return Err(err.into());
+                }
+                ("fq", encode::fq_options(&params))
+            }
+            None => ("pfifo", encode::fifo_options(FIFO_LIMIT)),
         };
         if let Err(err) = inner.netlink.add_qdisc(ifb, leaf_handle, classid, leaf.0, Some(leaf.1)).await {
             let _ = inner.netlink.del_class(ifb, classid).await;
+            if let Some(classifier) = inner.classifier.as_mut() {
+                let _ = classifier.set_edt_class(minor, None);
+            }
             inner.free_classes.push(minor);
             if leaf.0 == "netem" && err.errno() == Some(libc::ENOENT) {
+                // The probe saw netem, the kernel no longer has it: the next fault takes EDT if it can.
                 inner.netem_missing = true;
-                return Err(NetError::NetemMissing);
+                return Err(NetError::NeedsNetem { what: "this delay" });
             }
             return Err(err.into());
         }
-        Ok(minor)
+        Ok((minor, backend))
     }
 
     async fn del_class(&self, inner: &mut Inner, minor: u32) {
@@ -1220,6 +1319,11 @@ impl NetworkEngine {
             if let Err(err) = inner.netlink.del_class(ifb, (IFB_MAJOR << 16) | minor).await {
                 warn!(%err, "could not remove an IFB class");
             }
+        }
+        if let Some(classifier) = inner.classifier.as_mut()
+            && let Err(err) = classifier.set_edt_class(minor, None)
+        {
+            warn!(%err, minor, "could not clear an EDT class entry");
         }
         inner.free_classes.push(minor);
     }
@@ -1250,7 +1354,9 @@ impl NetworkEngine {
         created.extend(inner.state.clsact_created.iter().copied());
         let links = inner.netlink.links().await?;
         for link in &links {
-            if link.name == self.config.ifb_name && link.kind.as_deref() == Some("ifb") {
+            if (link.name == self.config.ifb_name || link.name == probe::PROBE_IFB)
+                && link.kind.as_deref() == Some("ifb")
+            {
                 match inner.netlink.del_link(link.index).await {
                     Ok(()) => report.links.push(link.name.clone()),
                     Err(err) => warn!(%err, "could not remove our IFB"),
@@ -1343,6 +1449,24 @@ fn map_full(err: aya::maps::MapError) -> NetError {
         return NetError::Full("rule map");
     }
     NetError::Map(err)
+}
+
+/// Margin of an EDT class's fq horizon above its longest hold.
+const EDT_HORIZON_MARGIN: Duration = Duration::from_secs(1);
+
+/// The EDT map entry of a delay fault and the longest it holds a packet (delay + 4 σ with a table — netem's
+/// tables reach ±4 σ —, delay + jitter with uniform jitter).
+pub fn edt_class(imp: &Impairment) -> (EdtClass, Duration) {
+    let dist = match imp.distribution {
+        Some(JitterDistribution::Normal) => edt_dist::NORMAL,
+        Some(JitterDistribution::Pareto) => edt_dist::PARETO,
+        Some(JitterDistribution::Paretonormal) => edt_dist::PARETO_NORMAL,
+        Some(JitterDistribution::Uniform) | None => edt_dist::UNIFORM,
+    };
+    let reach = if dist == edt_dist::UNIFORM { 1 } else { 4 };
+    let class =
+        EdtClass { delay_ns: imp.delay.as_nanos() as u64, jitter_ns: imp.jitter.as_nanos() as u64, dist, enabled: 1 };
+    (class, imp.delay + imp.jitter * reach)
 }
 
 /// `loss_percent` as a threshold for `bpf_get_prandom_u32() < threshold`.

@@ -74,6 +74,7 @@ impl FaultManager {
             }
         };
         report.interfaces = handle.interfaces.clone();
+        report.backend = handle.backend;
         report.ports = ports.iter().copied().collect();
         let protocols: BTreeSet<&str> = matches.iter().map(|m| protocol_name(m.protocol)).collect();
         let mut message = format!(
@@ -83,6 +84,12 @@ impl FaultManager {
             report.interfaces.join(", "),
             lifetime.as_secs_f64()
         );
+        if let Some(backend) = handle.backend {
+            message.push_str(match backend {
+                chaos_api::reply::LatencyBackend::Netem => "; delayed by netem",
+                chaos_api::reply::LatencyBackend::Edt => "; delayed by EDT (sch_fq: this kernel has no sch_netem)",
+            });
+        }
         for note in notes {
             message.push_str("; warning: ");
             message.push_str(&note);
