@@ -318,7 +318,11 @@ pub(crate) fn kill9_expiry(agent: &mut GuestAgent) -> Result<Outcome> {
     let guardian = agent.guardian_pid();
     let requested = Instant::now();
     let lifetime = format!("{}", KILL_FAULT_LIFETIME.as_secs());
-    let _id = agent.inject_lifetime(&["latency", "--port", &PORT_FAULTED.to_string(), "latency=0.1"], &lifetime)?;
+    // From this process, not through a CLI process: a debug CLI under TCG on a busy host took up to 7.8 s to start,
+    // and the delay must be measured within the 5 s lifetime counted from `requested` (the earliest the agent can
+    // have applied it).
+    let port = PORT_FAULTED.to_string();
+    let _id = agent.rpc_fault(&["inject", "latency", "--port", &port, "latency=0.1"], &lifetime)?;
     let applied = Instant::now();
     if let Some(pid) = guardian {
         println!("+ kill -STOP {pid} (guardian)");
