@@ -699,19 +699,19 @@ pub fn parse_libtest(console: &str) -> Vec<TestOutcome> {
     let mut tests = Vec::new();
     let mut running: Option<String> = None;
     for line in console.lines() {
-        if let Some((name, rest)) = line.strip_prefix("test ").and_then(|l| l.split_once(" ... ")) {
-            if !name.contains(' ') {
-                match verdict(rest) {
-                    Some(v) => tests.push(TestOutcome { name: name.to_owned(), verdict: v }),
-                    None => running = Some(name.to_owned()),
-                }
-                continue;
+        if let Some((name, rest)) = line.strip_prefix("test ").and_then(|l| l.split_once(" ... "))
+            && !name.contains(' ')
+        {
+            match verdict(rest) {
+                Some(v) => tests.push(TestOutcome { name: name.to_owned(), verdict: v }),
+                None => running = Some(name.to_owned()),
             }
+            continue;
         }
-        if let Some(v) = verdict(line) {
-            if let Some(name) = running.take() {
-                tests.push(TestOutcome { name, verdict: v });
-            }
+        if let Some(v) = verdict(line)
+            && let Some(name) = running.take()
+        {
+            tests.push(TestOutcome { name, verdict: v });
         }
     }
     tests
