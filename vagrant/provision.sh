@@ -6,8 +6,8 @@
 # 1. apt-get install ./lymph-chaos_<version>_amd64.deb (and its -dbgsym): /usr/bin/lymph-chaos, the hardened
 #    systemd unit enabled and started, /etc/lymph-chaos/config.yml, man pages, shell completions.
 # 2. The kernel modules the scenarios use, loaded now and at every boot.
-# 3. chaos-vm-guest (the scenario runner of the CI qemu tier, built on the host) and the lymph-chaos-scenarios
-#    wrapper.
+# 3. chaos-vm-guest (the scenarios of the CI qemu tier, a libtest binary built on the host), the services it
+#    starts (chaos-vm-services) and the lymph-chaos-scenarios wrapper.
 set -eu
 
 PAYLOAD=${PAYLOAD:-/tmp/lymph-chaos-payload}
@@ -33,8 +33,9 @@ apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends \
 systemctl is-enabled lymph-chaos
 systemctl is-active lymph-chaos
 
-step "chaos-vm-guest (the scenario runner) and lymph-chaos-scenarios -> /usr/local/bin"
+step "chaos-vm-guest (the scenarios), chaos-vm-services and lymph-chaos-scenarios -> /usr/local/bin"
 install -m 0755 "$PAYLOAD/chaos-vm-guest" /usr/local/bin/chaos-vm-guest
+install -m 0755 "$PAYLOAD/chaos-vm-services" /usr/local/bin/chaos-vm-services
 install -m 0755 "$PAYLOAD/lymph-chaos-scenarios" /usr/local/bin/lymph-chaos-scenarios
 
 step "done"

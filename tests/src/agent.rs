@@ -3,10 +3,15 @@
 //! SIGKILL) on drop.
 
 use std::{
+    io::Write as _,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
     time::Duration,
 };
 
@@ -101,6 +106,17 @@ pub struct AgentOptions {
     /// The agent sees this file as `/etc/resolv.conf` (bind-mounted in a private mount namespace): its own DNS
     /// servers, nobody else's.
     pub resolv_conf: Option<PathBuf>,
+    /// IFB device name (default: `lchaos0` in a namespace, a unique name outside one).
+    pub ifb: Option<String>,
+    /// Run the agent and its CLI calls ([`AgentProcess::cli_json`]) on this CPU only.
+    pub cpu: Option<usize>,
+    /// How long it may take to answer after a start (default 15 s).
+    pub start_timeout: Option<Duration>,
+    /// How long [`AgentProcess::stop`] waits after SIGTERM before SIGKILL (default 10 s).
+    pub stop_timeout: Option<Duration>,
+    /// Spawn it from a thread that lives as long as this process: the agent outlives the (test) thread that started
+    /// it, e.g. one shared by the tests of a binary, and still dies with the process.
+    pub outlive_thread: bool,
 }
 
 impl AgentOptions {
@@ -128,9 +144,15 @@ pub struct AgentProcess {
     pub pin_dir: PathBuf,
     /// IFB name.
     pub ifb: String,
-    /// Agent log.
+    /// Agent log (every start appends to it).
     pub log: PathBuf,
+    /// RPC port.
+    pub port: u16,
     netns: Option<String>,
+    opts: AgentOptions,
+    starts: u32,
+    /// The client of [`AgentProcess::rpc`], made on first use.
+    rpc: Mutex<Option<(tokio::runtime::Runtime, Client)>>,
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -139,7 +161,7 @@ impl AgentProcess {
     /// Starts an agent (in `netns` when given) and waits until it answers `Chaos.status`.
     ///
     /// # Errors
-    /// When it does not come up within 15 s (the log tail is in the error).
+    /// When it does not come up within 15 s or [`AgentOptions::start_timeout`] (the log tail is in the error).
     pub fn start(netns: Option<&Netns>, opts: AgentOptions) -> Result<AgentProcess> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = tempfile::Builder::new().prefix("chaos-agent-").tempdir()?;
@@ -147,94 +169,97 @@ impl AgentProcess {
         let tag = format!("{}-{n}", std::process::id());
         let pin_dir = opts.pin_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/chaos-test-{tag}")));
         // IFB names are per namespace; outside one, make them unique.
-        let ifb = if netns.is_some() {
-            "lchaos0".to_owned()
-        } else {
-            format!("lct{}", tag.chars().rev().take(10).collect::<String>())
+        let ifb = match (&opts.ifb, netns) {
+            (Some(ifb), _) => ifb.clone(),
+            (None, Some(_)) => "lchaos0".to_owned(),
+            (None, None) => format!("lct{}", tag.chars().rev().take(10).collect::<String>()),
         };
         let port = match (opts.port, netns) {
             (Some(p), _) => p,
             (None, Some(ns)) => ns.run(free_port),
             (None, None) => free_port(),
         };
-        let config = dir.path().join("config.yml");
-        std::fs::write(&config, &opts.config_yaml)?;
+        std::fs::write(dir.path().join("config.yml"), &opts.config_yaml)?;
         let log = dir.path().join("agent.log");
-        let mut cmd = match netns {
-            Some(ns) => ns.command(agent_bin().to_str().expect("utf-8 path")),
-            None => Command::new(agent_bin()),
-        };
-        let events_file = dir.path().join("events.jsonl");
-        let layout = AgentLayout {
-            config: &config,
-            state_dir: &state_dir,
-            pin_dir: &pin_dir,
-            ifb: &ifb,
-            events_file: &events_file,
-            zookeeper: opts.zookeeper.as_deref(),
-            port: Some(port),
-        };
-        layout
-            .apply(&mut cmd)
-            .args(&opts.args)
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(std::fs::File::options().append(true).open(&log)?)
-            .envs(opts.env.iter().map(|(k, v)| (k, v)));
-        let inherit = opts.inherit_fds.clone();
-        let resolv = match &opts.resolv_conf {
-            Some(path) => Some(std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?),
-            None => None,
-        };
-        // SAFETY: fcntl, unshare and mount in the child only affect the child (and its own mount namespace); the
-        // strings were made before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(resolv) = &resolv {
-                    let root = c"/";
-                    let target = c"/etc/resolv.conf";
-                    if libc::unshare(libc::CLONE_NEWNS) != 0
-                        || libc::mount(
-                            std::ptr::null(),
-                            root.as_ptr(),
-                            std::ptr::null(),
-                            libc::MS_REC | libc::MS_PRIVATE,
-                            std::ptr::null(),
-                        ) != 0
-                        || libc::mount(
-                            resolv.as_ptr(),
-                            target.as_ptr(),
-                            std::ptr::null(),
-                            libc::MS_BIND,
-                            std::ptr::null(),
-                        ) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                for &fd in &inherit {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().context("spawning lymph-chaos agent")?;
-        let agent = AgentProcess {
-            child: Some(child),
+        let mut agent = AgentProcess {
+            child: None,
             endpoint: format!("tcp://127.0.0.1:{port}"),
-            dir,
+            port,
             state_dir,
             pin_dir,
             ifb,
             log,
+            dir,
             netns: netns.map(|n| n.name().to_owned()),
+            opts,
+            starts: 0,
+            rpc: Mutex::new(None),
         };
-        eventually("the agent to answer Chaos.status", Duration::from_secs(15), Duration::from_millis(100), || {
-            agent.call("status", json!({})).is_ok()
-        })
-        .map_err(|err| anyhow!("{err}; log:\n{}", agent.log_tail(40)))?;
+        agent.spawn()?;
         Ok(agent)
+    }
+
+    /// Starts the agent process with this layout and waits until it answers `Chaos.status`.
+    fn spawn(&mut self) -> Result<()> {
+        self.starts += 1;
+        let mut log = std::fs::File::options().create(true).append(true).open(&self.log)?;
+        writeln!(log, "===== test harness: agent start #{} =====", self.starts)?;
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new(agent_bin());
+                crate::netns::enter_on_exec(&mut cmd, ns);
+                cmd
+            }
+            None => Command::new(agent_bin()),
+        };
+        if let Some(cpu) = self.opts.cpu {
+            crate::measure::pin_command_to_cpu(&mut cmd, cpu);
+        }
+        let (config, events_file) = (self.dir.path().join("config.yml"), self.dir.path().join("events.jsonl"));
+        let layout = AgentLayout {
+            config: &config,
+            state_dir: &self.state_dir,
+            pin_dir: &self.pin_dir,
+            ifb: &self.ifb,
+            events_file: &events_file,
+            zookeeper: self.opts.zookeeper.as_deref(),
+            port: Some(self.port),
+        };
+        layout
+            .apply(&mut cmd)
+            .args(&self.opts.args)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)));
+        pre_exec_options(&mut cmd, &self.opts)?;
+        let child = if self.opts.outlive_thread { spawn_from_keeper(cmd) } else { cmd.spawn() };
+        self.child = Some(child.context("spawning lymph-chaos agent")?);
+        let timeout = self.opts.start_timeout.unwrap_or(Duration::from_secs(15));
+        let (netns, endpoint, child) = (self.netns.as_deref(), self.endpoint.as_str(), &mut self.child);
+        eventually("the agent to answer Chaos.status", timeout, Duration::from_millis(100), || {
+            if call_at(netns, endpoint, "status", json!({})).is_ok() {
+                return Ok(true);
+            }
+            match child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => Err(anyhow!("the agent exited during start-up ({status})")),
+                _ => Ok(false),
+            }
+        })
+        .map_err(|err| anyhow!("{err}; log:\n{}", self.log_tail(40)))
+    }
+
+    /// SIGKILLs the agent (if it runs) and starts it again on the same state directory, pins and port.
+    ///
+    /// # Errors
+    /// As [`AgentProcess::start`].
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    /// Whether its process runs (it was started and has neither been stopped nor exited).
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Waits until `lymph discover` on `config` lists this agent (its endpoint) as `Chaos`.
@@ -259,29 +284,12 @@ impl AgentProcess {
         log_tail(&self.log, lines)
     }
 
-    fn in_ns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        match &self.netns {
-            Some(name) => chaos_test_support::netns::run_in(name, f),
-            None => f(),
-        }
-    }
-
     /// Calls `Chaos.<method>` with keyword arguments.
     ///
     /// # Errors
     /// The client error (ERROR replies carry the agent's type and message).
     pub fn call(&self, method: &str, kwargs: Json) -> Result<Json, ClientError> {
-        let endpoint = self.endpoint.clone();
-        let subject = format!("Chaos.{method}");
-        self.in_ns(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            rt.block_on(async {
-                let client = Client::new().map_err(|e| ClientError::Codec(e.to_string()))?;
-                let v = client.call_endpoint(&endpoint, &subject, &kwargs, Duration::from_secs(10)).await?;
-                client.node().shutdown();
-                Ok(v.to_json())
-            })
-        })
+        call_at(self.netns.as_deref(), &self.endpoint, method, kwargs)
     }
 
     /// Calls and panics with the agent's message on error.
@@ -297,6 +305,64 @@ impl AgentProcess {
             crate::netns::enter_on_exec(&mut cmd, ns);
         }
         cmd.args(["--agent", &self.endpoint]).args(args).output().expect("running lymph-chaos")
+    }
+
+    /// `lymph-chaos --agent … --timeout 30 --json <args>` (on the agent's CPU when it is pinned); its JSON answer.
+    ///
+    /// # Errors
+    /// When the CLI cannot run, exits non-zero (its output is in the error) or prints no JSON.
+    pub fn cli_json(&self, args: &[&str]) -> Result<Json> {
+        let mut cmd = Command::new(agent_bin());
+        if let Some(ns) = &self.netns {
+            crate::netns::enter_on_exec(&mut cmd, ns);
+        }
+        if let Some(cpu) = self.opts.cpu {
+            crate::measure::pin_command_to_cpu(&mut cmd, cpu);
+        }
+        cmd.args(["--agent", &self.endpoint, "--timeout", "30", "--json"]).args(args);
+        let out = cmd.output().context("running lymph-chaos")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            anyhow::bail!(
+                "lymph-chaos {} exited {}: {} {}",
+                args.join(" "),
+                out.status,
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_str(&stdout).with_context(|| format!("lymph-chaos {}: not JSON: {stdout}", args.join(" ")))
+    }
+
+    /// `Chaos.<method>(kwargs)` through one client kept for this agent's life (outside a namespace only): for
+    /// tests that switch faults many times, where a client per call or a CLI process per call (~0.8 s for a
+    /// debug build under TCG) would cost more than what they measure.
+    ///
+    /// # Errors
+    /// When the client cannot start or the call fails (the agent's ERROR replies included).
+    pub fn rpc(&self, method: &str, kwargs: &Json, timeout: Duration) -> Result<Json> {
+        if self.netns.is_some() {
+            return self.call(method, kwargs.clone()).map_err(|e| anyhow!("Chaos.{method}({kwargs}): {e}"));
+        }
+        let mut slot = self.rpc.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_none() {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let client = rt.block_on(async { Client::new() }).context("starting an RPC client")?;
+            *slot = Some((rt, client));
+        }
+        let (rt, client) = slot.as_ref().expect("set above");
+        let subject = format!("Chaos.{method}");
+        let reply = rt
+            .block_on(client.call_endpoint(&self.endpoint, &subject, kwargs, timeout))
+            .with_context(|| format!("{subject}({kwargs})"))?;
+        Ok(reply.to_json())
+    }
+
+    /// The pid in the state directory's `guardian.pid`, if that process is a `lymph-chaos-guardian` now.
+    pub fn guardian_pid(&self) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.state_dir.join("guardian.pid")).ok()?.trim().parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        cmdline.starts_with(b"lymph-chaos-guardian").then_some(pid)
     }
 
     /// Events recorded so far.
@@ -316,7 +382,7 @@ impl AgentProcess {
     pub fn stop(&mut self) -> bool {
         let Some(mut c) = self.child.take() else { return true };
         let _ = terminate(&c);
-        if let Ok(Some(_)) = wait_timeout(&mut c, Duration::from_secs(10)) {
+        if let Ok(Some(_)) = wait_timeout(&mut c, self.opts.stop_timeout.unwrap_or(Duration::from_secs(10))) {
             return true;
         }
         let _ = c.kill();
@@ -335,6 +401,91 @@ impl Drop for AgentProcess {
             eprintln!("--- agent log ({}) ---\n{}", self.log.display(), self.log_tail(60));
         }
     }
+}
+
+/// `Chaos.<method>(kwargs)` at `endpoint`, from inside `netns` when given, with a client of its own.
+fn call_at(netns: Option<&str>, endpoint: &str, method: &str, kwargs: Json) -> Result<Json, ClientError> {
+    let endpoint = endpoint.to_owned();
+    let subject = format!("Chaos.{method}");
+    let call = move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let client = Client::new().map_err(|e| ClientError::Codec(e.to_string()))?;
+            let v = client.call_endpoint(&endpoint, &subject, &kwargs, Duration::from_secs(10)).await?;
+            client.node().shutdown();
+            Ok(v.to_json())
+        })
+    };
+    match netns {
+        Some(name) => chaos_test_support::netns::run_in(name, call),
+        None => call(),
+    }
+}
+
+/// The child-side set-up [`AgentOptions`] asks for: a private `/etc/resolv.conf`, inherited descriptors.
+fn pre_exec_options(cmd: &mut Command, opts: &AgentOptions) -> Result<()> {
+    let inherit = opts.inherit_fds.clone();
+    let resolv = match &opts.resolv_conf {
+        Some(path) => Some(std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?),
+        None => None,
+    };
+    if resolv.is_none() && inherit.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: fcntl, unshare and mount in the child only affect the child (and its own mount namespace); the
+    // strings were made before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(resolv) = &resolv {
+                let root = c"/";
+                let target = c"/etc/resolv.conf";
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        std::ptr::null(),
+                        root.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    || libc::mount(resolv.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null())
+                        != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` from a thread that lives as long as this process, so that a [`DieWithParent`] child outlives the
+/// thread asking for it (libtest runs every test on a thread of its own) and still dies with the process.
+fn spawn_from_keeper(cmd: Command) -> std::io::Result<Child> {
+    static KEEPER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("agent-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("starting the spawner thread");
+        Mutex::new(tx)
+    });
+    let (tx, rx) = mpsc::channel();
+    let sent = keeper.lock().unwrap_or_else(std::sync::PoisonError::into_inner).send((cmd, tx));
+    sent.map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    rx.recv().map_err(|_| std::io::Error::other("the spawner thread is gone"))?
 }
 
 /// A TCP echo server in a process of its own (python3), e.g. a service the agent may fault; killed on drop.

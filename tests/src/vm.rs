@@ -28,12 +28,15 @@
 //!   .binary(host_path, "/usr/local/bin/x")  debug info stripped (objcopy) + its ldd libraries at their paths
 //!   .file(host_path, "/etc/x") / .bytes("/etc/y", data, 0o644)
 //!   .module("sch_netem")                    + its modules.dep dependencies, insmod'ed deps first
-//!   .command("/usr/local/bin/x --all")      what /init runs after setting the guest up
+//!   .command("/usr/local/bin/x --all")      what the shell /init runs after setting the guest up, or
+//!   .init(chaos-vm-init).exec([argv]).env(k, v)   a Rust /init (tests/src/bin/chaos-vm-init.rs, like aya's
+//!                                            test-distro) running argv — the VM tier's libtest binary — directly
 //!   .cpus(2) / .kernel_arg("idle=poll")     -smp (default DEFAULT_CPUS) / extra kernel command line
 //!   .build()?                             → Guest { tempdir with initrd.cpio.gz }
 //!       always in the image: /bin/busybox (as /bin/sh + applets), /usr/sbin/{ip,tc} + libs,
-//!       /usr/lib/x86_64-linux-gnu/tc/*.dist (netem distributions), DEFAULT_MODULES, /init
-//! guest.run(timeout)?                     → GuestRun { results: Vec<ScenarioResult>, console, done, … }
+//!       /usr/lib/x86_64-linux-gnu/tc/*.dist (netem distributions), DEFAULT_MODULES, /init (shell script, or the
+//!       Rust init with /etc/chaos-vm-init.conf: modules, environment, argv)
+//! guest.run(timeout)?                     → GuestRun { results: Vec<ScenarioResult>, tests, console, done, … }
 //!   timeout --kill-after=5 <N> qemu-system-x86_64 -accel tcg -smp 2 -m 1024 -nographic -nic none -no-reboot \
 //!       -kernel vmlinuz -initrd initrd.cpio.gz -append 'console=ttyS0 quiet panic=-1'
 //! ```
@@ -42,8 +45,10 @@
 //! ```text
 //! GUEST-BOOT uptime=1.84 kernel=6.1.0-56-amd64       /init started (guest uptime in seconds)
 //! GUEST-MODULE-FAILED <path> <error>                  an insmod failed (the run goes on; scenarios will tell)
-//! RESULT <scenario> <pass|fail> key=value …           one per scenario; values are measured numbers
-//! DETAIL <scenario>: <text>                           why a scenario failed (chaos-vm-guest; not parsed)
+//! RESULT <row> <pass|fail> key=value …                one per scenario row; values are measured numbers
+//! DETAIL <row>: <text>                                why a row failed (the guest's tests; not parsed)
+//! test <name> ... ok|FAILED|ignored                   libtest's verdicts (with --nocapture and one thread the
+//!                                                     test's own output comes between `... ` and the verdict)
 //! GUEST-DONE exit=<status> uptime=<s>                 the guest command returned; missing → the run failed
 //! ```
 //!
@@ -150,6 +155,49 @@ impl VmAssets {
     }
 }
 
+/// Environment variable naming the guest's test binary (default: built and located by [`guest_tests_binary`]).
+pub const GUEST_TESTS_ENV: &str = "CHAOS_VM_GUEST_TESTS";
+/// The test target of `tests/Cargo.toml` whose `#[test]`s run inside the guest (`test = false`: never on the host).
+pub const GUEST_TESTS_TARGET: &str = "chaos-vm-guest";
+
+/// The libtest binary of [`GUEST_TESTS_TARGET`]: `$CHAOS_VM_GUEST_TESTS`, else what `cargo test --no-run
+/// --workspace --test chaos-vm-guest` (in the profile this process was built in; `--workspace` so features resolve
+/// as in the runner's build and nothing is compiled twice) reports as its executable — test binaries carry a hash
+/// in their name, so only cargo knows which is current. Builds it if needed.
+///
+/// # Errors
+/// When cargo fails or reports no such executable.
+pub fn guest_tests_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(GUEST_TESTS_ENV) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("locating myself")?;
+    // target/<profile>/deps/<test>-<hash> or target/<profile>/<bin>
+    let mut dir = exe.parent().context("exe without a directory")?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().context("deps without a parent")?;
+    }
+    let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["test", "--no-run", "--workspace", "--test", GUEST_TESTS_TARGET, "--message-format=json"])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .args(["--profile", if profile == "debug" { "dev" } else { profile }])
+        .stderr(Stdio::inherit());
+    let out = cmd.output().context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("cargo test --no-run --test {GUEST_TESTS_TARGET} failed ({})", out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == GUEST_TESTS_TARGET)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo reported no executable for the test target {GUEST_TESTS_TARGET}"))
+}
+
 fn default_assets_env() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the workspace").join("target")
@@ -179,6 +227,9 @@ pub struct GuestBuilder {
     bytes: Vec<(String, Vec<u8>, u32)>,
     modules: Vec<String>,
     command: Option<String>,
+    init: Option<PathBuf>,
+    exec: Vec<String>,
+    env: Vec<(String, String)>,
     cpus: u8,
     memory_mib: u32,
     qemu_args: Vec<String>,
@@ -195,6 +246,9 @@ impl Guest {
             bytes: Vec::new(),
             modules: DEFAULT_MODULES.iter().map(|m| (*m).to_string()).collect(),
             command: None,
+            init: None,
+            exec: Vec::new(),
+            env: Vec::new(),
             cpus: DEFAULT_CPUS,
             memory_mib: 1024,
             qemu_args: Vec::new(),
@@ -282,7 +336,8 @@ impl Guest {
         let (results, done) = parse_console(&console);
         let module_failures =
             console.lines().filter_map(|l| l.strip_prefix("GUEST-MODULE-FAILED ")).map(str::to_string).collect();
-        Ok(GuestRun { results, done, module_failures, console, qemu_stderr, status, wall })
+        let tests = parse_libtest(&console);
+        Ok(GuestRun { results, tests, done, module_failures, console, qemu_stderr, status, wall })
     }
 }
 
@@ -325,6 +380,26 @@ impl GuestBuilder {
         self
     }
 
+    /// A Rust `/init` instead of the shell script: the host binary `chaos-vm-init` (with its libraries), which
+    /// mounts, loads the modules, brings `lo` up, runs [`GuestBuilder::exec`]'s command with
+    /// [`GuestBuilder::env`], prints `GUEST-DONE` and powers off (see `tests/src/bin/chaos-vm-init.rs`).
+    pub fn init(mut self, host_init: impl Into<PathBuf>) -> Self {
+        self.init = Some(host_init.into());
+        self
+    }
+
+    /// The command line the Rust `/init` runs (no shell involved), e.g. a libtest binary and its arguments.
+    pub fn exec<S: Into<String>>(mut self, argv: impl IntoIterator<Item = S>) -> Self {
+        self.exec = argv.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// An environment variable of the command the Rust `/init` runs (besides `PATH` and `HOME`).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
     /// vCPUs for qemu's `-smp` (default [`DEFAULT_CPUS`]).
     pub fn cpus(mut self, cpus: u8) -> Self {
         self.cpus = cpus.max(1);
@@ -356,8 +431,6 @@ impl GuestBuilder {
     /// `modules.dep`, or no command was given.
     pub fn build(self) -> Result<Guest> {
         let started = Instant::now();
-        let command =
-            self.command.clone().context("GuestBuilder::command was not called: the guest would do nothing")?;
         let mut image = Image::default();
         for dir in ["/dev", "/proc", "/sys", "/tmp", "/run", "/root", "/etc", "/bin", "/sbin", "/usr/bin", "/usr/sbin"]
         {
@@ -400,7 +473,7 @@ impl GuestBuilder {
             image.file_from_host(&self.assets.modules_dir.join(relative), &guest)?;
             module_paths.push(guest);
         }
-        image.insert("/init", Node::File { data: init_script(&module_paths, &command).into_bytes(), mode: 0o755 });
+        self.write_init(&mut image, &module_paths, scratch.path())?;
 
         let dir = tempfile::Builder::new().prefix("chaos-vm-guest.").tempdir().context("creating a temp dir")?;
         let initrd = dir.path().join("initrd.cpio.gz");
@@ -419,6 +492,39 @@ impl GuestBuilder {
             initrd_bytes,
             build_time: started.elapsed(),
         })
+    }
+}
+
+impl GuestBuilder {
+    /// `/init`: the Rust init and its configuration, or the shell script running [`GuestBuilder::command`].
+    fn write_init(&self, image: &mut Image, module_paths: &[String], scratch: &Path) -> Result<()> {
+        let Some(init) = &self.init else {
+            let command = self.command.as_deref().context("GuestBuilder::command was not called")?;
+            image.insert("/init", Node::File { data: init_script(module_paths, command).into_bytes(), mode: 0o755 });
+            return Ok(());
+        };
+        if self.exec.is_empty() {
+            bail!("GuestBuilder::init needs GuestBuilder::exec: the guest would do nothing");
+        }
+        image.executable_from_host(init, "/init", scratch)?;
+        for lib in shared_libraries(init)? {
+            let guest_lib = lib.to_string_lossy().into_owned();
+            if !image.contains(&guest_lib) {
+                image.file_from_host(&lib, &guest_lib)?;
+            }
+        }
+        let mut conf = String::from("# read by /init (chaos-vm-init), written by chaos_tests::vm::GuestBuilder\n");
+        for module in module_paths {
+            let _ = writeln!(conf, "module {module}");
+        }
+        for (key, value) in &self.env {
+            let _ = writeln!(conf, "env {key}={value}");
+        }
+        for arg in &self.exec {
+            let _ = writeln!(conf, "arg {arg}");
+        }
+        image.insert("/etc/chaos-vm-init.conf", Node::File { data: conf.into_bytes(), mode: 0o644 });
+        Ok(())
     }
 }
 
@@ -492,6 +598,8 @@ pub struct GuestDone {
 #[derive(Debug)]
 pub struct GuestRun {
     pub results: Vec<ScenarioResult>,
+    /// The verdicts of a libtest binary the guest ran (`test <name> ... ok|FAILED|ignored`), in the order run.
+    pub tests: Vec<TestOutcome>,
     /// `Some` when `GUEST-DONE` was printed; `None` means the guest hung, crashed or was killed by `timeout`.
     pub done: Option<GuestDone>,
     /// `GUEST-MODULE-FAILED` lines: modules `/init` could not load (`<path> <insmod's error>`).
@@ -517,6 +625,11 @@ impl GuestRun {
     /// The scenarios that failed.
     pub fn failures(&self) -> impl Iterator<Item = &ScenarioResult> {
         self.results.iter().filter(|r| !r.passed)
+    }
+
+    /// libtest's verdict on one test of the guest's test binary.
+    pub fn test(&self, name: &str) -> Option<TestVerdict> {
+        self.tests.iter().find(|t| t.name == name).map(|t| t.verdict)
     }
 
     /// The result of one scenario.
@@ -562,6 +675,53 @@ fn strip_terminal_escapes(line: &str) -> String {
         }
     }
     out
+}
+
+/// What libtest said about one test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestVerdict {
+    Ok,
+    Failed,
+    Ignored,
+}
+
+/// One test of a libtest binary run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestOutcome {
+    /// The test's path in its binary (e.g. `compare_delay_10ms`).
+    pub name: String,
+    pub verdict: TestVerdict,
+}
+
+/// libtest's lines in a console transcript: `test <name> ... <verdict>`, where with one test thread and
+/// `--nocapture` the test's own output comes between `test <name> ... ` and its verdict, which then stands alone
+/// on a line (`ok`, `FAILED`, `ignored[, reason]`). Other lines are ignored.
+pub fn parse_libtest(console: &str) -> Vec<TestOutcome> {
+    let verdict = |text: &str| match text.trim() {
+        "ok" => Some(TestVerdict::Ok),
+        "FAILED" => Some(TestVerdict::Failed),
+        t if t == "ignored" || t.starts_with("ignored, ") => Some(TestVerdict::Ignored),
+        _ => None,
+    };
+    let mut tests = Vec::new();
+    let mut running: Option<String> = None;
+    for line in console.lines() {
+        if let Some((name, rest)) = line.strip_prefix("test ").and_then(|l| l.split_once(" ... "))
+            && !name.contains(' ')
+        {
+            match verdict(rest) {
+                Some(v) => tests.push(TestOutcome { name: name.to_owned(), verdict: v }),
+                None => running = Some(name.to_owned()),
+            }
+            continue;
+        }
+        if let Some(v) = verdict(line)
+            && let Some(name) = running.take()
+        {
+            tests.push(TestOutcome { name, verdict: v });
+        }
+    }
+    tests
 }
 
 /// Finds the `RESULT` and `GUEST-DONE` lines in a console transcript (other lines are ignored).
@@ -915,6 +1075,34 @@ mod tests {
         assert_eq!(results[1].value("loss_pct"), Some("41.0"));
         assert_eq!(done, Some(GuestDone { exit: 1, uptime_s: Some(9.5) }));
         assert_eq!(parse_console("RESULT x pass\n").1, None);
+    }
+
+    #[test]
+    fn parses_libtest_verdicts_around_test_output() {
+        // One test thread with --nocapture: the output sits between the name and the verdict.
+        let console = "running 4 tests\n\
+                       test baseline ... \n\
+                       + tc qdisc add dev lo root handle 1: htb default 1\n\
+                       RESULT baseline pass v4_a_ms=0.30\n\
+                       ok\n\
+                       test compare_delay_10ms ... \n\
+                       thread 'compare_delay_10ms' panicked at tests/guest/main.rs:1:1:\n\
+                       FAILED\n\
+                       test quick ... ok\n\
+                       test skipped ... ignored, runs as root\n\
+                       test result: FAILED. 2 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out\n";
+        let tests = parse_libtest(console);
+        let verdicts: Vec<(&str, TestVerdict)> = tests.iter().map(|t| (t.name.as_str(), t.verdict)).collect();
+        assert_eq!(
+            verdicts,
+            [
+                ("baseline", TestVerdict::Ok),
+                ("compare_delay_10ms", TestVerdict::Failed),
+                ("quick", TestVerdict::Ok),
+                ("skipped", TestVerdict::Ignored)
+            ]
+        );
+        assert_eq!(parse_console(console).0.len(), 1, "RESULT lines inside a test's output still count");
     }
 
     #[test]

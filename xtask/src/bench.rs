@@ -80,10 +80,23 @@ pub fn run(which: &str) -> Result<()> {
         "--bin",
         "chaos-bench",
         "--bin",
-        "chaos-vm-guest",
+        "chaos-vm-init",
+        "--bin",
+        "chaos-vm-services",
         "--bin",
         "chaos-vm-edt",
     ]))?;
+    if wants("accuracy") {
+        // The guest's scenarios are a test target; chaos-bench asks cargo for the same build to find it.
+        util::run(util::cargo().current_dir(util::root()).args([
+            "test",
+            "--no-run",
+            "--release",
+            "--workspace",
+            "--test",
+            "chaos-vm-guest",
+        ]))?;
+    }
     let release = util::target_dir().join("release");
     let mut cmd = Command::new(release.join("chaos-bench"));
     cmd.arg(which).env("CHAOS_AGENT_BIN", release.join("lymph-chaos"));

@@ -368,6 +368,18 @@ fn run_runner(tiers: &[Tier], env: &[(String, String)], extra: &[String]) -> Res
     // Build first (agent binary included: tests start it as a process).
     step("building the workspace and its tests");
     util::run(util::cargo().current_dir(util::root()).args(["build", "--workspace", "--bins"]))?;
+    if tiers.contains(&Tier::Vm) {
+        // The scenarios the VM tier runs inside its guest: a test target the runner does not build (`test = false`);
+        // built here, before the tier's time limit starts (tests/tests/vm.rs asks cargo for the same build).
+        step("building the VM guest's test binary (chaos-vm-guest)");
+        util::run(util::cargo().current_dir(util::root()).args([
+            "test",
+            "--no-run",
+            "--workspace",
+            "--test",
+            "chaos-vm-guest",
+        ]))?;
+    }
     let privileged = tiers.iter().any(|t| *t != Tier::Unit);
     if have_nextest() {
         let mut cmd = util::cargo();

@@ -13,26 +13,36 @@ const ACCURACY_BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 const EDT_ROUNDS: usize = 8;
 
 /// The agent's delay accuracy next to raw `tc netem`: a qemu guest (Debian 12 kernel, TCG) runs every delay
-/// comparison of the VM tier (`chaos-vm-guest --accuracy`: more rounds, no verdict extension) with this release
+/// comparison of the VM tier (the guest's `compare_` tests with `CHAOS_VM_ACCURACY=1`: more rounds, no verdict
+/// extension) with this release
 /// agent; per scenario, the RTT median and p90 through raw netem and through the agent, measured interleaved in the
 /// same boot, and their differences.
 pub(crate) fn run() -> Result<()> {
-    use chaos_tests::vm::{Guest, VmAssets};
+    use chaos_tests::vm::{Guest, VmAssets, guest_tests_binary};
     let assets = VmAssets::locate().context("the VM assets (cargo xtask vm-prepare)")?;
-    let guest_bin =
-        std::env::current_exe()?.parent().map(|d| d.join("chaos-vm-guest")).filter(|p| p.exists()).context(
-            "chaos-vm-guest next to chaos-bench (cargo build --release -p chaos-tests --bin chaos-vm-guest)",
-        )?;
+    let beside = |name: &str| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join(name)))
+            .filter(|p| p.exists())
+            .with_context(|| format!("{name} next to chaos-bench (cargo build --release -p chaos-tests --bin {name})"))
+    };
+    let (init, services) = (beside("chaos-vm-init")?, beside("chaos-vm-services")?);
+    let guest_bin = guest_tests_binary().context("the guest's test binary (release)")?;
     let agent = std::env::var_os("CHAOS_AGENT_BIN").map(std::path::PathBuf::from).context("CHAOS_AGENT_BIN")?;
     title("accuracy — added delay through the agent vs raw tc netem, interleaved in one qemu boot");
     note(format!("guest kernel {}, agent {}", assets.abi, agent.display()));
     let guest = Guest::builder(&assets)
+        .init(init)
         .binary(&guest_bin, "/usr/local/bin/chaos-vm-guest")
+        .binary(services, "/usr/local/bin/chaos-vm-services")
         .binary(&agent, "/usr/local/bin/lymph-chaos")
         .module("bridge")
         .module("8021q")
         .module("bonding")
-        .command("/usr/local/bin/chaos-vm-guest --agent-bin /usr/local/bin/lymph-chaos --accuracy")
+        .env("CHAOS_AGENT_BIN", "/usr/local/bin/lymph-chaos")
+        .env("CHAOS_VM_ACCURACY", "1")
+        .exec(["/usr/local/bin/chaos-vm-guest", "--ignored", "--test-threads=1", "--nocapture", "compare_"])
         .build()?;
     progress("accuracy: booting the guest (a few minutes under TCG)");
     let run = guest.run(ACCURACY_BOOT_TIMEOUT)?;
