@@ -208,74 +208,10 @@ pub(in crate::faults::manager) fn peer_matches(
     protocol: Option<Protocol>,
     direction: Direction,
 ) -> Result<(Vec<PeerMatch>, Vec<String>), FaultError> {
-    let mut notes = Vec::new();
-    let mut matches = BTreeSet::new();
-    let wants_to = direction != Direction::From;
-    let wants_from = direction != Direction::To;
-    match peer {
-        Peer::Service(name) => {
-            let Some((service, instances)) = snap.service(name) else {
-                let known: Vec<&str> = snap.services.keys().map(String::as_str).collect();
-                return Err(FaultError::UnknownService {
-                    name: name.clone(),
-                    known: if known.is_empty() { "none".into() } else { known.join(", ") },
-                });
-            };
-            let (receivers, port_notes) = port_matches(ports, protocol, Direction::To);
-            notes.extend(port_notes);
-            let targets: Vec<u32> = chosen.iter().filter_map(|c| c.process.as_ref().map(|p| p.pid as u32)).collect();
-            if wants_from && targets.is_empty() {
-                return Err(FaultError::NotFound(
-                    "direction from/both needs the target's processes on this host (they send the replies)".into(),
-                ));
-            }
-            for inst in instances {
-                let sender = if inst.local {
-                    match inst.pid {
-                        Some(pid) => PeerSender::Process(pid as u32),
-                        None => {
-                            notes.push(format!(
-                                "instance {} of {service} runs here but its process is unknown",
-                                inst.id
-                            ));
-                            continue;
-                        }
-                    }
-                } else {
-                    match instance_ip(inst) {
-                        Some(ip) => host_prefix(ip),
-                        None => {
-                            notes.push(format!("instance {} of {service} has no address ({})", inst.id, inst.endpoint));
-                            continue;
-                        }
-                    }
-                };
-                if wants_to {
-                    for r in &receivers {
-                        matches.insert(PeerMatch { sender, addr: r.addr, port: r.port, protocol: r.protocol });
-                    }
-                }
-                if wants_from && let (Some(ip), Some(port)) = (instance_ip(inst), inst.port) {
-                    for &tgid in &targets {
-                        matches.insert(PeerMatch {
-                            sender: PeerSender::Process(tgid),
-                            addr: Some(ip),
-                            port,
-                            protocol: protocol.unwrap_or(Protocol::Tcp),
-                        });
-                    }
-                }
-            }
-            if matches.is_empty() {
-                return Err(FaultError::NotFound(format!(
-                    "peer service {service} has no instance whose traffic can be recognised ({} registered{})",
-                    instances.len(),
-                    if notes.is_empty() { String::new() } else { format!("; {}", notes.join("; ")) }
-                )));
-            }
-        }
+    let (matches, notes) = match peer {
+        Peer::Service(name) => service_peer_matches(snap, name, chosen, ports, protocol, direction)?,
         Peer::Host(_) | Peer::Cidr { .. } => {
-            if wants_from {
+            if direction != Direction::To {
                 return Err(FaultError::Invalid(
                     "peer_host and peer_cidr match callers by address: only direction \"to\" applies (give \
                      peer=<service> for the connection lymph replies travel on)"
@@ -283,27 +219,110 @@ pub(in crate::faults::manager) fn peer_matches(
                 ));
             }
             let senders: Vec<PeerSender> = match peer {
-                Peer::Host(host) => {
-                    let addrs: BTreeSet<IpAddr> = (host.as_str(), 0)
-                        .to_socket_addrs()
-                        .map_err(|e| FaultError::NotFound(format!("peer_host `{host}` does not resolve: {e}")))?
-                        .map(|a| a.ip().to_canonical())
-                        .collect();
-                    addrs.into_iter().map(host_prefix).collect()
-                }
+                Peer::Host(host) => resolve_peer_host(host)?.into_iter().map(host_prefix).collect(),
                 Peer::Cidr { addr, len } => vec![PeerSender::Prefix { addr: *addr, len: *len }],
                 Peer::Service(_) => unreachable!("handled above"),
             };
-            let (receivers, port_notes) = port_matches(ports, protocol, Direction::To);
-            notes.extend(port_notes);
+            let (receivers, notes) = port_matches(ports, protocol, Direction::To);
+            let mut matches = BTreeSet::new();
             for sender in senders {
                 for r in &receivers {
                     matches.insert(PeerMatch { sender, addr: r.addr, port: r.port, protocol: r.protocol });
                 }
             }
+            (matches, notes)
+        }
+    };
+    Ok((matches.into_iter().collect(), notes))
+}
+
+/// How long a `peer_host` name may take to resolve: the lookup runs on a thread of its own, so a resolver that
+/// never answers costs one request this long, never the agent.
+const PEER_HOST_LOOKUP: Duration = Duration::from_secs(2);
+
+/// The addresses of a `peer_host`: an address as given, a name through the system resolver (bounded).
+fn resolve_peer_host(host: &str) -> Result<BTreeSet<IpAddr>, FaultError> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(BTreeSet::from([ip.to_canonical()]));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = host.to_owned();
+    std::thread::Builder::new()
+        .name("peer-host-lookup".into())
+        .spawn(move || {
+            let _ = tx.send((name.as_str(), 0).to_socket_addrs().map(|a| a.map(|a| a.ip().to_canonical()).collect()));
+        })
+        .map_err(|e| FaultError::NotFound(format!("peer_host `{host}`: cannot start a lookup: {e}")))?;
+    match rx.recv_timeout(PEER_HOST_LOOKUP) {
+        Ok(Ok(addrs)) => Ok(addrs),
+        Ok(Err(e)) => Err(FaultError::NotFound(format!("peer_host `{host}` does not resolve: {e}"))),
+        Err(_) => Err(FaultError::NotFound(format!(
+            "peer_host `{host}` did not resolve within {} s (give an address)",
+            PEER_HOST_LOOKUP.as_secs()
+        ))),
+    }
+}
+
+/// [`peer_matches`] for `peer=<service>`: its instances (by process when they run here, else by registered
+/// address) → the target's ports (`to`); the target's processes → each instance's registered endpoint (`from`).
+fn service_peer_matches(
+    snap: &Snapshot,
+    name: &str,
+    chosen: &[Candidate],
+    ports: &BTreeSet<u16>,
+    protocol: Option<Protocol>,
+    direction: Direction,
+) -> Result<(BTreeSet<PeerMatch>, Vec<String>), FaultError> {
+    let (wants_to, wants_from) = (direction != Direction::From, direction != Direction::To);
+    let Some((service, instances)) = snap.service(name) else {
+        let known: Vec<&str> = snap.services.keys().map(String::as_str).collect();
+        return Err(FaultError::UnknownService {
+            name: name.to_owned(),
+            known: if known.is_empty() { "none".into() } else { known.join(", ") },
+        });
+    };
+    let (receivers, mut notes) = port_matches(ports, protocol, Direction::To);
+    let targets: Vec<u32> = chosen.iter().filter_map(|c| c.process.as_ref().map(|p| p.pid as u32)).collect();
+    if wants_from && targets.is_empty() {
+        return Err(FaultError::NotFound(
+            "direction from/both needs the target's processes on this host (they send the replies)".into(),
+        ));
+    }
+    let mut matches = BTreeSet::new();
+    for inst in instances {
+        let sender = if inst.local {
+            let Some(pid) = inst.pid else {
+                notes.push(format!("instance {} of {service} runs here but its process is unknown", inst.id));
+                continue;
+            };
+            PeerSender::Process(pid as u32)
+        } else {
+            let Some(ip) = instance_ip(inst) else {
+                notes.push(format!("instance {} of {service} has no address ({})", inst.id, inst.endpoint));
+                continue;
+            };
+            host_prefix(ip)
+        };
+        if wants_to {
+            for r in &receivers {
+                matches.insert(PeerMatch { sender, addr: r.addr, port: r.port, protocol: r.protocol });
+            }
+        }
+        if wants_from && let (Some(ip), Some(port)) = (instance_ip(inst), inst.port) {
+            for &tgid in &targets {
+                let protocol = protocol.unwrap_or(Protocol::Tcp);
+                matches.insert(PeerMatch { sender: PeerSender::Process(tgid), addr: Some(ip), port, protocol });
+            }
         }
     }
-    Ok((matches.into_iter().collect(), notes))
+    if matches.is_empty() {
+        return Err(FaultError::NotFound(format!(
+            "peer service {service} has no instance whose traffic can be recognised ({} registered{})",
+            instances.len(),
+            if notes.is_empty() { String::new() } else { format!("; {}", notes.join("; ")) }
+        )));
+    }
+    Ok((matches, notes))
 }
 
 /// The registered address of an instance (`ip`, else the endpoint's host).
