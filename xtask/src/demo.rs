@@ -346,8 +346,10 @@ impl Demo {
 
     fn lymph_config(&self, hosts: &str) -> Result<PathBuf> {
         let template = fs::read_to_string(util::root().join("tests").join("lymph").join("lymph.yml.in"))?;
-        let yaml =
-            template.replace("@ZK_HOSTS@", hosts).replace("@ZK_SESSION_TIMEOUT@", &format!("{SESSION_TIMEOUT_S:.1}"));
+        let yaml = template
+            .replace("@IP@", "127.0.0.1")
+            .replace("@ZK_HOSTS@", hosts)
+            .replace("@ZK_SESSION_TIMEOUT@", &format!("{SESSION_TIMEOUT_S:.1}"));
         let path = self.run_dir.join(".lymph.yml");
         fs::write(&path, yaml)?;
         Ok(path)

@@ -295,21 +295,27 @@ def test_unreachable_zookeeper_is_a_clear_error_within_the_timeout(scenario_cls:
     assert time.monotonic() - started < 1 + 1.5
 
 
-def test_a_dead_agent_next_to_a_live_one_is_skipped(
+def test_a_dead_agent_next_to_a_live_one_is_reported_while_the_live_one_acts(
     env: Env, scenario_cls: Any, new_scenario: Callable[..., Any]
 ) -> None:
-    """Multi-agent routing: a stale registration does not stop the live agent from being used."""
+    """Multi-agent routing: a stale registration does not stop the live agent from acting, and it is named."""
     from kazoo.client import KazooClient
+
+    from lymph_chaos.errors import PartialFailure
 
     zk = KazooClient(hosts=env.zk_hosts)
     zk.start(timeout=5)
+    dead = f"tcp://127.0.0.1:{_closed_port()}"
     node = f"/services/Chaos/dead-{uuid.uuid4().hex[:8]}"
     try:
-        zk.create(node, json.dumps({"endpoint": f"tcp://127.0.0.1:{_closed_port()}"}).encode(), ephemeral=True)
+        zk.create(node, json.dumps({"endpoint": dead}).encode(), ephemeral=True)
         sn = new_scenario(timeout=1, dry_run=True)
         assert len(sn.agents()) == 2
         sn.kill(env.service)
-        reports = sn.apply()
+        with pytest.raises(PartialFailure) as failed:
+            sn.apply()
+        assert [f["agent"] for f in failed.value.failures] == [dead]
+        reports = failed.value.reports
         assert len(reports) == 1 and reports[0]["dry_run"] is True and reports[0]["service"] == env.service
     finally:
         zk.delete(node)
