@@ -212,11 +212,16 @@ fn try_classify(ctx: &TcContext, at_ingress: bool) -> Option<i32> {
     // Rules for packets *to* a port live at loopback and ingress hooks, rules for packets *from* a port at
     // loopback and egress hooks (see `PortMatch::keys` in the agent): look up only the sides this hook can have.
     // Peer rules (traffic between two parties) first: they are narrower than a port rule.
-    let rule = find_peer_rule(ctx, &flow, hook).or_else(|| match hook {
-        HOOK_INGRESS => find_rule(&flow, hook, scope::SIDE_DST),
-        HOOK_EGRESS => find_rule(&flow, hook, scope::SIDE_SRC),
-        _ => find_rule(&flow, hook, scope::SIDE_DST).or_else(|| find_rule(&flow, hook, scope::SIDE_SRC)),
-    })?;
+    // (Written out rather than with `or_else` closures: a closure becomes a BPF subprogram whose stack frame adds
+    // to the caller's, and the combined depth must stay within the verifier's 512 bytes on every kernel.)
+    let mut found = find_peer_rule(ctx, &flow, hook);
+    if found.is_none() && hook != HOOK_EGRESS {
+        found = find_rule(&flow, hook, scope::SIDE_DST);
+    }
+    if found.is_none() && hook != HOOK_INGRESS {
+        found = find_rule(&flow, hook, scope::SIDE_SRC);
+    }
+    let rule = found?;
     // A live rule matched: the packet is judged in this direction, and the devices it crosses next on the same
     // way leave it alone. (A packet no rule matched is not marked: a device above may see a different packet in
     // the same skb — the inner packet of a tunnel after decapsulation — and must judge that one.)

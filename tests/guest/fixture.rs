@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use chaos_agent::cli::{Cli, request_for};
+use chaos_test_support::eventually;
 use chaos_tests::{
     agent::{AgentOptions, AgentProcess},
     measure::{available_cpus, pin_to_cpu},
@@ -46,6 +47,9 @@ pub(crate) struct Fixture {
     pub(crate) baseline: Result<Outcome, String>,
     _services: Services,
 }
+
+/// How often `Agent::measured` asks whether the agent has measured a fault.
+const MEASURED_POLL: Duration = Duration::from_millis(100);
 
 impl Fixture {
     fn build() -> Result<Self, String> {
@@ -283,7 +287,21 @@ impl GuestAgent {
         full.extend_from_slice(&["--lifetime", lifetime]);
         let mutated = self.mutated(&full);
         let mutated: Vec<&str> = mutated.iter().map(String::as_str).collect();
-        active_id(&self.cli(&mutated)?)
+        let id = active_id(&self.cli(&mutated)?)?;
+        self.measured(&id)?;
+        Ok(id)
+    }
+
+    /// Waits until the agent has measured the fault's effect (its `observed` verdict is no longer `pending`): the
+    /// agent probes a new network fault with a few handshakes right after applying it, and the scenarios time the
+    /// fault itself, not the agent's probes beside it.
+    fn measured(&self, id: &str) -> Result<()> {
+        let timeout = Duration::from_secs(CLI_TIMEOUT_S);
+        eventually(format_args!("fault {id} measured by the agent"), timeout, MEASURED_POLL, || -> Result<bool> {
+            let faults = self.process.rpc("faults", &serde_json::json!({}), timeout)?;
+            let fault = faults.as_array().and_then(|all| all.iter().find(|f| f["id"] == id));
+            Ok(fault.is_none_or(|f| f["observed"]["verdict"] != "pending"))
+        })
     }
 
     /// A fault subcommand's request (`inject latency --port A latency=0.1`, or a shortcut) with `--lifetime`, made
@@ -299,7 +317,9 @@ impl GuestAgent {
         let cli = Cli::try_parse_from(&mutated).with_context(|| format!("parsing {}", mutated.join(" ")))?;
         let request = request_for(&cli.command).map_err(|err| anyhow!("{err}"))?;
         let timeout = Duration::from_secs(CLI_TIMEOUT_S);
-        active_id(&self.process.rpc(request.method().name(), &Json::Object(request.to_kwargs()), timeout)?)
+        let id = active_id(&self.process.rpc(request.method().name(), &Json::Object(request.to_kwargs()), timeout)?)?;
+        self.measured(&id)?;
+        Ok(id)
     }
 
     fn mutated(&self, args: &[&str]) -> Vec<String> {
