@@ -732,6 +732,14 @@ impl Agent {
         let answer = self.cli(&full)?;
         let id = answer["id"].as_str().with_context(|| format!("no fault id in {answer}"))?;
         ensure!(answer["state"] == "active", "fault {id} is not active: {answer}");
+        // The agent probes a new network fault with a few handshakes right after applying it: time the fault
+        // once that measurement is done, not the probes beside it.
+        eventually(format_args!("fault {id} measured by the agent"), Duration::from_secs(30), SETTLE, || {
+            self.cli(&["faults"]).map(|faults| {
+                let fault = faults.as_array().and_then(|all| all.iter().find(|f| f["id"] == id));
+                fault.is_none_or(|f| f["observed"]["verdict"] != "pending")
+            })
+        })?;
         Ok(id.to_owned())
     }
 
