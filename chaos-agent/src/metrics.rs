@@ -163,38 +163,20 @@ pub(crate) async fn render(server: &Server, manager: &FaultManager, events: &Eve
 /// verdict's series).
 fn render_observed(out: &mut String, faults: &[crate::faults::FaultReport]) {
     let observed: Vec<_> = faults.iter().filter_map(|f| f.observed.as_ref().map(|o| (f, o))).collect();
-    let _ = writeln!(
+    let delays = observed.iter().filter_map(|(f, o)| Some((*f, o.added_delay_ms? / 1000.0)));
+    fault_gauge(
         out,
-        "# HELP lymph_chaos_fault_observed_added_delay_seconds Delay a probe handshake saw added by a network fault \
-         (against an unfaulted port on the same path).\n# TYPE lymph_chaos_fault_observed_added_delay_seconds gauge"
+        "lymph_chaos_fault_observed_added_delay_seconds",
+        "Delay a probe handshake saw added by a network fault (against an unfaulted port on the same path).",
+        delays,
     );
-    for (f, o) in &observed {
-        if let Some(ms) = o.added_delay_ms {
-            let _ = writeln!(
-                out,
-                "lymph_chaos_fault_observed_added_delay_seconds{{fault=\"{}\",kind=\"{}\"}} {}",
-                esc(&f.id),
-                esc(&f.kind),
-                ms / 1000.0
-            );
-        }
-    }
-    let _ = writeln!(
+    let losses = observed.iter().filter_map(|(f, o)| Some((*f, o.loss_percent? / 100.0)));
+    fault_gauge(
         out,
-        "# HELP lymph_chaos_fault_observed_loss_ratio Share of probe handshakes a network fault left unanswered.\n\
-         # TYPE lymph_chaos_fault_observed_loss_ratio gauge"
+        "lymph_chaos_fault_observed_loss_ratio",
+        "Share of probe handshakes a network fault left unanswered.",
+        losses,
     );
-    for (f, o) in &observed {
-        if let Some(pct) = o.loss_percent {
-            let _ = writeln!(
-                out,
-                "lymph_chaos_fault_observed_loss_ratio{{fault=\"{}\",kind=\"{}\"}} {}",
-                esc(&f.id),
-                esc(&f.kind),
-                pct / 100.0
-            );
-        }
-    }
     let _ = writeln!(
         out,
         "# HELP lymph_chaos_fault_effect Verdict on a network fault's measured effect (pending, observed, \
@@ -210,5 +192,18 @@ fn render_observed(out: &mut String, faults: &[crate::faults::FaultReport]) {
             esc(&f.kind),
             esc(&verdict)
         );
+    }
+}
+
+/// One gauge with a sample per fault (labels `fault` and `kind`).
+fn fault_gauge<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    samples: impl Iterator<Item = (&'a crate::faults::FaultReport, f64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (f, value) in samples {
+        let _ = writeln!(out, "{name}{{fault=\"{}\",kind=\"{}\"}} {value}", esc(&f.id), esc(&f.kind));
     }
 }
